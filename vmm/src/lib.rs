@@ -1,1 +1,25 @@
+//! snapvm's virtual machine monitor: KVM VM and vCPUs, guest memory, boot,
+//! devices, and the pause/resume primitive snapshots are built on.
+//!
+//! Entry point: [`vm::Vm`] (build with [`vm::VmConfig`], then
+//! [`vm::Vm::start`], [`vm::Vm::pause`] / [`vm::Vm::resume`],
+//! [`vm::Vm::probe`], [`vm::Vm::wait`]).
 
+pub mod bench_pause;
+pub mod boot;
+pub mod cli;
+pub mod cpuid;
+pub mod devices;
+pub mod exception_dump;
+pub mod kvm_device;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod msr;
+pub mod vcpu;
+pub mod vcpu_control;
+pub mod vm;
+
+pub use memory::{GuestRam, HostRegion};
+pub use vcpu_control::{PauseError, VmExit};
+pub use vm::{ProbeError, VcpuState, Vm, VmConfig, VmError};

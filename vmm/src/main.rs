@@ -1,1 +1,130 @@
-fn main() {}
+//! `snapvm`: command-line front end of the VMM library.
+//!
+//! Exit status: the guest's poweroff status; 3 for a guest exception or
+//! triple fault; 1 for VMM, KVM and usage errors. Every error is one line
+//! on stderr starting with `snapvm: error: `.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::{self, BenchCommand, Cli, Command, RunArgs};
+use vmm::loader::{BootConfig, KernelImage};
+use vmm::{Vm, VmConfig, VmExit};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    return ExitCode::SUCCESS;
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    return fail("missing command (try 'snapvm --help')");
+                }
+                _ => {}
+            }
+            // clap renders several lines (usage, tips): keep the first.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(first.trim_start_matches("error: "));
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Bench(BenchCommand::Pause(args)) => bench_pause(args),
+    }
+}
+
+/// Prints the one-line error and returns status 1.
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    // Keep it to one line whatever the message contains.
+    let msg = msg.to_string().replace('\n', " ");
+    eprintln!("snapvm: error: {msg}");
+    ExitCode::from(1)
+}
+
+fn init_logging(level: &str) -> Result<(), cli::ConfigError> {
+    let level = cli::validate_log_level(level)?;
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    Ok(())
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    if let Err(e) = init_logging(&args.log_level) {
+        return fail(e);
+    }
+    let memory_size = match cli::guest_memory_size(&args.memory, cli::host_ram_bytes()) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let vcpus = match cli::validate_vcpus(args.vcpus) {
+        Ok(n) => n as usize,
+        Err(e) => return fail(e),
+    };
+    let kernel = match &args.kernel {
+        Some(path) => match KernelImage::from_path(path) {
+            Ok(k) => k,
+            Err(e) => return fail(e),
+        },
+        None => KernelImage::embedded(),
+    };
+    let serial_out = match VmConfig::serial_sink(&args.serial) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let config = VmConfig {
+        boot: BootConfig {
+            kernel,
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone(),
+        },
+        memory_size,
+        vcpus,
+        serial_out,
+        serial_in: true,
+    };
+    let mut vm = match Vm::new(config) {
+        Ok(vm) => vm,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = vm.start() {
+        return fail(e);
+    }
+    let exit = vm.wait();
+    tracing::info!("VM stopped: {exit:?}");
+    match exit {
+        VmExit::Error(msg) => fail(msg),
+        other => ExitCode::from(other.exit_status() as u8),
+    }
+}
+
+fn bench_pause(args: cli::BenchPauseArgs) -> ExitCode {
+    if let Err(e) = init_logging(&args.log_level) {
+        return fail(e);
+    }
+    let memory_size = match cli::guest_memory_size(&args.memory, cli::host_ram_bytes()) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let vcpus = match cli::validate_vcpus(args.vcpus) {
+        Ok(n) => n as usize,
+        Err(e) => return fail(e),
+    };
+    if args.cycles == 0 {
+        return fail(cli::ConfigError::NoCycles);
+    }
+    match vmm::bench_pause::run(vcpus, args.cycles, memory_size) {
+        Ok(result) => {
+            println!("{}", result.to_json());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}

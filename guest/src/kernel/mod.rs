@@ -1,0 +1,21 @@
+//! The snapvm guest kernel. Ring 0 is assembly only (boot, gdt, idt,
+//! paging); everything else is Rust running in ring 3.
+
+#[macro_use]
+pub mod serial;
+
+pub mod boot;
+pub mod cmdline;
+pub mod entry;
+pub mod gdt;
+pub mod heap;
+pub mod idt;
+pub mod mem;
+pub mod modes;
+pub mod paging;
+pub mod port;
+pub mod probe;
+pub mod pv;
+pub mod smp;
+pub mod start_info;
+pub mod tsc;

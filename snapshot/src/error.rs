@@ -1,0 +1,104 @@
+//! Error types. Each carries the operation and the range it was about, so a
+//! failed snapshot says what failed where.
+
+use std::io;
+
+/// Failures of a userfaultfd operation.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error(
+        "cannot create a userfaultfd (syscall: {syscall}; /dev/userfaultfd: {dev}); \
+         snapvm needs root or vm.unprivileged_userfaultfd=1"
+    )]
+    Create { syscall: io::Error, dev: io::Error },
+    #[error("UFFDIO_API handshake with features {features:#x} failed: {source}")]
+    Api { features: u64, source: io::Error },
+    #[error("userfaultfd {op} of [{start:#x}, +{len:#x}) failed: {source}")]
+    Range {
+        op: &'static str,
+        start: u64,
+        len: u64,
+        source: io::Error,
+    },
+    #[error("reading userfaultfd events failed: {0}")]
+    Read(io::Error),
+}
+
+impl UffdError {
+    /// The errno of the failed call, if there was one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            UffdError::Create { syscall, .. } => syscall.raw_os_error(),
+            UffdError::Api { source, .. } | UffdError::Range { source, .. } => {
+                source.raw_os_error()
+            }
+            UffdError::Read(e) => e.raw_os_error(),
+        }
+    }
+}
+
+/// Which phase of the snapshot failed (DESIGN.md §2's three rollback cases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Sync,
+    Worker,
+    FaultPath,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Sync => "sync phase",
+            Phase::Worker => "worker",
+            Phase::FaultPath => "fault path",
+        })
+    }
+}
+
+/// Engine errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("snapshot in progress")]
+    SnapshotInProgress,
+    #[error("no snapshot in progress")]
+    NoSnapshot,
+    #[error("invalid region {index} (guest {guest_addr:#x}, len {len:#x}): {reason}")]
+    InvalidRegion {
+        index: usize,
+        guest_addr: u64,
+        len: u64,
+        reason: &'static str,
+    },
+    #[error("guest range [{guest_addr:#x}, +{len:#x}) is not in any snapshotted region")]
+    OutOfRange { guest_addr: u64, len: u64 },
+    #[error("{phase}: {source}")]
+    Uffd { phase: Phase, source: UffdError },
+    #[error("{phase}: {op} of [{start:#x}, +{len:#x}) failed: {source}")]
+    Memory {
+        phase: Phase,
+        op: &'static str,
+        start: u64,
+        len: u64,
+        source: io::Error,
+    },
+    #[error("{phase}: cannot spawn thread {name}: {source}")]
+    Spawn {
+        phase: Phase,
+        name: String,
+        source: io::Error,
+    },
+    #[error("{phase}: injected failure ({what})")]
+    Injected { phase: Phase, what: String },
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(&'static str),
+    #[error("snapshot cancelled")]
+    Cancelled,
+    #[error("a snapshot thread panicked: {0}")]
+    ThreadPanicked(String),
+}
+
+impl Error {
+    pub(crate) fn uffd(phase: Phase, source: UffdError) -> Error {
+        Error::Uffd { phase, source }
+    }
+}

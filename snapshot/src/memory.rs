@@ -1,0 +1,216 @@
+//! Host memory helpers: the destination ("the snapshot VM's memory"), the
+//! pagemap reader that tells populated pages from never-touched ones, and the
+//! chunk copy itself.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::error::{Error, Phase};
+use crate::region::{CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14); not in every libc version we build with.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// An anonymous private mapping, 2 MiB aligned, THP-advised, unmapped on drop.
+///
+/// Mapped with MAP_NORESERVE and never touched up front: mapping is O(1), and
+/// chunks that were never populated in the source are never populated here
+/// either, so they cost no memory (peak extra memory = populated chunks).
+#[derive(Debug)]
+pub struct Destination {
+    base: *mut u8,
+    len: usize,
+    map_base: *mut libc::c_void,
+    map_len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this struct; concurrent access
+// is coordinated by the chunk table (one writer per chunk, readers after the
+// snapshot completes).
+unsafe impl Send for Destination {}
+// SAFETY: as above.
+unsafe impl Sync for Destination {}
+
+impl Destination {
+    pub fn new(len: u64) -> Result<Destination, Error> {
+        let map_len = (len + CHUNK_SIZE) as usize;
+        // SAFETY: anonymous private mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::Memory {
+                phase: Phase::Sync,
+                op: "mmap destination",
+                start: 0,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // Over-map by one chunk and align up so THP can back every chunk.
+        let base = ((p as usize + CHUNK_SIZE as usize - 1) & !(CHUNK_SIZE as usize - 1)) as *mut u8;
+        // SAFETY: advising a range inside our own mapping. Failure (THP
+        // disabled) only costs speed, so the result is ignored on purpose.
+        unsafe { libc::madvise(base.cast(), len as usize, libc::MADV_HUGEPAGE) };
+        Ok(Destination {
+            base,
+            len: len as usize,
+            map_base: p,
+            map_len,
+        })
+    }
+
+    pub fn ptr(&self, offset: u64) -> *mut u8 {
+        debug_assert!(offset <= self.len as u64);
+        // SAFETY: offset is within the mapping (callers index by chunk).
+        unsafe { self.base.add(offset as usize) }
+    }
+
+    /// Allocates (and zeroes, in the kernel) the pages of one chunk now, so a
+    /// later copy runs at warm speed and an out-of-memory shows up here as an
+    /// error instead of a SIGBUS/OOM kill inside memcpy.
+    pub fn populate(&self, offset: u64, len: u64, phase: Phase) -> Result<(), Error> {
+        // SAFETY: range inside our mapping.
+        let rc =
+            unsafe { libc::madvise(self.ptr(offset).cast(), len as usize, MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            return Err(Error::Memory {
+                phase,
+                op: "populate destination",
+                start: offset,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The whole image as bytes. Only sound once no copier writes any more
+    /// (the snapshot is complete), which `Snapshot` guarantees.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is readable for `len` bytes and outlives `self`.
+        unsafe { std::slice::from_raw_parts(self.base, self.len) }
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped; nothing else refers to it
+        // (all holders are gone once the owner drops).
+        unsafe { libc::munmap(self.map_base, self.map_len) };
+    }
+}
+
+/// Reads `/proc/self/pagemap` to learn which pages of a chunk have a page
+/// table entry (present or swapped). Pages without one were never touched
+/// (or discarded): they read as zero at the fork and, with MODE_MISSING
+/// registered, nobody can populate them without going through our handler.
+/// 1.8 µs per chunk measured (examples/uffd_probe.rs).
+#[derive(Debug)]
+pub struct Pagemap {
+    file: File,
+}
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+
+impl Pagemap {
+    pub fn open() -> Result<Pagemap, Error> {
+        File::open("/proc/self/pagemap")
+            .map(|file| Pagemap { file })
+            .map_err(|source| Error::Memory {
+                phase: Phase::Sync,
+                op: "open /proc/self/pagemap",
+                start: 0,
+                len: 0,
+                source,
+            })
+    }
+
+    /// Bitmap of populated pages of the `pages` (<= PAGES_PER_CHUNK) pages
+    /// at host `addr`; entries past `pages` are false.
+    pub fn populated(
+        &self,
+        addr: u64,
+        pages: usize,
+        phase: Phase,
+    ) -> Result<[bool; PAGES_PER_CHUNK], Error> {
+        let mut raw = [0u8; PAGES_PER_CHUNK * 8];
+        let raw = &mut raw[..pages * 8];
+        self.file
+            .read_exact_at(raw, addr / PAGE_SIZE * 8)
+            .map_err(|source| Error::Memory {
+                phase,
+                op: "read pagemap",
+                start: addr,
+                len: pages as u64 * PAGE_SIZE,
+                source,
+            })?;
+        let mut out = [false; PAGES_PER_CHUNK];
+        for (i, e) in raw.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(e);
+            let v = u64::from_ne_bytes(b);
+            out[i] = v & (PM_PRESENT | PM_SWAP) != 0;
+        }
+        Ok(out)
+    }
+}
+
+/// Copies the populated pages of one copy unit (`pages` pages: a chunk, or
+/// one page for the sync-wp baseline) from `src` to `dst` (which reads as
+/// zero where nothing is copied). Returns whether the unit had no populated
+/// page (zero), and the bytes copied.
+///
+/// Never-touched pages are *not read*: with MODE_MISSING registered, reading
+/// one would trap into our own handler (and deadlock a copier that is the
+/// handler). Their zero is already in `dst`.
+///
+/// # Safety
+/// `src` and `dst` must each point to `pages * PAGE_SIZE` (<= CHUNK_SIZE)
+/// bytes of mapped memory; no other thread writes `dst`'s unit or `src`'s
+/// unit meanwhile (the unit is claimed, and write-protected or paused).
+pub unsafe fn copy_unit(
+    pagemap: &Pagemap,
+    dest: &Destination,
+    src: u64,
+    dst_offset: u64,
+    pages: usize,
+    phase: Phase,
+) -> Result<(bool, u64), Error> {
+    let pop = pagemap.populated(src, pages, phase)?;
+    if !pop.iter().any(|&p| p) {
+        return Ok((true, 0));
+    }
+    dest.populate(dst_offset, pages as u64 * PAGE_SIZE, phase)?;
+    let dst = dest.ptr(dst_offset);
+    let mut copied = 0u64;
+    let mut i = 0;
+    while i < pages {
+        if !pop[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < pages && pop[i] {
+            i += 1;
+        }
+        let off = start * PAGE_SIZE as usize;
+        let n = (i - start) * PAGE_SIZE as usize;
+        // SAFETY: per the function contract both ranges are mapped, in bounds
+        // (off + n <= pages * PAGE_SIZE) and not written concurrently.
+        unsafe {
+            std::ptr::copy_nonoverlapping((src as usize + off) as *const u8, dst.add(off), n)
+        };
+        copied += n as u64;
+    }
+    Ok((false, copied))
+}

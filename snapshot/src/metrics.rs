@@ -1,0 +1,155 @@
+//! What a snapshot cost: sync-phase breakdown, copy totals, fault latencies.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Time spent in `begin()` while the writers are paused.
+#[derive(Debug, Clone, Default)]
+pub struct SyncMetrics {
+    /// mmap of the (untouched) destination.
+    pub dest_alloc: Duration,
+    /// UFFDIO_REGISTER (MISSING|WP) of every region.
+    pub register: Duration,
+    /// UFFDIO_WRITEPROTECT of every region (one call per region; one per
+    /// 4 KiB page for sync-wp).
+    pub write_protect: Duration,
+    /// Chunk table allocation (O(chunks); O(pages) for sync-wp).
+    pub table_init: Duration,
+    /// Stop-the-world only: copying all memory inside `begin()`.
+    pub copy: Duration,
+    /// Starting the fault handler and supervisor threads.
+    pub spawn: Duration,
+    /// Everything `begin()` did, end to end.
+    pub total: Duration,
+}
+
+/// Final numbers of a snapshot.
+#[derive(Clone)]
+pub struct Metrics {
+    pub sync: SyncMetrics,
+    /// From the end of `begin()` until every chunk was copied.
+    pub copy_total: Duration,
+    /// Unregistering the regions at the end.
+    pub finish: Duration,
+    /// Copy unit in bytes: CHUNK_SIZE, or PAGE_SIZE for sync-wp. The
+    /// `chunks_by_*` counters and `Progress` count these units.
+    pub unit_size: u64,
+    /// 2 MiB chunks in the snapshot.
+    pub chunks_total: usize,
+    pub chunks_by_workers: u64,
+    pub chunks_by_fault_path: u64,
+    pub chunks_by_hook: u64,
+    /// 2 MiB chunks with no populated page (holes; never copied).
+    pub zero_chunks: u64,
+    pub bytes_copied: u64,
+    /// Write faults on protected pages handled.
+    pub wp_faults: u64,
+    /// First-touch faults on never-populated pages handled.
+    pub missing_faults: u64,
+    /// Fault latency in ns, from reading the event to waking the writer.
+    pub fault_latency_ns: Histogram<u64>,
+    /// Destination memory populated (populated chunks × 2 MiB).
+    pub peak_extra_memory: u64,
+    pub workers: usize,
+}
+
+impl Metrics {
+    pub fn faults(&self) -> u64 {
+        self.wp_faults + self.missing_faults
+    }
+
+    /// Fault latency at quantile `q` (0..=1), in ns; 0 without faults.
+    pub fn fault_latency_at(&self, q: f64) -> u64 {
+        self.fault_latency_ns.value_at_quantile(q)
+    }
+}
+
+// Hand-written so the histogram prints as a summary, not 50k buckets.
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = &self.fault_latency_ns;
+        f.debug_struct("Metrics")
+            .field("sync", &self.sync)
+            .field("copy_total", &self.copy_total)
+            .field("finish", &self.finish)
+            .field("unit_size", &self.unit_size)
+            .field("chunks_total", &self.chunks_total)
+            .field("chunks_by_workers", &self.chunks_by_workers)
+            .field("chunks_by_fault_path", &self.chunks_by_fault_path)
+            .field("chunks_by_hook", &self.chunks_by_hook)
+            .field("zero_chunks", &self.zero_chunks)
+            .field("bytes_copied", &self.bytes_copied)
+            .field("wp_faults", &self.wp_faults)
+            .field("missing_faults", &self.missing_faults)
+            .field(
+                "fault_latency_us(p50/p99/max)",
+                &(
+                    h.value_at_quantile(0.5) / 1000,
+                    h.value_at_quantile(0.99) / 1000,
+                    h.max() / 1000,
+                ),
+            )
+            .field("peak_extra_memory", &self.peak_extra_memory)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+/// Counters shared by the snapshot's threads.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub by_workers: AtomicU64,
+    pub by_fault_path: AtomicU64,
+    pub by_hook: AtomicU64,
+    pub zero_chunks: AtomicU64,
+    pub bytes_copied: AtomicU64,
+    pub dest_chunks: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// A live view of a running snapshot, in copy units (2 MiB chunks; 4 KiB
+/// pages for sync-wp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub chunks_done: usize,
+    pub chunks_total: usize,
+    pub bytes_copied: u64,
+    /// The snapshot has failed or was cancelled and is rolling back.
+    pub failed: bool,
+}
+
+/// The fault handler's own tallies, returned when it stops.
+#[derive(Debug)]
+pub(crate) struct HandlerStats {
+    pub wp_faults: u64,
+    pub missing_faults: u64,
+    pub latency_ns: Histogram<u64>,
+}
+
+impl HandlerStats {
+    pub fn new() -> HandlerStats {
+        HandlerStats {
+            wp_faults: 0,
+            missing_faults: 0,
+            latency_ns: new_histogram(),
+        }
+    }
+}
+
+/// 1 ns .. 60 s at 3 significant digits. Both constructors only fail for
+/// invalid constant arguments; the auto-resizing one is the fallback.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3)
+        .or_else(|_| Histogram::new(3))
+        .unwrap_or_else(|e| unreachable!("hdrhistogram rejected constant bounds: {e}"))
+}

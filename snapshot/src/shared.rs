@@ -1,0 +1,180 @@
+//! State shared by one in-flight snapshot's threads: the "twin" of the
+//! running VM's memory map (DESIGN.md §2), and the copy-first primitive used
+//! by workers, the fault handler and the VMM's hooks alike.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::chunk_table::{ChunkState, ChunkTable, Copier};
+use crate::error::{Error, Phase};
+use crate::eventfd::EventFd;
+use crate::inject::FaultInjection;
+use crate::memory::{copy_unit, Destination, Pagemap};
+use crate::metrics::Counters;
+use crate::region::{Layout, CHUNK_SIZE, PAGE_SIZE};
+use crate::uffd::Uffd;
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub layout: Layout,
+    /// Copy and protection unit: CHUNK_SIZE (async-fork) or PAGE_SIZE
+    /// (sync-wp). The table has one entry per unit, numbered like chunks.
+    pub unit: u64,
+    pub table: ChunkTable,
+    pub dest: Arc<Destination>,
+    pub pagemap: Pagemap,
+    pub uffd: Uffd,
+    pub counters: Counters,
+    pub injection: FaultInjection,
+    /// Fault-path copies started (for `fail_fault_path_at`).
+    pub fault_copies: AtomicUsize,
+    /// Worker copies started (for `fail_worker_copy_at`).
+    pub worker_copies: AtomicUsize,
+    /// Set on the first failure or on cancel: stop copying, roll back.
+    pub aborted: AtomicBool,
+    /// Set once every chunk is copied: hooks return at once (the O(1)
+    /// check async-fork gets from clearing the VMA's twin pointer).
+    pub all_copied: AtomicBool,
+    pub error: Mutex<Option<Error>>,
+    /// Copier → handler: a chunk with a parked fault settled.
+    pub handler_nudge: EventFd,
+    /// Supervisor → handler: registrations are gone, drain and exit.
+    pub handler_stop: EventFd,
+}
+
+impl Shared {
+    /// Records the first error and switches the snapshot to rollback.
+    pub fn fail(&self, e: Error) {
+        let mut slot = match self.error.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.aborted.store(true, Ordering::Release);
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    pub fn take_error(&self) -> Option<Error> {
+        match self.error.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+
+    /// The unit holding host address `addr`, if any.
+    pub fn unit_of_host(&self, addr: u64) -> Option<usize> {
+        self.layout.unit_of_host(addr, self.unit)
+    }
+
+    /// Units per 2 MiB chunk (1 or 512).
+    pub fn units_per_chunk(&self) -> usize {
+        (CHUNK_SIZE / self.unit) as usize
+    }
+
+    /// Lifts unit `i`'s write protection and wakes threads blocked on it.
+    pub fn unprotect_unit(&self, i: usize, phase: Phase) -> Result<(), Error> {
+        let host = self.layout.unit(i, self.unit).host_addr;
+        self.uffd
+            .write_protect(host, self.unit, false, false)
+            .map_err(|source| Error::Uffd { phase, source })
+    }
+
+    fn injected(&self, i: usize, copier: Copier) -> Option<Error> {
+        match copier {
+            Copier::Worker => {
+                let n = self.worker_copies.fetch_add(1, Ordering::Relaxed);
+                (self.injection.fail_worker_copy_at == Some(n)).then(|| Error::Injected {
+                    phase: Phase::Worker,
+                    what: format!("worker failure at copy {n} (chunk {i})"),
+                })
+            }
+            Copier::FaultPath => {
+                let n = self.fault_copies.fetch_add(1, Ordering::Relaxed);
+                (self.injection.fail_fault_path_at == Some(n)).then(|| Error::Injected {
+                    phase: Phase::FaultPath,
+                    what: format!("fault-path failure at copy {n} (chunk {i})"),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Copies chunk `i`, which the caller has claimed, then lifts its
+    /// protection and settles it. On failure the protection is lifted all
+    /// the same (a writer must never stay blocked), the chunk is Failed and
+    /// the snapshot switches to rollback (the error is kept in `error`).
+    /// Returns whether the copy succeeded.
+    pub fn copy_claimed(&self, i: usize, copier: Copier) -> bool {
+        let phase = match copier {
+            Copier::Worker => Phase::Worker,
+            Copier::FaultPath | Copier::Hook => Phase::FaultPath,
+        };
+        let loc = self.layout.unit(i, self.unit);
+        let res = match self.injected(i, copier) {
+            Some(e) => Err(e),
+            // SAFETY: the chunk is claimed (no other copier) and
+            // write-protected (no writer); source and destination chunks are
+            // mapped for `unit` bytes (layout validated, dest sized to it).
+            None => unsafe {
+                copy_unit(
+                    &self.pagemap,
+                    &self.dest,
+                    loc.host_addr,
+                    loc.dest_offset,
+                    (self.unit / PAGE_SIZE) as usize,
+                    phase,
+                )
+            },
+        };
+        let unprotect = self.unprotect_unit(i, phase);
+        let res = res.and_then(|r| unprotect.map(|()| r));
+        let nudge = match &res {
+            Ok((zero, bytes)) => {
+                Counters::add(&self.counters.bytes_copied, *bytes);
+                if *zero {
+                    Counters::add(&self.counters.zero_chunks, 1);
+                } else {
+                    Counters::add(&self.counters.dest_chunks, 1);
+                }
+                Counters::add(
+                    match copier {
+                        Copier::Worker => &self.counters.by_workers,
+                        Copier::FaultPath => &self.counters.by_fault_path,
+                        Copier::Hook => &self.counters.by_hook,
+                    },
+                    1,
+                );
+                self.table.settle(i, true, *zero)
+            }
+            Err(_) => self.table.settle(i, false, false),
+        };
+        if nudge {
+            self.handler_nudge.signal();
+        }
+        match res {
+            Ok(_) => true,
+            Err(e) => {
+                self.fail(e);
+                false
+            }
+        }
+    }
+
+    /// Copy-first for a thread that may block (a VMM hook): make sure chunk
+    /// `i` is in the snapshot before the caller modifies it. Never fails the
+    /// caller: on error the snapshot is failed and the write may proceed.
+    pub fn ensure_copied(&self, i: usize) {
+        if self.table.try_claim(i) {
+            self.copy_claimed(i, Copier::Hook);
+            return;
+        }
+        if self.table.state(i) == ChunkState::Copying {
+            self.table.wait_settled(i);
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The snapshot's supervisor thread: runs the workers, then either finishes
+//! (unregister) or rolls back (lift every protection, drop the copy), stops
+//! the fault handler and hands the result to `Engine::wait`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::chunk_table::{ChunkState, Copier};
+use crate::error::{Error, Phase};
+use crate::metrics::{Counters, HandlerStats, Metrics, SyncMetrics};
+use crate::shared::Shared;
+use crate::snapshot::Snapshot;
+use crate::worker;
+
+pub(crate) struct Plan {
+    pub workers: usize,
+    pub handler: JoinHandle<HandlerStats>,
+    pub sync: SyncMetrics,
+    /// When begin() finished (writers resumed).
+    pub resumed: Instant,
+}
+
+fn panic_msg(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
+    let mut workers = Vec::with_capacity(plan.workers);
+    for w in 0..plan.workers {
+        let sh = shared.clone();
+        match std::thread::Builder::new()
+            .name(format!("snap-worker-{w}"))
+            .spawn(move || worker::run(sh))
+        {
+            Ok(h) => workers.push(h),
+            Err(source) => {
+                shared.fail(Error::Spawn {
+                    phase: Phase::Worker,
+                    name: format!("snap-worker-{w}"),
+                    source,
+                });
+                break;
+            }
+        }
+    }
+    for h in workers {
+        if let Err(p) = h.join() {
+            shared.fail(Error::ThreadPanicked(panic_msg(p)));
+        }
+    }
+
+    let table = &shared.table;
+    if !shared.is_aborted() {
+        // Workers have claimed every chunk they could; wait for the ones the
+        // fault path or a hook is still copying. A chunk left Protected can
+        // only mean no worker ran: copy it here rather than hang.
+        for i in 0..table.len() {
+            match table.state(i) {
+                ChunkState::Copying => {
+                    table.wait_settled(i);
+                }
+                ChunkState::Protected if table.try_claim(i) => {
+                    shared.copy_claimed(i, Copier::Worker);
+                }
+                _ => {}
+            }
+        }
+    }
+    let copy_total = plan.resumed.elapsed();
+
+    if shared.is_aborted() {
+        // Rollback: nobody starts a new copy, then every remaining
+        // protection goes (one ioctl per region), waking blocked writers.
+        table.fail_unclaimed();
+        for r in shared.layout.regions() {
+            let _ = shared.uffd.write_protect(r.host_addr, r.len, false, false);
+        }
+    } else {
+        shared.all_copied.store(true, Ordering::Release);
+    }
+
+    // Unregistering drops MISSING mode (first touches go back to the kernel)
+    // and wakes any thread still parked on a missing page.
+    let t = Instant::now();
+    for r in shared.layout.regions() {
+        if let Err(source) = shared.uffd.unregister(r.host_addr, r.len) {
+            if !shared.is_aborted() {
+                shared.fail(Error::Uffd {
+                    phase: Phase::Worker,
+                    source,
+                });
+            }
+            // Last resort so no writer stays blocked.
+            let _ = shared.uffd.write_protect(r.host_addr, r.len, false, false);
+        }
+    }
+    let finish = t.elapsed();
+
+    shared.handler_stop.signal();
+    let stats = match plan.handler.join() {
+        Ok(s) => s,
+        Err(p) => {
+            shared.fail(Error::ThreadPanicked(panic_msg(p)));
+            HandlerStats::new()
+        }
+    };
+
+    if shared.is_aborted() {
+        return Err(shared.take_error().unwrap_or(Error::Cancelled));
+    }
+    let c = &shared.counters;
+    // Per-chunk zero flags (a chunk is zero when all its units are).
+    let per = shared.units_per_chunk();
+    let zero: Vec<bool> = (0..table.len() / per)
+        .map(|ch| (ch * per..(ch + 1) * per).all(|u| table.is_zero(u)))
+        .collect();
+    let metrics = Metrics {
+        sync: plan.sync,
+        copy_total,
+        finish,
+        unit_size: shared.unit,
+        chunks_total: zero.len(),
+        chunks_by_workers: Counters::get(&c.by_workers),
+        chunks_by_fault_path: Counters::get(&c.by_fault_path),
+        chunks_by_hook: Counters::get(&c.by_hook),
+        zero_chunks: zero.iter().filter(|z| **z).count() as u64,
+        bytes_copied: Counters::get(&c.bytes_copied),
+        wp_faults: stats.wp_faults,
+        missing_faults: stats.missing_faults,
+        fault_latency_ns: stats.latency_ns,
+        peak_extra_memory: Counters::get(&c.dest_chunks) * shared.unit,
+        workers: plan.workers,
+    };
+    Ok(Snapshot {
+        dest: shared.dest.clone(),
+        layout: shared.layout.clone(),
+        zero,
+        metrics,
+    })
+}

@@ -1,0 +1,427 @@
+//! The engine on plain memory: writer threads stand in for vCPUs.
+//!
+//! These tests need root and userfaultfd (as in CI). If the engine cannot be
+//! created they FAIL with the reason: a skipped snapshot test hides a broken
+//! machine.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::*;
+use snapshot::{Engine, Error, FaultInjection, Phase, Region, Strategy, CHUNK_SIZE, PAGE_SIZE};
+
+/// Copy units per 2 MiB chunk for a strategy.
+fn units_per_chunk(strategy: Strategy) -> u64 {
+    match strategy {
+        Strategy::SyncWp => CHUNK_SIZE / PAGE_SIZE,
+        _ => 1,
+    }
+}
+
+/// The invariant under load, for every engine strategy: snapshot == memory
+/// at begin(), bit for bit.
+fn snapshot_under_load(strategy: Strategy, workers: usize) {
+    let mem = Mem::new(24, 8, 32, 42 + workers as u64);
+    let ws = Writers::start(&mem, 3);
+    ws.run_for(20_000);
+    ws.pause();
+    let reference = mem.reference();
+    let eng = engine_with(
+        strategy,
+        workers,
+        FaultInjection {
+            // Workers wait for the four deterministic fault-path copies below.
+            hold_workers_until_fault_copies: Some(4),
+            ..FaultInjection::default()
+        },
+    );
+    // SAFETY: `mem` outlives the snapshot (wait() below).
+    let sync = unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+
+    // Deterministic coverage of each path, writers still paused and workers
+    // held until these four fault-path copies are done (stop-the-world has
+    // finished copying already: these are plain writes there):
+    eng.before_write(0x1_0000_0000 + 5 * CHUNK as u64, 16); // VMM hook
+    mem.write(5 * CHUNK, 0xCCCC);
+    let untouched = mem.touched_len; // first never-touched chunk
+    mem.write(untouched + 5 * PAGE, 0xAAAA); // missing fault (write)
+    std::hint::black_box(mem.read(untouched + 3 * CHUNK + PAGE)); // missing fault (read)
+    mem.write(2 * CHUNK + 8 * 13, 0xBBBB); // WP fault on a populated chunk
+
+    ws.anywhere.store(true, Ordering::SeqCst);
+    ws.resume();
+    ws.run_for(50_000);
+    let units = 64 * units_per_chunk(strategy);
+    match eng.progress() {
+        Some(p) => assert_eq!(p.chunks_total as u64, units),
+        None => assert_eq!(strategy, Strategy::StopTheWorld),
+    }
+    let snap = eng.wait().expect("snapshot");
+    ws.run_for(10_000);
+    ws.stop_and_check();
+
+    compare(&snap, &reference);
+    let m = snap.metrics();
+    assert_eq!(
+        m.chunks_by_workers + m.chunks_by_fault_path + m.chunks_by_hook,
+        units,
+        "{m:?}"
+    );
+    assert_eq!(m.chunks_total, 64);
+    if strategy != Strategy::StopTheWorld {
+        assert!(m.chunks_by_fault_path >= 3, "{m:?}");
+        assert!(m.chunks_by_hook >= 1, "{m:?}");
+        assert!(m.missing_faults >= 2 && m.wp_faults >= 1, "{m:?}");
+    }
+    assert!(m.zero_chunks >= 30, "never-touched chunks are holes: {m:?}");
+    assert!(m.peak_extra_memory <= 34 * CHUNK_SIZE);
+    assert_eq!(mem.wp_pages(), 0, "protection left behind");
+    assert!(sync.total >= sync.write_protect);
+    assert!(!eng.in_progress());
+}
+
+#[test]
+fn snapshot_bit_exact_1_worker() {
+    snapshot_under_load(Strategy::AsyncFork, 1);
+}
+
+#[test]
+fn snapshot_bit_exact_2_workers() {
+    snapshot_under_load(Strategy::AsyncFork, 2);
+}
+
+#[test]
+fn snapshot_bit_exact_4_workers() {
+    snapshot_under_load(Strategy::AsyncFork, 4);
+}
+
+#[test]
+fn snapshot_bit_exact_stop_the_world() {
+    snapshot_under_load(Strategy::StopTheWorld, 2);
+}
+
+#[test]
+fn snapshot_bit_exact_sync_wp() {
+    snapshot_under_load(Strategy::SyncWp, 1);
+}
+
+/// Workers alone (no writers): everything copied by workers, holes flagged.
+fn snapshot_idle_memory(strategy: Strategy) {
+    let mem = Mem::new(3, 2, 3, 7);
+    let reference = mem.reference();
+    let eng = engine_with(strategy, 2, FaultInjection::default());
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let snap = eng.wait().expect("snapshot");
+    compare(&snap, &reference);
+    assert_eq!(
+        snap.metrics().chunks_by_workers,
+        8 * units_per_chunk(strategy)
+    );
+    assert_eq!(
+        snap.zero_chunks(),
+        &[false, false, false, false, false, true, true, true]
+    );
+    assert_eq!(snap.metrics().zero_chunks, 3);
+    // Untouched chunks were not even populated by the snapshot.
+    assert_eq!(mem.reference(), reference);
+}
+
+#[test]
+fn snapshot_idle_memory_async_fork() {
+    snapshot_idle_memory(Strategy::AsyncFork);
+}
+
+#[test]
+fn snapshot_idle_memory_stop_the_world() {
+    snapshot_idle_memory(Strategy::StopTheWorld);
+}
+
+#[test]
+fn snapshot_idle_memory_sync_wp() {
+    snapshot_idle_memory(Strategy::SyncWp);
+}
+
+#[test]
+fn sync_wp_protects_every_page_in_begin() {
+    let mem = Mem::new(2, 0, 0, 3);
+    let eng = engine_with(
+        Strategy::SyncWp,
+        1,
+        FaultInjection {
+            hold_workers_until_fault_copies: Some(1000),
+            ..FaultInjection::default()
+        },
+    );
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    assert_eq!(mem.wp_pages(), 2 * CHUNK / PAGE);
+    // A write fault copies exactly one page and unprotects only it.
+    mem.write(CHUNK + 3 * PAGE, 1);
+    assert_eq!(mem.wp_pages(), 2 * CHUNK / PAGE - 1);
+    eng.cancel().expect("cancel");
+    assert!(matches!(eng.wait(), Err(Error::Cancelled)));
+    assert_eq!(mem.wp_pages(), 0);
+}
+
+#[test]
+fn stop_the_world_failure_leaves_nothing_and_next_succeeds() {
+    let mem = Mem::new(4, 0, 2, 13);
+    let reference = mem.reference();
+    let eng = engine_with(
+        Strategy::StopTheWorld,
+        2,
+        FaultInjection {
+            fail_worker_copy_at: Some(2),
+            ..FaultInjection::default()
+        },
+    );
+    // SAFETY: `mem` outlives the snapshot.
+    let err = unsafe { eng.begin(&[mem.region()]) }.expect_err("injected");
+    assert!(
+        matches!(
+            err,
+            Error::Injected {
+                phase: Phase::Worker,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!eng.in_progress());
+    assert!(matches!(eng.wait(), Err(Error::NoSnapshot)));
+    let eng = engine_with(Strategy::StopTheWorld, 2, FaultInjection::default());
+    // SAFETY: as above.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    assert!(eng.in_progress());
+    // SAFETY: as above.
+    let again = unsafe { eng.begin(&[mem.region()]) }.expect_err("uncollected");
+    assert!(matches!(again, Error::SnapshotInProgress));
+    compare(&eng.wait().expect("snapshot"), &reference);
+}
+
+#[test]
+fn fork_strategy_is_the_vmms_job() {
+    let err = Engine::new(snapshot::Config {
+        strategy: Strategy::Fork,
+        ..snapshot::Config::default()
+    })
+    .expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: the fork strategy runs in the VMM (process fork), not in the engine"
+    );
+    for s in [
+        Strategy::AsyncFork,
+        Strategy::StopTheWorld,
+        Strategy::SyncWp,
+        Strategy::Fork,
+    ] {
+        assert_eq!(Strategy::from_name(s.name()), Some(s));
+    }
+}
+
+/// Rollback checks common to every failure: the error names its phase,
+/// writers kept going with their data intact, no protection left, and the
+/// next snapshot succeeds.
+fn rollback_case(injection: FaultInjection, expect_phase: Option<Phase>, cancel: bool) {
+    rollback_case_with(Strategy::AsyncFork, injection, expect_phase, cancel)
+}
+
+fn rollback_case_with(
+    strategy: Strategy,
+    injection: FaultInjection,
+    expect_phase: Option<Phase>,
+    cancel: bool,
+) {
+    let mem = Mem::new(8, 4, 4, 99);
+    let ws = Writers::start(&mem, 2);
+    ws.run_for(5_000);
+    ws.pause();
+    let eng = engine_with(strategy, 2, injection);
+    // SAFETY: `mem` outlives the snapshot.
+    let begun = unsafe { eng.begin(&[mem.region()]) };
+    ws.anywhere.store(true, Ordering::SeqCst);
+    ws.resume();
+    let err = match begun {
+        Err(e) => {
+            assert!(!eng.in_progress(), "sync failure leaves nothing behind");
+            e
+        }
+        Ok(_) => {
+            // Fault-path coverage: a write to a protected chunk.
+            mem.write(3 * CHUNK + 64, 1);
+            if cancel {
+                eng.cancel().expect("cancel");
+            }
+            ws.run_for(10_000);
+            eng.wait().expect_err("snapshot must fail")
+        }
+    };
+    match (expect_phase, &err) {
+        (Some(p), Error::Injected { phase, .. }) => assert_eq!(*phase, p, "{err}"),
+        (None, Error::Cancelled) => {}
+        _ => panic!("unexpected error: {err}"),
+    }
+    // Writers are not blocked: they keep making progress with the handler gone.
+    ws.run_for(10_000);
+    assert_eq!(mem.wp_pages(), 0, "protection left behind");
+    assert!(!eng.in_progress());
+
+    // The next snapshot (no injection) succeeds and is exact.
+    let eng = engine_with(strategy, 2, FaultInjection::default());
+    ws.pause();
+    let reference = mem.reference();
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin after rollback");
+    ws.resume();
+    ws.run_for(10_000);
+    let snap = eng.wait().expect("snapshot after rollback");
+    ws.stop_and_check();
+    compare(&snap, &reference);
+}
+
+#[test]
+fn rollback_sync_phase() {
+    rollback_case(
+        FaultInjection {
+            fail_sync: true,
+            ..FaultInjection::default()
+        },
+        Some(Phase::Sync),
+        false,
+    );
+}
+
+#[test]
+fn rollback_worker_failure() {
+    rollback_case(
+        FaultInjection {
+            fail_worker_copy_at: Some(0),
+            ..FaultInjection::default()
+        },
+        Some(Phase::Worker),
+        false,
+    );
+}
+
+#[test]
+fn rollback_fault_path_failure() {
+    rollback_case(
+        FaultInjection {
+            fail_fault_path_at: Some(0),
+            // Workers wait until the fault path has acted (here: failed).
+            hold_workers_until_fault_copies: Some(1),
+            ..FaultInjection::default()
+        },
+        Some(Phase::FaultPath),
+        false,
+    );
+}
+
+#[test]
+fn rollback_on_cancel() {
+    rollback_case(
+        FaultInjection {
+            // Keep the snapshot in flight until cancel() (no fault-path copy
+            // can reach 1000 chunks here).
+            hold_workers_until_fault_copies: Some(1000),
+            ..FaultInjection::default()
+        },
+        None,
+        true,
+    );
+}
+
+#[test]
+fn rollback_worker_failure_sync_wp() {
+    rollback_case_with(
+        Strategy::SyncWp,
+        FaultInjection {
+            fail_worker_copy_at: Some(100),
+            ..FaultInjection::default()
+        },
+        Some(Phase::Worker),
+        false,
+    );
+}
+
+#[test]
+fn rollback_fault_path_failure_sync_wp() {
+    rollback_case_with(
+        Strategy::SyncWp,
+        FaultInjection {
+            fail_fault_path_at: Some(0),
+            hold_workers_until_fault_copies: Some(1),
+            ..FaultInjection::default()
+        },
+        Some(Phase::FaultPath),
+        false,
+    );
+}
+
+#[test]
+fn second_begin_refused_while_in_flight() {
+    let mem = Mem::new(2, 0, 2, 5);
+    let eng = engine(
+        1,
+        FaultInjection {
+            hold_workers_until_fault_copies: Some(1000),
+            ..FaultInjection::default()
+        },
+    );
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    // SAFETY: as above.
+    let err = unsafe { eng.begin(&[mem.region()]) }.expect_err("second begin");
+    assert!(matches!(err, Error::SnapshotInProgress));
+    assert_eq!(err.to_string(), "snapshot in progress");
+    eng.cancel().expect("cancel");
+    assert!(matches!(eng.wait(), Err(Error::Cancelled)));
+    assert!(matches!(eng.wait(), Err(Error::NoSnapshot)));
+    assert_eq!(mem.wp_pages(), 0);
+}
+
+#[test]
+fn hooks_are_noops_without_snapshot() {
+    let eng = engine(1, FaultInjection::default());
+    eng.before_write(0, 4096);
+    eng.before_discard(0, 4096);
+    assert!(eng.progress().is_none());
+    assert!(matches!(eng.cancel(), Err(Error::NoSnapshot)));
+}
+
+#[test]
+fn discard_hook_copies_first() {
+    let mem = Mem::new(4, 0, 0, 11);
+    let reference = mem.reference();
+    let eng = engine(
+        1,
+        FaultInjection {
+            hold_workers_until_fault_copies: Some(1),
+            ..FaultInjection::default()
+        },
+    );
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let gpa = mem.region().guest_addr + CHUNK_SIZE;
+    eng.before_discard(gpa, CHUNK_SIZE);
+    // SAFETY: discarding a range of our own mapping (chunk 1).
+    let rc = unsafe { libc::madvise(mem.base.add(CHUNK).cast(), CHUNK, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    // A discarded page reads zero (via the MISSING path while in flight).
+    assert_eq!(mem.read(CHUNK + 8), 0);
+    let snap = eng.wait().expect("snapshot");
+    compare(&snap, &reference);
+    assert_eq!(snap.metrics().chunks_by_hook, 1);
+}
+
+#[test]
+fn invalid_regions_rejected_before_anything_happens() {
+    let eng = engine(1, FaultInjection::default());
+    // SAFETY: rejected before any memory is touched.
+    let err = unsafe { eng.begin(&[Region::new(0, 4096, CHUNK_SIZE)]) }.expect_err("unaligned");
+    assert!(matches!(err, Error::InvalidRegion { .. }), "{err}");
+    assert!(!eng.in_progress());
+}

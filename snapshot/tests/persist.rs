@@ -1,0 +1,453 @@
+//! The persisted format: round trip through the engine, sparseness,
+//! atomicity, and every refusal with its exact message.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use common::*;
+use snapshot::persist::{format, MEMORY_FILE, STATE_FILE};
+use snapshot::{
+    write_snapshot, FaultInjection, PersistError, Snapshot, SnapshotDir, Strategy, WriteOptions,
+    WriteProgress, CHUNK_SIZE,
+};
+
+const VM_STATE: &[u8] = b"vcpu0: rip=0x100000 rsp=0x8000; serial: lcr=3";
+
+/// A snapshot of 6 full + 2 partial + 24 untouched chunks (64 MiB), idle.
+fn take_snapshot() -> (Snapshot, Vec<u8>) {
+    take_snapshot_with(Strategy::AsyncFork)
+}
+
+fn take_snapshot_with(strategy: Strategy) -> (Snapshot, Vec<u8>) {
+    let mem = Mem::new(6, 2, 24, 1234);
+    let reference = mem.reference();
+    let eng = engine_with(strategy, 2, FaultInjection::default());
+    // SAFETY: `mem` outlives the snapshot (wait() below).
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let snap = eng.wait().expect("snapshot");
+    // Plain slice equality (memcmp): the engine tests do the detailed diff.
+    assert!(snap.region_memory(0) == reference.as_slice());
+    (snap, reference)
+}
+
+fn write(snap: &Snapshot, target: &Path, opts: &WriteOptions) -> Result<(), PersistError> {
+    write_snapshot(snap, VM_STATE, target, opts, &mut |_| {}).map(|_| ())
+}
+
+/// A written snapshot directory in a fresh temp dir.
+fn written() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let (snap, reference) = take_snapshot();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let target = tmp.path().join("snap");
+    write(&snap, &target, &WriteOptions::default()).expect("write");
+    (tmp, target, reference)
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn open_err(dir: &Path) -> String {
+    SnapshotDir::open(dir)
+        .expect_err("must be refused")
+        .to_string()
+}
+
+#[test]
+fn round_trip_bit_exact_through_lazy_mapping() {
+    let (snap, reference) = take_snapshot();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("snap");
+    let mut reports: Vec<WriteProgress> = Vec::new();
+    let sum = write_snapshot(
+        &snap,
+        VM_STATE,
+        &target,
+        &WriteOptions::default(),
+        &mut |p| reports.push(p),
+    )
+    .expect("write");
+    assert_eq!(entries(tmp.path()), vec!["snap"], "no temp dir left");
+    assert_eq!(entries(&target), vec![MEMORY_FILE, STATE_FILE]);
+    for f in [MEMORY_FILE, STATE_FILE] {
+        let mode = fs::metadata(target.join(f)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    // Progress: monotonic, ends at total.
+    let last = *reports.last().expect("progress reported");
+    assert_eq!(last.bytes_done, last.bytes_total);
+    assert!(reports
+        .windows(2)
+        .all(|w| w[0].bytes_done <= w[1].bytes_done));
+    assert_eq!(sum.image_len, 32 * CHUNK_SIZE);
+    assert_eq!(sum.data_bytes, 8 * CHUNK_SIZE);
+    assert_eq!(sum.zero_chunks, 24);
+
+    let dir = SnapshotDir::open(&target).expect("open");
+    assert_eq!(dir.vm_state(), VM_STATE);
+    let h = dir.header();
+    assert_eq!(h.chunk_size, CHUNK_SIZE);
+    assert_eq!(h.regions.len(), 1);
+    assert_eq!(h.regions[0].guest_addr, snap.regions()[0].guest_addr);
+    assert_eq!(h.chunks.iter().filter(|c| c.zero).count(), 24);
+    dir.verify_chunks().expect("verify");
+    let maps = dir.map_all().expect("map");
+    assert_eq!(maps[0].guest_addr, h.regions[0].guest_addr);
+    assert!(maps[0].as_slice() == reference.as_slice(), "image differs");
+    // The mapping is private: writes do not reach the file.
+    // SAFETY: in bounds of the mapping, which nobody else uses.
+    unsafe { maps[0].as_ptr().write(0xFF) };
+    drop(maps);
+    let again = SnapshotDir::open(&target).unwrap();
+    again
+        .verify_chunks()
+        .expect("file untouched by private writes");
+}
+
+#[test]
+fn zero_chunks_are_holes() {
+    let (_tmp, target, _) = written();
+    let md = fs::metadata(target.join(MEMORY_FILE)).unwrap();
+    assert_eq!(md.len(), 32 * CHUNK_SIZE);
+    let allocated = md.blocks() * 512;
+    // 8 of 32 chunks hold data; allow some fs slack but nowhere near full.
+    assert!(
+        allocated <= 10 * CHUNK_SIZE,
+        "memory.img allocates {allocated} of {} bytes",
+        md.len()
+    );
+}
+
+#[test]
+fn existing_target_refused_without_overwrite_and_replaced_with_it() {
+    let (snap, _) = take_snapshot();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("snap");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("keep"), b"old").unwrap();
+    let err = write(&snap, &target, &WriteOptions::default()).expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} already exists (pass overwrite to replace it)",
+            target.display()
+        )
+    );
+    assert_eq!(entries(&target), vec!["keep"], "existing target untouched");
+    assert_eq!(entries(tmp.path()), vec!["snap"]);
+
+    let opts = WriteOptions {
+        overwrite: true,
+        ..WriteOptions::default()
+    };
+    write(&snap, &target, &opts).expect("overwrite");
+    assert_eq!(entries(&target), vec![MEMORY_FILE, STATE_FILE]);
+    assert_eq!(entries(tmp.path()), vec!["snap"], "old dir removed");
+    SnapshotDir::open(&target).unwrap().verify_chunks().unwrap();
+
+    let file = tmp.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    let err = write(&snap, &file, &opts).expect_err("not a dir");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} exists and is not a directory; refusing to replace it",
+            file.display()
+        )
+    );
+}
+
+/// The writer fails after N bytes (ENOSPC mid-image, EIO in the state
+/// file): typed error naming file and operation, nothing left behind, and
+/// with overwrite the old snapshot survives.
+#[test]
+fn failing_writer_leaves_nothing_behind() {
+    let (snap, _) = take_snapshot();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("snap");
+    let opts = WriteOptions {
+        fail_after_bytes: Some((3 * CHUNK_SIZE + 100, libc::ENOSPC)),
+        ..WriteOptions::default()
+    };
+    let err = write(&snap, &target, &opts).expect_err("injected ENOSPC");
+    assert!(matches!(err, PersistError::NoSpace { .. }), "{err:?}");
+    let tmp_dir = entries(tmp.path());
+    assert!(tmp_dir.is_empty(), "left behind: {tmp_dir:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("write ") && msg.ends_with("/memory.img: no space left on device"),
+        "{msg}"
+    );
+    assert!(msg.contains("snap.tmp-"), "{msg}");
+
+    // EIO while writing the state file (after all 8 data chunks), over an
+    // existing snapshot that must survive.
+    write(&snap, &target, &WriteOptions::default()).unwrap();
+    let opts = WriteOptions {
+        overwrite: true,
+        fail_after_bytes: Some((8 * CHUNK_SIZE + 10, libc::EIO)),
+    };
+    let err = write(&snap, &target, &opts).expect_err("injected EIO");
+    let PersistError::Io { path, op, source } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*op, "write");
+    assert!(path.ends_with(STATE_FILE));
+    assert_eq!(source.raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        err.to_string(),
+        format!("write {}: {source}", path.display())
+    );
+    assert_eq!(entries(tmp.path()), vec!["snap"]);
+    SnapshotDir::open(&target).unwrap().verify_chunks().unwrap();
+}
+
+fn state_bytes(dir: &Path) -> Vec<u8> {
+    fs::read(dir.join(STATE_FILE)).unwrap()
+}
+
+#[test]
+fn truncated_state_file_refused() {
+    let (_tmp, target, _) = written();
+    let s = state_bytes(&target);
+    fs::write(target.join(STATE_FILE), &s[..s.len() - 7]).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "{}: state file is truncated ({} bytes, expected {})",
+            target.join(STATE_FILE).display(),
+            s.len() - 7,
+            s.len()
+        )
+    );
+    fs::write(target.join(STATE_FILE), &s[..10]).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "{}: state file is truncated (10 bytes, expected 24)",
+            target.join(STATE_FILE).display()
+        )
+    );
+    fs::write(target.join(STATE_FILE), b"").unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "{}: not a snapvm snapshot state file (bad magic)",
+            target.join(STATE_FILE).display()
+        )
+    );
+    fs::remove_file(target.join(STATE_FILE)).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "read {}: No such file or directory (os error 2)",
+            target.join(STATE_FILE).display()
+        )
+    );
+}
+
+#[test]
+fn truncated_or_grown_memory_image_refused() {
+    let (_tmp, target, _) = written();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(target.join(MEMORY_FILE))
+        .unwrap();
+    let full = 32 * CHUNK_SIZE;
+    f.set_len(full - 4096).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "memory image is {} bytes, the state file expects {full}",
+            full - 4096
+        )
+    );
+    f.set_len(full + 1).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "memory image is {} bytes, the state file expects {full}",
+            full + 1
+        )
+    );
+}
+
+#[test]
+fn flipped_bit_in_state_file_refused() {
+    let (_tmp, target, _) = written();
+    let mut s = state_bytes(&target);
+    // Flip a bit in the first region's guest address (offset 48).
+    s[50] ^= 0x10;
+    fs::write(target.join(STATE_FILE), &s).unwrap();
+    let err = SnapshotDir::open(&target).expect_err("refused");
+    let PersistError::StateChecksum {
+        stored, computed, ..
+    } = err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: state file checksum mismatch (stored {stored:#010x}, computed {computed:#010x})",
+            target.join(STATE_FILE).display()
+        )
+    );
+    assert_eq!(computed, format::checksum(&s[..s.len() - 4]));
+}
+
+#[test]
+fn flipped_bit_in_memory_chunk_caught_by_verify() {
+    let (_tmp, target, _) = written();
+    let dir = SnapshotDir::open(&target).unwrap();
+    let c = dir.header().chunks[3];
+    let guest = dir.header().regions[0].guest_addr + 3 * CHUNK_SIZE;
+    drop(dir);
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(target.join(MEMORY_FILE))
+        .unwrap();
+    let off = 3 * CHUNK_SIZE + 12345;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 4], off).unwrap();
+    // open() stays fast and does not read memory: it still succeeds.
+    let dir = SnapshotDir::open(&target).expect("open does not read memory");
+    let err = dir.verify_chunks().expect_err("corruption caught");
+    let PersistError::ChunkChecksum {
+        index,
+        guest_addr,
+        expected,
+        computed,
+    } = err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!((index, guest_addr, expected), (3, guest, c.crc));
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "memory image chunk 3 (guest {guest:#x}) is corrupt: checksum {computed:#010x}, expected {:#010x}",
+            c.crc
+        )
+    );
+
+    // Data written into a hole is caught too.
+    f.write_all_at(&[1], 20 * CHUNK_SIZE).unwrap();
+    f.write_all_at(&[b[0]], off).unwrap();
+    let guest20 = guest + 17 * CHUNK_SIZE;
+    assert_eq!(
+        dir.verify_chunks().expect_err("hole").to_string(),
+        format!("memory image chunk 20 (guest {guest20:#x}) should be a zero hole but holds data")
+    );
+}
+
+/// Rewrites the preamble and fixes up the checksum, as a newer (or broken)
+/// writer would have produced.
+fn with_fixed_crc(mut s: Vec<u8>) -> Vec<u8> {
+    let n = s.len() - 4;
+    let crc = format::checksum(&s[..n]);
+    s[n..].copy_from_slice(&crc.to_le_bytes());
+    s
+}
+
+#[test]
+fn wrong_version_refused() {
+    let (_tmp, target, _) = written();
+    let mut s = state_bytes(&target);
+    s[8..12].copy_from_slice(&2u32.to_le_bytes());
+    fs::write(target.join(STATE_FILE), with_fixed_crc(s)).unwrap();
+    assert_eq!(
+        open_err(&target),
+        "unsupported snapshot format version 2 (this snapvm reads 1)"
+    );
+}
+
+#[test]
+fn wrong_magic_refused() {
+    let (_tmp, target, _) = written();
+    let mut s = state_bytes(&target);
+    s[0] = b'X';
+    fs::write(target.join(STATE_FILE), with_fixed_crc(s)).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "{}: not a snapvm snapshot state file (bad magic)",
+            target.join(STATE_FILE).display()
+        )
+    );
+}
+
+#[test]
+fn malformed_fields_refused_even_with_valid_checksum() {
+    let (_tmp, target, _) = written();
+    let s = state_bytes(&target);
+    let path = target.join(STATE_FILE);
+    // Unknown chunk flag (flags start after 48 + 24 + 8 = 80).
+    let mut m = s.clone();
+    m[80 + 5] = 7;
+    fs::write(&path, with_fixed_crc(m)).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "{}: malformed state file: chunk 5 has unknown flags 0x07",
+            path.display()
+        )
+    );
+    // Chunk size not a power of two.
+    let mut m = s.clone();
+    m[24..32].copy_from_slice(&3000u64.to_le_bytes());
+    fs::write(&path, with_fixed_crc(m)).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "{}: malformed state file: chunk size 0xbb8 is not a power of two >= 4096",
+            path.display()
+        )
+    );
+    // A corrupted VM state blob (last byte before the trailer).
+    let mut m = s.clone();
+    let n = m.len();
+    m[n - 5] ^= 1;
+    fs::write(&path, with_fixed_crc(m)).unwrap();
+    assert!(
+        open_err(&target).starts_with(&format!("{}: VM state checksum mismatch", path.display())),
+        "{}",
+        open_err(&target)
+    );
+}
+
+/// Every engine strategy persists the same memory to the same bytes.
+#[test]
+fn all_strategies_produce_identical_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut files: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for s in [
+        Strategy::AsyncFork,
+        Strategy::StopTheWorld,
+        Strategy::SyncWp,
+    ] {
+        let (snap, _) = take_snapshot_with(s);
+        let target = tmp.path().join(s.name());
+        write(&snap, &target, &WriteOptions::default()).expect("write");
+        SnapshotDir::open(&target).unwrap().verify_chunks().unwrap();
+        files.push((
+            fs::read(target.join(STATE_FILE)).unwrap(),
+            fs::read(target.join(MEMORY_FILE)).unwrap(),
+        ));
+    }
+    assert!(
+        files[0] == files[1],
+        "stop-the-world differs from async-fork"
+    );
+    assert!(files[0] == files[2], "sync-wp differs from async-fork");
+}

@@ -1,0 +1,35 @@
+//! Where the artifacts the tests drive live.
+
+use std::path::PathBuf;
+
+/// The `snapvm` binary. Tests live in their own package, so cargo's
+/// `CARGO_BIN_EXE_*` is not available: take `SNAPVM_BIN`, else the binary
+/// next to the test executable's `deps/` directory (same profile).
+pub fn snapvm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SNAPVM_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("snapvm");
+    assert!(
+        bin.exists(),
+        "{} does not exist: run `cargo build --workspace` before the tests (scripts/test does), or set SNAPVM_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A required external input given by environment variable; the test fails
+/// (never skips) when it is missing, naming the script that provides it.
+pub fn required_env_path(var: &str, provided_by: &str) -> PathBuf {
+    let value = std::env::var_os(var).unwrap_or_else(|| {
+        panic!("{var} is not set: it is provided by {provided_by} (scripts/test sets it up)")
+    });
+    let path = PathBuf::from(value);
+    assert!(path.exists(), "{var}={} does not exist (provided by {provided_by})", path.display());
+    path
+}

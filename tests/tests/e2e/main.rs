@@ -1,0 +1,8 @@
+//! End-to-end tests: each starts the real `snapvm` binary (and, where it
+//! says so, QEMU or a real Linux kernel) and checks what a user would see.
+
+mod cli_errors;
+mod guest_boot;
+mod linux_boot;
+mod pause_resume;
+mod qemu_boot;

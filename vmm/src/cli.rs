@@ -1,0 +1,257 @@
+//! Command line: clap definitions and the parsing/validation of values.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::layout;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "snapvm",
+    version,
+    about = "A small KVM virtual machine monitor"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel and run it until it powers off.
+    Run(RunArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Pause/resume round trips of a running guest; prints one JSON object.
+    Pause(BenchPauseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel: an ELF with a PVH entry note, or a bzImage (default: the embedded snapvm guest).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest RAM: 512M, 4G, 1024K or plain bytes; rounded up to 2 MiB.
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Where COM1 output goes: `stdout` or a file path.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchPauseArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Number of pause/resume cycles.
+    #[arg(long, default_value_t = 1000)]
+    pub cycles: u32,
+    /// Guest RAM size.
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
+}
+
+/// A configuration error: reported as one line, exit status 1.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid memory size '{0}': {1}")]
+    InvalidSize(String, String),
+    #[error("memory size {requested} bytes exceeds host RAM ({host} bytes)")]
+    TooMuchMemory { requested: u64, host: u64 },
+    #[error("memory size must be at least 2 MiB, got {0} bytes")]
+    TooLittleMemory(u64),
+    #[error("--vcpus must be at least 1")]
+    NoVcpus,
+    #[error("--vcpus {0} exceeds the maximum of {1}")]
+    TooManyVcpus(u32, u32),
+    #[error("invalid log level '{0}': expected error, warn, info, debug or trace")]
+    LogLevel(String),
+    #[error("--cycles must be at least 1")]
+    NoCycles,
+}
+
+/// Parses `512M`, `4G`, `1024K`, `1T` or plain bytes (suffixes are binary,
+/// case-insensitive, an optional trailing `B`/`iB` is accepted).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = |why: &str| ConfigError::InvalidSize(s.to_string(), why.to_string());
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let lower = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (digits, shift) = match lower.chars().last() {
+        Some('k') => (&lower[..lower.len() - 1], 10),
+        Some('m') => (&lower[..lower.len() - 1], 20),
+        Some('g') => (&lower[..lower.len() - 1], 30),
+        Some('t') => (&lower[..lower.len() - 1], 40),
+        Some(c) if c.is_ascii_digit() => (lower, 0),
+        Some(_) => {
+            return Err(err(
+                "expected a number with an optional K, M, G or T suffix",
+            ))
+        }
+        None => return Err(err("empty size")),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err(
+            "expected a number with an optional K, M, G or T suffix",
+        ));
+    }
+    let n: u64 = digits.parse().map_err(|_| err("number too large"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| err("number too large"))
+}
+
+/// Parses and validates a guest memory size against host RAM: the result is
+/// rounded up to 2 MiB.
+pub fn guest_memory_size(s: &str, host_ram: Option<u64>) -> Result<u64, ConfigError> {
+    let bytes = parse_size(s)?;
+    if bytes == 0 {
+        return Err(ConfigError::TooLittleMemory(0));
+    }
+    let rounded = layout::round_up_to_huge_page(bytes);
+    if let Some(host) = host_ram {
+        if rounded > host {
+            return Err(ConfigError::TooMuchMemory {
+                requested: rounded,
+                host,
+            });
+        }
+    }
+    Ok(rounded)
+}
+
+/// Largest vCPU count: the guest's per-CPU tables, and 8-bit APIC ids.
+pub fn max_vcpus() -> u32 {
+    (snapvm_guest::abi::MAX_CPUS as u32).min(255)
+}
+
+pub fn validate_vcpus(n: u32) -> Result<u32, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::NoVcpus);
+    }
+    let max = max_vcpus();
+    if n > max {
+        return Err(ConfigError::TooManyVcpus(n, max));
+    }
+    Ok(n)
+}
+
+pub fn validate_log_level(s: &str) -> Result<tracing::Level, ConfigError> {
+    match s.to_ascii_lowercase().as_str() {
+        "error" => Ok(tracing::Level::ERROR),
+        "warn" => Ok(tracing::Level::WARN),
+        "info" => Ok(tracing::Level::INFO),
+        "debug" => Ok(tracing::Level::DEBUG),
+        "trace" => Ok(tracing::Level::TRACE),
+        _ => Err(ConfigError::LogLevel(s.to_string())),
+    }
+}
+
+/// Host RAM from /proc/meminfo (`MemTotal`), if readable.
+pub fn host_ram_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo_total(&text)
+}
+
+fn parse_meminfo_total(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("4g"), Ok(4 << 30));
+        assert_eq!(parse_size("1024K"), Ok(1 << 20));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("2MB"), Ok(2 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn bad_sizes() {
+        for s in [
+            "abc",
+            "",
+            "M",
+            "12X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999",
+            "20000000000T",
+        ] {
+            let e = parse_size(s).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("invalid memory size '{s}': ")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn memory_is_rounded_and_checked() {
+        assert_eq!(guest_memory_size("1", None), Ok(2 << 20));
+        assert_eq!(guest_memory_size("3M", None), Ok(4 << 20));
+        assert_eq!(
+            guest_memory_size("8G", Some(4 << 30)),
+            Err(ConfigError::TooMuchMemory {
+                requested: 8 << 30,
+                host: 4 << 30
+            })
+        );
+        assert!(guest_memory_size("0", None).is_err());
+    }
+
+    #[test]
+    fn vcpus() {
+        assert_eq!(validate_vcpus(0), Err(ConfigError::NoVcpus));
+        assert_eq!(validate_vcpus(1), Ok(1));
+        assert!(validate_vcpus(max_vcpus() + 1).is_err());
+        assert!(validate_vcpus(256).is_err());
+    }
+
+    #[test]
+    fn meminfo() {
+        let t = "MemTotal:       24590000 kB\nMemFree: 1 kB\n";
+        assert_eq!(parse_meminfo_total(t), Some(24590000 * 1024));
+        assert_eq!(parse_meminfo_total("nothing"), None);
+    }
+
+    #[test]
+    fn log_levels() {
+        assert!(validate_log_level("debug").is_ok());
+        assert!(validate_log_level("loud").is_err());
+    }
+}

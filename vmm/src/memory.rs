@@ -1,0 +1,242 @@
+//! Guest RAM: anonymous host memory, 2 MiB aligned and advised for THP, so
+//! that one 2 MiB guest chunk is one host PMD entry (what the snapshot engine
+//! write-protects with userfaultfd) and one stage-2 huge mapping in KVM.
+
+use std::sync::Arc;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::layout::{self, HUGE_PAGE_SIZE};
+
+/// Errors while setting up guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot map {size} bytes of guest RAM: {source}")]
+    Mmap { size: u64, source: std::io::Error },
+    #[error("cannot wrap guest RAM for vm-memory: {0}")]
+    Region(String),
+    #[error("cannot register KVM memory slot {slot} ({size} bytes at {gpa:#x}): {source}")]
+    Memslot {
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest RAM size {0} bytes does not fit in this host's address space")]
+    TooBig(u64),
+}
+
+/// One host mapping backing one guest RAM region. Owns the mapping: it is
+/// unmapped when the last [`GuestRam`] clone goes away.
+#[derive(Debug)]
+struct HostMapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain anonymous memory; the pointer is only an
+// address, and all accesses go through vm-memory's volatile accessors or
+// through KVM / the snapshot engine, which synchronise by themselves.
+unsafe impl Send for HostMapping {}
+// SAFETY: see above.
+unsafe impl Sync for HostMapping {}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr+len` is exactly the range we mapped in
+        // `map_aligned` and no vm-memory region built on it outlives us
+        // (GuestRam keeps this mapping alive as long as its memory).
+        unsafe {
+            libc::munmap(self.addr.cast(), self.len);
+        }
+    }
+}
+
+/// Where one guest RAM region lives in the host: what the snapshot engine
+/// needs to write-protect and copy it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRegion {
+    /// KVM memslot number.
+    pub slot: u32,
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Host virtual address of the first byte.
+    pub host_addr: usize,
+    /// Length in bytes (a multiple of 2 MiB).
+    pub len: usize,
+}
+
+/// Guest RAM: the vm-memory view plus the host mappings behind it.
+#[derive(Clone, Debug)]
+pub struct GuestRam {
+    // Field order matters: the vm-memory view must drop before the mappings.
+    mem: GuestMemoryMmap,
+    regions: Vec<HostRegion>,
+    _mappings: Arc<Vec<HostMapping>>,
+}
+
+impl GuestRam {
+    /// Allocates `size` bytes (already rounded to 2 MiB) laid out around the
+    /// MMIO hole.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        let mut mappings = Vec::new();
+        let mut regions = Vec::new();
+        let mut vm_regions = Vec::new();
+        for (slot, range) in layout::ram_ranges(size).into_iter().enumerate() {
+            let len = usize::try_from(range.len).map_err(|_| MemoryError::TooBig(size))?;
+            let mapping = map_aligned(len).map_err(|source| MemoryError::Mmap {
+                size: range.len,
+                source,
+            })?;
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+            // SAFETY: `mapping` is a live mapping of `len` bytes with these
+            // protections and flags, and it outlives the region (see the
+            // field order of GuestRam).
+            let mmap = unsafe { MmapRegion::build_raw(mapping.addr, len, prot, flags) }
+                .map_err(|e| MemoryError::Region(e.to_string()))?;
+            let region =
+                GuestRegionMmap::new(mmap, GuestAddress(range.start)).ok_or_else(|| {
+                    MemoryError::Region(format!("region at {:#x} overflows", range.start))
+                })?;
+            regions.push(HostRegion {
+                slot: slot as u32,
+                guest_addr: range.start,
+                host_addr: mapping.addr as usize,
+                len,
+            });
+            vm_regions.push(region);
+            mappings.push(mapping);
+        }
+        let mem = GuestMemoryMmap::from_regions(vm_regions)
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        Ok(GuestRam {
+            mem,
+            regions,
+            _mappings: Arc::new(mappings),
+        })
+    }
+
+    /// The vm-memory view, for loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Host location of every RAM region.
+    pub fn regions(&self) -> &[HostRegion] {
+        &self.regions
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.len as u64).sum()
+    }
+
+    /// Registers every region as a KVM memslot.
+    pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        for r in &self.regions {
+            let region = kvm_userspace_memory_region {
+                slot: r.slot,
+                flags: 0,
+                guest_phys_addr: r.guest_addr,
+                memory_size: r.len as u64,
+                userspace_addr: r.host_addr as u64,
+            };
+            // SAFETY: the host range is a live mapping owned by `self`, and
+            // the VM (which owns a clone of this GuestRam) does not outlive it.
+            unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+                MemoryError::Memslot {
+                    slot: r.slot,
+                    gpa: r.guest_addr,
+                    size: r.len as u64,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Maps `len` bytes of anonymous memory at a 2 MiB aligned address: map
+/// `len + 2 MiB`, then trim the unaligned head and the tail.
+fn map_aligned(len: usize) -> std::io::Result<HostMapping> {
+    let align = HUGE_PAGE_SIZE as usize;
+    let total = len
+        .checked_add(align)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: anonymous private mapping at a kernel-chosen address; no
+    // existing memory is affected. The result is checked below.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = raw as usize;
+    let aligned = (start + align - 1) & !(align - 1);
+    let head = aligned - start;
+    let tail = total - head - len;
+    // SAFETY: both ranges lie inside the mapping we just created and nothing
+    // references them.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+    }
+    let addr = aligned as *mut u8;
+    // SAFETY: advice on our own mapping; failure only means no THP (e.g.
+    // THP disabled on the host), which is slower but correct.
+    let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        tracing::warn!(
+            "madvise(MADV_HUGEPAGE) failed: {}; guest RAM uses 4 KiB pages",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(HostMapping { addr, len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn ram_is_aligned_and_usable() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        assert_eq!(ram.regions().len(), 1);
+        assert_eq!(ram.regions()[0].host_addr % (2 << 20), 0);
+        assert_eq!(ram.size(), 8 << 20);
+        ram.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        let v: u32 = ram.memory().read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(v, 0xdead_beef);
+        assert!(ram.memory().read_obj::<u32>(GuestAddress(8 << 20)).is_err());
+    }
+
+    #[test]
+    fn big_ram_has_two_regions_around_the_hole() {
+        // MAP_NORESERVE: nothing is touched, so this costs no host memory.
+        let ram = GuestRam::new(5 << 30).unwrap();
+        let r = ram.regions();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1].guest_addr, 4 << 30);
+        assert_eq!(r[1].len, 2 << 30);
+        assert_eq!(r[1].host_addr % (2 << 20), 0);
+        assert!(ram.memory().find_region(GuestAddress(3 << 30)).is_none());
+        assert!(ram.memory().find_region(GuestAddress(4 << 30)).is_some());
+    }
+}
