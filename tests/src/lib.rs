@@ -1,5 +1,5 @@
 //! Shared harness for the end-to-end tests: find the real `snapvm` binary,
 //! start it, watch what it prints, and make sure nothing outlives the test.
 
-pub mod process;
 pub mod paths;
+pub mod process;

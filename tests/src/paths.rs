@@ -30,6 +30,10 @@ pub fn required_env_path(var: &str, provided_by: &str) -> PathBuf {
         panic!("{var} is not set: it is provided by {provided_by} (scripts/test sets it up)")
     });
     let path = PathBuf::from(value);
-    assert!(path.exists(), "{var}={} does not exist (provided by {provided_by})", path.display());
+    assert!(
+        path.exists(),
+        "{var}={} does not exist (provided by {provided_by})",
+        path.display()
+    );
     path
 }

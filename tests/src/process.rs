@@ -39,7 +39,10 @@ fn capture<R: Read + Send + 'static>(mut stream: R, sink: Captured) -> JoinHandl
         loop {
             match stream.read(&mut buf) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => sink.lock().expect("capture buffer").extend_from_slice(&buf[..n]),
+                Ok(n) => sink
+                    .lock()
+                    .expect("capture buffer")
+                    .extend_from_slice(&buf[..n]),
             }
         }
     })
@@ -64,7 +67,13 @@ impl Proc {
             capture(child.stdout.take().expect("piped stdout"), stdout.clone()),
             capture(child.stderr.take().expect("piped stderr"), stderr.clone()),
         ];
-        Proc { child, stdout, stderr, readers, what }
+        Proc {
+            child,
+            stdout,
+            stderr,
+            readers,
+            what,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -134,17 +143,23 @@ impl Proc {
         for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
-        Finished { status, stdout: self.stdout(), stderr: self.stderr() }
+        Finished {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
     }
 
     /// CPU time (user + system) the process has used so far.
     pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read /proc/PID/stat");
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("read /proc/PID/stat");
         // Fields after the parenthesised command name; utime and stime are
         // fields 14 and 15 of the whole line.
         let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
         // SAFETY: sysconf has no memory-safety preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
         Duration::from_millis(ticks * 1000 / hz)

@@ -24,6 +24,14 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Write the bundled guest kernel (a PVH ELF) to PATH, e.g. to boot it under QEMU.
+    GuestElf(GuestElfArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GuestElfArgs {
+    /// Where to write the ELF; an existing file is not overwritten.
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,8 +86,12 @@ pub struct BenchPauseArgs {
 pub enum ConfigError {
     #[error("invalid memory size '{0}': {1}")]
     InvalidSize(String, String),
-    #[error("memory size {requested} bytes exceeds host RAM ({host} bytes)")]
-    TooMuchMemory { requested: u64, host: u64 },
+    #[error("memory size '{given}' ({requested} bytes) exceeds host RAM ({host} bytes)")]
+    TooMuchMemory {
+        given: String,
+        requested: u64,
+        host: u64,
+    },
     #[error("memory size must be at least 2 MiB, got {0} bytes")]
     TooLittleMemory(u64),
     #[error("--vcpus must be at least 1")]
@@ -136,6 +148,7 @@ pub fn guest_memory_size(s: &str, host_ram: Option<u64>) -> Result<u64, ConfigEr
     if let Some(host) = host_ram {
         if rounded > host {
             return Err(ConfigError::TooMuchMemory {
+                given: s.to_string(),
                 requested: rounded,
                 host,
             });
@@ -227,6 +240,7 @@ mod tests {
         assert_eq!(
             guest_memory_size("8G", Some(4 << 30)),
             Err(ConfigError::TooMuchMemory {
+                given: "8G".to_string(),
                 requested: 8 << 30,
                 host: 4 << 30
             })

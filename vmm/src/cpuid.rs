@@ -11,19 +11,17 @@ const EBX_APIC_ID_SHIFT: u32 = 24;
 const EBX_CPU_COUNT_SHIFT: u32 = 16;
 const EDX_HTT_BIT: u32 = 1 << 28;
 const ECX_CX16_BIT: u32 = 1 << 13;
-const ECX_XSAVE_BIT: u32 = 1 << 26;
-const ECX_OSXSAVE_BIT: u32 = 1 << 27;
-const ECX_AVX_BIT: u32 = 1 << 28;
 
 /// Adjusts `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `index` of `count`.
 ///
 /// `ring0_quirks` hides features a kernel running its own code in ring 0
 /// cannot use under the nested hypervisor here (PVM), whose instruction
 /// emulator runs all ring-0 code and cannot execute them ("KVM internal
-/// error", emulation failure): CMPXCHG16B (Linux's SLUB allocator, right
-/// after the "Memory:" line) and XSAVE/XRSTOR (Linux's FPU init; without
-/// XSAVE it falls back to FXSAVE, which the emulator knows). Linux has
-/// fallbacks for both. On hardware KVM they cost nothing to keep.
+/// error", emulation failure): CMPXCHG16B, which Linux's SLUB allocator
+/// uses right after the "Memory:" line; Linux has a lock-based fallback.
+/// (XSAVE would need hiding too, for Linux's FPU init, but PVM forces the
+/// XSAVE bit back whatever KVM_SET_CPUID2 says.) Hardware KVM needs none
+/// of this.
 pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, ring0_quirks: bool) {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -37,7 +35,7 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, ring0_quirks: bool) {
                 }
                 entry.ecx |= ECX_HYPERVISOR_BIT;
                 if ring0_quirks {
-                    entry.ecx &= !(ECX_CX16_BIT | ECX_XSAVE_BIT | ECX_OSXSAVE_BIT | ECX_AVX_BIT);
+                    entry.ecx &= !ECX_CX16_BIT;
                 }
             }
             LEAF_EXT_TOPOLOGY | LEAF_EXT_TOPOLOGY_V2 => {
@@ -79,16 +77,16 @@ mod tests {
     }
 
     #[test]
-    fn ring0_quirks_hide_cx16_and_xsave() {
+    fn ring0_quirks_hide_cx16() {
         let entries = [kvm_cpuid_entry2 {
             function: 1,
-            ecx: ECX_CX16_BIT | ECX_XSAVE_BIT,
+            ecx: ECX_CX16_BIT,
             ..Default::default()
         }];
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
         configure(&mut cpuid, 0, 1, false);
         assert_ne!(cpuid.as_slice()[0].ecx & ECX_CX16_BIT, 0);
         configure(&mut cpuid, 0, 1, true);
-        assert_eq!(cpuid.as_slice()[0].ecx & (ECX_CX16_BIT | ECX_XSAVE_BIT), 0);
+        assert_eq!(cpuid.as_slice()[0].ecx & ECX_CX16_BIT, 0);
     }
 }

@@ -80,6 +80,85 @@ pub fn detect_format(bytes: &[u8]) -> Option<KernelFormat> {
     None
 }
 
+/// Whether a 64-bit ELF carries the PVH entry note (`Xen` note of type
+/// XEN_ELFNOTE_PHYS32_ENTRY). Checked before handing the image to
+/// linux-loader so that an ordinary executable is refused for the reason
+/// that matters to the user, not for whatever the loader trips on first.
+pub fn has_pvh_note(elf: &[u8]) -> bool {
+    const PT_NOTE: u32 = 4;
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+    let u16_at = |off: usize| {
+        elf.get(off..off + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |off: usize| {
+        elf.get(off..off + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |off: usize| {
+        elf.get(off..off + 8).map(|b| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_le_bytes(a)
+        })
+    };
+    // ELFCLASS64, little endian.
+    if elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
+    for i in 0..usize::from(phnum) {
+        let Some(ph) = usize::try_from(phoff)
+            .ok()
+            .and_then(|o| o.checked_add(i * usize::from(phentsize)))
+        else {
+            return false;
+        };
+        if u32_at(ph) != Some(PT_NOTE) {
+            continue;
+        }
+        let (Some(offset), Some(size)) = (u64_at(ph + 0x08), u64_at(ph + 0x20)) else {
+            continue;
+        };
+        let (Ok(mut pos), Ok(size)) = (usize::try_from(offset), usize::try_from(size)) else {
+            continue;
+        };
+        let Some(end) = pos.checked_add(size).filter(|&e| e <= elf.len()) else {
+            continue;
+        };
+        while pos + 12 <= end {
+            let (Some(namesz), Some(descsz), Some(kind)) =
+                (u32_at(pos), u32_at(pos + 4), u32_at(pos + 8))
+            else {
+                break;
+            };
+            let name_start = pos + 12;
+            let (Some(name_len), Some(desc_len)) =
+                (align4(namesz as usize), align4(descsz as usize))
+            else {
+                break;
+            };
+            if elf.get(name_start..name_start + namesz as usize) == Some(b"Xen\0".as_slice())
+                && kind == XEN_ELFNOTE_PHYS32_ENTRY
+            {
+                return true;
+            }
+            match name_start
+                .checked_add(name_len)
+                .and_then(|p| p.checked_add(desc_len))
+            {
+                Some(next) => pos = next,
+                None => break,
+            }
+        }
+    }
+    false
+}
+
 /// A kernel image in memory, with the name used in messages.
 #[derive(Clone, Debug)]
 pub struct KernelImage {
@@ -152,6 +231,9 @@ pub fn load(ram: &GuestRam, config: &BootConfig) -> Result<LoadedKernel, LoadErr
     let mut image = Cursor::new(kernel.bytes.as_slice());
     match format {
         KernelFormat::Elf => {
+            if !has_pvh_note(&kernel.bytes) {
+                return Err(LoadError::NoPvhEntry(kernel.name.clone()));
+            }
             let result = Elf::load(mem, None, &mut image, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
             let entry = match result.pvh_boot_cap {
@@ -345,6 +427,17 @@ mod tests {
                 start_info: layout::PVH_START_INFO_ADDR
             }
         );
+    }
+
+    #[test]
+    fn pvh_note_detection() {
+        assert!(has_pvh_note(&tiny_elf(Some(0x100000))));
+        assert!(!has_pvh_note(&tiny_elf(None)));
+        assert!(!has_pvh_note(b"\x7fELF"));
+        let mut truncated = tiny_elf(Some(0x100000));
+        truncated.truncate(0x190); // cuts the note in the middle
+        assert!(!has_pvh_note(&truncated));
+        assert!(has_pvh_note(KernelImage::embedded().bytes.as_slice()));
     }
 
     #[test]

@@ -35,6 +35,21 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Bench(BenchCommand::Pause(args)) => bench_pause(args),
+        Command::GuestElf(args) => guest_elf(args),
+    }
+}
+
+fn guest_elf(args: cli::GuestElfArgs) -> ExitCode {
+    use std::io::Write;
+    let image = KernelImage::embedded();
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&args.path)
+        .and_then(|mut f| f.write_all(&image.bytes));
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format_args!("cannot write {}: {e}", args.path.display())),
     }
 }
 

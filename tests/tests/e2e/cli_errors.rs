@@ -10,7 +10,11 @@ const T: Duration = Duration::from_secs(30);
 /// One error line, prefixed, no panic or backtrace, exit status 1.
 fn assert_one_error_line(out: &Finished, expected: &[&str]) {
     assert_eq!(out.code(), Some(1), "{out:?}");
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(lines.len(), 1, "expected exactly one stderr line: {out:?}");
     let line = lines[0];
     assert!(line.starts_with("snapvm: error: "), "{line:?}");
@@ -22,7 +26,11 @@ fn assert_one_error_line(out: &Finished, expected: &[&str]) {
 
 #[test]
 fn missing_kernel_names_the_path() {
-    let out = run(&snapvm_bin(), &["run", "--kernel", "/nonexistent/vmlinuz"], T);
+    let out = run(
+        &snapvm_bin(),
+        &["run", "--kernel", "/nonexistent/vmlinuz"],
+        T,
+    );
     assert_one_error_line(&out, &["/nonexistent/vmlinuz", "No such file or directory"]);
 }
 
@@ -72,7 +80,9 @@ fn zero_vcpus_is_refused() {
 #[test]
 fn missing_kvm_device_says_how_to_fix_it() {
     let out = snapvm_tests::process::Proc::spawn_cmd(
-        Command::new(snapvm_bin()).args(["run"]).env("SNAPVM_KVM_DEVICE", "/nonexistent/kvm"),
+        Command::new(snapvm_bin())
+            .args(["run"])
+            .env("SNAPVM_KVM_DEVICE", "/nonexistent/kvm"),
     )
     .wait(T);
     assert_one_error_line(&out, &["/nonexistent/kvm does not exist", "modprobe kvm"]);

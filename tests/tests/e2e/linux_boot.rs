@@ -10,7 +10,10 @@ use std::time::Duration;
 fn debian_cloud_kernel_prints_linux_version() {
     let kernel = required_env_path("SNAPVM_LINUX_KERNEL", "scripts/fetch-linux-kernel");
     let kernel = kernel.to_str().expect("utf-8 path");
-    let mut vm = Proc::spawn(&snapvm_bin(), &["run", "--kernel", kernel, "--memory", "512M"]);
+    let mut vm = Proc::spawn(
+        &snapvm_bin(),
+        &["run", "--kernel", kernel, "--memory", "512M"],
+    );
     vm.wait_for_stdout("Linux version", Duration::from_secs(300));
     // Proc's Drop kills the VM: the rest of Linux's boot is not under test.
 }

@@ -8,11 +8,19 @@ use std::time::Duration;
 fn bench_pause(vcpus: u32, cycles: u32) -> serde_json::Value {
     let out = run(
         &snapvm_bin(),
-        &["bench", "pause", "--vcpus", &vcpus.to_string(), "--cycles", &cycles.to_string()],
+        &[
+            "bench",
+            "pause",
+            "--vcpus",
+            &vcpus.to_string(),
+            "--cycles",
+            &cycles.to_string(),
+        ],
         Duration::from_secs(240),
     );
     assert_eq!(out.code(), Some(0), "{out:?}");
-    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("bench output is not JSON ({e}): {out:?}"))
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("bench output is not JSON ({e}): {out:?}"))
 }
 
 #[test]
@@ -21,7 +29,9 @@ fn thousand_pause_resume_cycles_with_two_vcpus() {
     assert_eq!(report["vcpus"], 2, "{report}");
     assert_eq!(report["cycles"], 1000, "{report}");
     for key in ["pause_us", "resume_us", "round_trip_us"] {
-        let max = report[key]["max"].as_f64().unwrap_or_else(|| panic!("{key}.max missing: {report}"));
+        let max = report[key]["max"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}.max missing: {report}"));
         assert!(max > 0.0, "{key}.max = {max}: {report}");
     }
 }

@@ -14,7 +14,11 @@ fn bundled_guest_boots_under_qemu_microvm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let elf = dir.path().join("snapvm-guest.elf");
     let elf_arg = elf.to_str().expect("utf-8 path");
-    let out = run(&snapvm_bin(), &["guest-elf", elf_arg], Duration::from_secs(10));
+    let out = run(
+        &snapvm_bin(),
+        &["guest-elf", elf_arg],
+        Duration::from_secs(10),
+    );
     assert_eq!(out.code(), Some(0), "{out:?}");
 
     let vm = Proc::spawn_cmd(Command::new("qemu-system-x86_64").args([
@@ -39,7 +43,11 @@ fn bundled_guest_boots_under_qemu_microvm() {
     let out = vm.wait(Duration::from_secs(60));
     // isa-debug-exit makes QEMU exit with (status << 1) | 1.
     assert_eq!(out.code(), Some((5 << 1) | 1), "{out:?}");
-    let banner_line = out.stdout.lines().find(|l| l.contains(BANNER)).unwrap_or_else(|| panic!("no banner: {out:?}"));
+    let banner_line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains(BANNER))
+        .unwrap_or_else(|| panic!("no banner: {out:?}"));
     assert_eq!(banner_line.trim_end(), BANNER);
     assert!(out.stdout.contains("poweroff status=5"), "{out:?}");
 }
