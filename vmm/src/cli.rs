@@ -63,6 +63,37 @@ pub struct RunArgs {
     /// error, warn, info, debug or trace.
     #[arg(long, default_value = "warn")]
     pub log_level: String,
+    /// Forward connections on this address (`HOST:PORT` or `unix:PATH`) to
+    /// the guest's KV server over virtio-vsock. Default: 127.0.0.1:6379 when
+    /// the bundled guest runs its default `kv` mode; otherwise off.
+    #[arg(long, value_name = "ADDR")]
+    pub kv_listen: Option<String>,
+}
+
+/// Default for `--kv-listen`.
+pub const DEFAULT_KV_LISTEN: &str = "127.0.0.1:6379";
+
+impl RunArgs {
+    /// Where to listen for KV clients, if anywhere: as given, or the
+    /// default when the bundled guest will run its KV server (no `mode=` or
+    /// `mode=kv`). Other modes and other kernels get no device unless
+    /// asked, so they never compete for the port.
+    pub fn effective_kv_listen(&self) -> Option<String> {
+        if let Some(addr) = &self.kv_listen {
+            return Some(addr.clone());
+        }
+        if self.kernel.is_some() {
+            return None;
+        }
+        let mode = self
+            .cmdline
+            .as_deref()
+            .unwrap_or("")
+            .split_ascii_whitespace()
+            .rev()
+            .find_map(|w| w.strip_prefix("mode="));
+        matches!(mode, None | Some("kv")).then(|| DEFAULT_KV_LISTEN.to_string())
+    }
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,10 @@ pub const MMIO_HOLE_START: u64 = 3 << 30;
 pub const MMIO_HOLE_END: u64 = 4 << 30;
 /// Size of the hole.
 pub const MMIO_HOLE_SIZE: u64 = MMIO_HOLE_END - MMIO_HOLE_START;
+/// First virtio-mmio register window (4 KiB per device), in the hole.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The IRQ named in `virtio_mmio.device=` (Linux wants one; our guest polls).
+pub const VIRTIO_MMIO_IRQ: u32 = 5;
 
 /// Boot GDT (see boot/gdt.rs).
 pub const BOOT_GDT_ADDR: u64 = 0x500;

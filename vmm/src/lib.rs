@@ -19,6 +19,7 @@ pub mod msr;
 pub mod vcpu;
 pub mod vcpu_control;
 pub mod vm;
+pub mod vmstate;
 
 pub use memory::{GuestRam, HostRegion};
 pub use vcpu_control::{PauseError, VmExit};

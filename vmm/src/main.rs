@@ -8,6 +8,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::{self, BenchCommand, Cli, Command, RunArgs};
+use vmm::devices::virtio::{
+    self,
+    vsock::{HostListener, ListenAddr},
+};
 use vmm::loader::{BootConfig, KernelImage};
 use vmm::{Vm, VmConfig, VmExit};
 
@@ -94,11 +98,28 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    // Bind before anything boots, so a busy port fails fast with one line.
+    let kv_listen = args.effective_kv_listen();
+    let listener = match &kv_listen {
+        Some(addr) => {
+            let addr = ListenAddr::parse(addr);
+            match HostListener::bind(&addr) {
+                Ok(l) => Some(l),
+                Err(e) => return fail(format_args!("cannot listen on {addr}: {e}")),
+            }
+        }
+        None => None,
+    };
+    let cmdline = match (&listener, &args.cmdline) {
+        (Some(_), Some(c)) => Some(format!("{c} {}", virtio::cmdline_word())),
+        (Some(_), None) => Some(virtio::cmdline_word()),
+        (None, c) => c.clone(),
+    };
     let config = VmConfig {
         boot: BootConfig {
             kernel,
             initrd: args.initrd.clone(),
-            cmdline: args.cmdline.clone(),
+            cmdline,
         },
         memory_size,
         vcpus,
@@ -109,6 +130,13 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
+    if let Some(l) = listener {
+        let bound = l.local_addr();
+        if let Err(e) = vm.attach_vsock(l) {
+            return fail(e);
+        }
+        tracing::info!("forwarding {bound} to guest vsock port 6379");
+    }
     if let Err(e) = vm.start() {
         return fail(e);
     }

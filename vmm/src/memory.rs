@@ -75,6 +75,9 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
     regions: Vec<HostRegion>,
     _mappings: Arc<Vec<HostMapping>>,
+    /// Owner of memory this GuestRam does not map itself (see
+    /// [`GuestRam::from_host_regions`]).
+    _external: Option<Arc<dyn std::fmt::Debug + Send + Sync>>,
 }
 
 impl GuestRam {
@@ -116,6 +119,50 @@ impl GuestRam {
             mem,
             regions,
             _mappings: Arc::new(mappings),
+            _external: None,
+        })
+    }
+
+    /// Guest RAM over memory mapped by someone else, e.g. a snapshot's
+    /// memory image (`MAP_PRIVATE` of a file) for restore. `regions` are
+    /// `(guest_addr, host_addr, len)`; `owner` keeps the mappings alive and
+    /// is dropped with the last clone of this GuestRam. Memslots are numbered
+    /// in `regions` order.
+    ///
+    /// # Safety
+    /// Each host range must be mapped readable and writable, page aligned,
+    /// not aliased by other guest RAM, and stay mapped as long as `owner`
+    /// lives.
+    pub unsafe fn from_host_regions(
+        regions: &[(u64, *mut u8, usize)],
+        owner: Arc<dyn std::fmt::Debug + Send + Sync>,
+    ) -> Result<Self, MemoryError> {
+        let mut host = Vec::with_capacity(regions.len());
+        let mut vm_regions = Vec::with_capacity(regions.len());
+        for (slot, &(guest_addr, addr, len)) in regions.iter().enumerate() {
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            // SAFETY: the caller guarantees a live read-write mapping of
+            // `len` bytes at `addr` that outlives `owner`, which we keep.
+            let mmap = unsafe { MmapRegion::build_raw(addr, len, prot, libc::MAP_PRIVATE) }
+                .map_err(|e| MemoryError::Region(e.to_string()))?;
+            let region = GuestRegionMmap::new(mmap, GuestAddress(guest_addr)).ok_or_else(|| {
+                MemoryError::Region(format!("region at {guest_addr:#x} overflows"))
+            })?;
+            host.push(HostRegion {
+                slot: slot as u32,
+                guest_addr,
+                host_addr: addr as usize,
+                len,
+            });
+            vm_regions.push(region);
+        }
+        let mem = GuestMemoryMmap::from_regions(vm_regions)
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        Ok(GuestRam {
+            mem,
+            regions: host,
+            _mappings: Arc::new(Vec::new()),
+            _external: Some(owner),
         })
     }
 

@@ -261,7 +261,11 @@ impl VcpuThread {
 
     fn run_loop(&self) -> Option<VmExit> {
         let index = self.index;
-        if index > 0 && self.ap_startup == ApStartup::Paravirtual {
+        if index > 0
+            && self.ap_startup == ApStartup::Paravirtual
+            // A restored AP that had started runs on from its saved state.
+            && self.control.is_not_started(index)
+        {
             let entry = self.control.wait_for_start(index)?;
             let fd = lock_vcpu(&self.fd);
             if let Err(e) = set_ap_pvh_state(&fd, index, entry) {
@@ -320,12 +324,11 @@ impl VcpuThread {
                     IoAction::Exception => After::Exception,
                 },
                 VcpuExit::MmioRead(addr, data) => {
-                    tracing::debug!("MMIO read at {addr:#x} ({} bytes): no device", data.len());
-                    data.fill(0);
+                    self.bus.mmio_read(addr, data);
                     return Next::Run;
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    tracing::debug!("MMIO write at {addr:#x}: {data:02x?}: no device");
+                    self.bus.mmio_write(addr, data);
                     return Next::Run;
                 }
                 // Only without an in-kernel irqchip: treat as an idle wait.

@@ -100,6 +100,8 @@ struct State {
     threads: Vec<Option<libc::pthread_t>>,
     /// Bumped by [`VcpuControl::wake_waiters`]; idle waits end when it moves.
     wake_generation: u64,
+    /// A wake not yet consumed by an idle wait (see `idle_wait`).
+    wake_pending: bool,
     /// Entry address for APs once the guest wrote START_APS.
     ap_entry: Option<u64>,
     /// When the last `resume()` was called.
@@ -148,6 +150,7 @@ impl VcpuControl {
                 statuses,
                 threads: vec![None; count],
                 wake_generation: 0,
+                wake_pending: false,
                 ap_entry: None,
                 resumed_at: None,
                 rerun_pending: vec![false; count],
@@ -223,7 +226,11 @@ impl VcpuControl {
         let generation = g.wake_generation;
         g.statuses[index] = VcpuStatus::Waiting;
         self.changed.notify_all();
-        while !g.stop && g.wake_generation == generation {
+        // A wake that came while the guest was still deciding to wait (it
+        // had polled its queues just before the device added work) is kept
+        // in `wake_pending`, so this wait ends at once instead of sleeping
+        // through the timeout with work queued.
+        while !g.stop && !g.wake_pending && g.wake_generation == generation {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -234,6 +241,7 @@ impl VcpuControl {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        g.wake_pending = false;
         self.hold_locked(g, index).1
     }
 
@@ -241,6 +249,7 @@ impl VcpuControl {
     pub fn wake_waiters(&self) {
         let mut g = self.lock();
         g.wake_generation = g.wake_generation.wrapping_add(1);
+        g.wake_pending = true;
         self.changed.notify_all();
     }
 
@@ -394,6 +403,33 @@ impl VcpuControl {
         Some(g.last_rerun?.saturating_duration_since(g.resumed_at?))
     }
 
+    /// Entry address from START_APS, once the guest wrote it.
+    pub fn ap_entry(&self) -> Option<u64> {
+        self.lock().ap_entry
+    }
+
+    /// True while vCPU `index` waits for START_APS (it has run no guest
+    /// code yet).
+    pub fn is_not_started(&self, index: usize) -> bool {
+        self.lock().statuses.get(index) == Some(&VcpuStatus::NotStarted)
+    }
+
+    /// For a restored VM, before its threads start: vCPUs that had started
+    /// run on from their restored state, the others wait for START_APS as
+    /// usual; `ap_entry` is the START_APS the guest had already written.
+    pub fn set_restored(&self, started: &[bool], ap_entry: Option<u64>) {
+        let mut g = self.lock();
+        for (status, &s) in g.statuses.iter_mut().zip(started) {
+            *status = if s {
+                VcpuStatus::Running
+            } else {
+                VcpuStatus::NotStarted
+            };
+        }
+        g.ap_entry = ap_entry;
+        self.changed.notify_all();
+    }
+
     /// Signals every vCPU that may be inside KVM_RUN. Called with the state
     /// lock held, so no listed thread can exit (and have its pthread_t
     /// reused) meanwhile: threads deregister under the same lock.
@@ -517,6 +553,15 @@ mod tests {
         let t = std::thread::spawn(move || c2.idle_wait(0, Duration::from_secs(30)));
         c.request_stop(VmExit::Shutdown);
         assert_eq!(t.join().unwrap(), Gate::Stop);
+    }
+
+    #[test]
+    fn wake_before_wait_is_not_lost() {
+        let c = VcpuControl::new(1, false);
+        c.wake_waiters();
+        let started = Instant::now();
+        assert_eq!(c.idle_wait(0, Duration::from_secs(30)), Gate::Run);
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::boot::ApStartup;
 use crate::devices::pv_ports::PvPorts;
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
 use crate::devices::stdin::StdinInput;
+use crate::devices::virtio::vsock::{HostListener, VsockDevice, VsockError};
 use crate::devices::{EventLoop, IoBus};
 use crate::kvm_device::{self, KvmDeviceError};
 use crate::loader::{self, BootConfig, KernelFormat, LoadError, LoadedKernel};
@@ -60,6 +61,10 @@ pub enum VmError {
     AlreadyStarted,
     #[error("{0}")]
     Pause(#[from] PauseError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error("a vsock device is already attached")]
+    VsockAttached,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -205,6 +210,7 @@ impl Vm {
         let bus = Arc::new(IoBus {
             serial,
             pv: PvPorts::new(config.vcpus as u32, tsc_khz),
+            vsock: std::sync::OnceLock::new(),
         });
         let control = Arc::new(VcpuControl::new(
             config.vcpus,
@@ -398,6 +404,25 @@ impl Vm {
         self.control.wake_waiters();
     }
 
+    /// Attaches the virtio-vsock device that forwards `listener`'s
+    /// connections to the guest. Call before [`Vm::start`]; the guest learns
+    /// where it is from [`crate::devices::virtio::cmdline_word`] on its
+    /// command line.
+    pub fn attach_vsock(&mut self, listener: HostListener) -> Result<(), VmError> {
+        let control = self.control.clone();
+        let device = VsockDevice::start(
+            crate::devices::virtio::VSOCK_MMIO_BASE,
+            &self.vm_fd,
+            self.ram.memory().clone(),
+            listener,
+            Box::new(move || control.wake_waiters()),
+        )?;
+        self.bus
+            .vsock
+            .set(Arc::new(device))
+            .map_err(|_| VmError::VsockAttached)
+    }
+
     /// Why the VM stopped, if it has.
     pub fn exit_reason(&self) -> Option<VmExit> {
         self.exit.clone().or_else(|| self.control.exit())
@@ -419,6 +444,9 @@ impl Vm {
         if let Some(mut l) = self.event_loop.take() {
             l.stop();
         }
+        if let Some(d) = self.bus.vsock.get() {
+            d.stop();
+        }
         self.bus.serial.flush();
         self.exit = Some(exit.clone());
         exit
@@ -428,6 +456,33 @@ impl Vm {
     pub fn shutdown(&mut self) -> VmExit {
         self.control.request_stop(VmExit::Shutdown);
         self.wait()
+    }
+}
+
+/// Internals for the snapshot state code ([`crate::vmstate`]).
+impl Vm {
+    /// Devices, vCPU control and whether there is an in-kernel irqchip.
+    pub(crate) fn state_parts(&self) -> (&IoBus, &VcpuControl, bool) {
+        (&self.bus, &self.control, self.irqchip)
+    }
+
+    /// A VM (not started) from parts built by [`crate::vmstate::restore`].
+    pub(crate) fn from_parts(p: crate::vmstate::restore::VmParts) -> Vm {
+        Vm {
+            kvm: p.kvm,
+            vm_fd: p.vm_fd,
+            ram: p.ram,
+            vcpu_fds: p.vcpu_fds,
+            control: p.control,
+            bus: p.bus,
+            loaded: p.loaded,
+            irqchip: p.irqchip,
+            serial_in: p.serial_in,
+            threads: Vec::new(),
+            event_loop: None,
+            started: false,
+            exit: None,
+        }
     }
 }
 

@@ -52,7 +52,7 @@ pub extern "C" fn bsp_entry(_cpu: u64, start_info: u64) -> ! {
     if mapped_end < boot.ram_end() {
         println!("warning: RAM above {} MiB is not mapped", mapped_end / MIB);
     }
-    modes::run_bsp(Cmdline::new(boot.cmdline()), cpus)
+    modes::run_bsp(Cmdline::new(boot.cmdline()), cpus, heap_bytes)
 }
 
 /// Every AP's first Rust code, `cpu` in 1..MAX_CPUS.

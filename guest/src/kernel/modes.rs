@@ -1,5 +1,5 @@
 //! What the kernel does after booting, chosen by `mode=` on the command
-//! line (default `idle`).
+//! line (default: [`DEFAULT_MODE`]).
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU8, Ordering};
@@ -18,14 +18,21 @@ const UNMAPPED_ADDR: u64 = 0x7000_0000_0000;
 /// A non-canonical address: any access raises #GP.
 const NON_CANONICAL_ADDR: u64 = 0x8000_0000_0000_0000;
 
+/// The mode without `mode=`.
+const DEFAULT_MODE: &str = "kv";
+
 /// What the APs do, set by the BSP before it starts them.
 static AP_ROLE: AtomicU8 = AtomicU8::new(ROLE_IDLE);
 const ROLE_IDLE: u8 = 0;
 const ROLE_COUNTER: u8 = 1;
 
-pub fn run_bsp(cmdline: Cmdline, cpus: u32) -> ! {
-    let mode = cmdline.get("mode").unwrap_or("idle");
+pub fn run_bsp(cmdline: Cmdline, cpus: u32, heap_bytes: u64) -> ! {
+    let mode = cmdline.get("mode").unwrap_or(DEFAULT_MODE);
     match mode {
+        "kv" => {
+            start_aps(cpus, ROLE_IDLE);
+            super::kv_server::run(&cmdline, heap_bytes)
+        }
         "idle" => {
             start_aps(cpus, ROLE_IDLE);
             idle_loop(0)

@@ -3,6 +3,7 @@
 
 mod cli_errors;
 mod guest_boot;
+mod kv;
 mod linux_boot;
 mod pause_resume;
 mod qemu_boot;

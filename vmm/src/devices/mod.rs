@@ -6,9 +6,10 @@ pub mod i8042;
 pub mod pv_ports;
 pub mod serial;
 pub mod stdin;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -38,6 +39,27 @@ const POST_PORT: u16 = 0x80;
 pub struct IoBus {
     pub serial: Arc<SerialDevice>,
     pub pv: PvPorts,
+    /// The virtio-vsock window, once attached (before the vCPUs run).
+    pub vsock: OnceLock<Arc<virtio::vsock::VsockDevice>>,
+}
+
+impl IoBus {
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.vsock.get() {
+            Some(d) if d.contains(addr) => d.mmio_read(addr, data),
+            _ => {
+                tracing::debug!("MMIO read at {addr:#x} ({} bytes): no device", data.len());
+                data.fill(0);
+            }
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        match self.vsock.get() {
+            Some(d) if d.contains(addr) => d.mmio_write(addr, data),
+            _ => tracing::debug!("MMIO write at {addr:#x}: {data:02x?}: no device"),
+        }
+    }
 }
 
 impl IoBus {
@@ -166,6 +188,7 @@ mod tests {
                 Box::new(std::io::sink()),
             )),
             pv: PvPorts::new(1, 0),
+            vsock: OnceLock::new(),
         }
     }
 

@@ -43,6 +43,19 @@ impl SerialDevice {
         }
     }
 
+    /// A device with saved register state (restore).
+    pub fn from_state(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> std::io::Result<Self> {
+        let uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(SerialDevice {
+            uart: Mutex::new(uart),
+        })
+    }
+
     fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {
         self.uart.lock().unwrap_or_else(|e| e.into_inner())
     }

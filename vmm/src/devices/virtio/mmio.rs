@@ -172,23 +172,10 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            REG_QUEUE_DESC_LOW if queue_settable(self) => {
-                self.selected().map(|q| q.set_desc_table_address(Some(v), None));
-            }
-            REG_QUEUE_DESC_HIGH if queue_settable(self) => {
-                self.selected().map(|q| q.set_desc_table_address(None, Some(v)));
-            }
-            REG_QUEUE_DRIVER_LOW if queue_settable(self) => {
-                self.selected().map(|q| q.set_avail_ring_address(Some(v), None));
-            }
-            REG_QUEUE_DRIVER_HIGH if queue_settable(self) => {
-                self.selected().map(|q| q.set_avail_ring_address(None, Some(v)));
-            }
-            REG_QUEUE_DEVICE_LOW if queue_settable(self) => {
-                self.selected().map(|q| q.set_used_ring_address(Some(v), None));
-            }
-            REG_QUEUE_DEVICE_HIGH if queue_settable(self) => {
-                self.selected().map(|q| q.set_used_ring_address(None, Some(v)));
+            REG_QUEUE_DESC_LOW..=REG_QUEUE_DEVICE_HIGH if queue_settable(self) => {
+                if let Some(q) = self.selected() {
+                    set_queue_address(q, offset, v);
+                }
             }
             REG_INTERRUPT_ACK | REG_QUEUE_NOTIFY => {}
             REG_STATUS => {
@@ -219,5 +206,18 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
+    }
+}
+
+/// One half of a queue's descriptor / driver / device area address.
+fn set_queue_address(q: &mut Queue, offset: u64, v: u32) {
+    match offset {
+        REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
+        REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
+        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(v), None),
+        REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
+        REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
+        REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(v)),
+        _ => {}
     }
 }

@@ -1,0 +1,202 @@
+//! virtio-vsock driver (device ID 19): device setup and packet I/O. The
+//! stream logic lives with its user (`kernel/kv_server.rs`).
+
+use super::mmio::{self, Mmio};
+use super::queue::{NoMemory, VirtQueue};
+
+pub const DEVICE_ID: u32 = 19;
+pub const HDR_LEN: usize = 44;
+const QUEUE_SIZE: u16 = 256;
+const BUF_SIZE: usize = 4096;
+/// Largest payload of one packet we send or receive.
+pub const MAX_PAYLOAD: usize = BUF_SIZE - HDR_LEN;
+
+pub const TYPE_STREAM: u16 = 1;
+pub const OP_REQUEST: u16 = 1;
+pub const OP_RESPONSE: u16 = 2;
+pub const OP_RST: u16 = 3;
+pub const OP_SHUTDOWN: u16 = 4;
+pub const OP_RW: u16 = 5;
+pub const OP_CREDIT_UPDATE: u16 = 6;
+pub const OP_CREDIT_REQUEST: u16 = 7;
+pub const HOST_CID: u64 = 2;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl Header {
+    fn encode(&self, b: &mut [u8]) {
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Header {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum SetupError {
+    NotVirtio,
+    /// The window holds a virtio device of another type.
+    #[allow(dead_code)] // printed through Debug
+    WrongDevice(u32),
+    FeaturesRefused,
+    NoMemory,
+}
+
+impl From<NoMemory> for SetupError {
+    fn from(_: NoMemory) -> Self {
+        SetupError::NoMemory
+    }
+}
+
+pub struct Vsock {
+    pub guest_cid: u64,
+    rx: VirtQueue,
+    tx: VirtQueue,
+    /// TX buffers not owned by the device.
+    tx_free: alloc::vec::Vec<u16>,
+}
+
+impl Vsock {
+    /// Initialises the device at `base` (spec §3.1.1) and fills RX.
+    ///
+    /// # Safety
+    /// `base` must be a virtio-mmio window as [`Mmio::new`] requires.
+    pub unsafe fn new(base: u64) -> Result<Vsock, SetupError> {
+        // SAFETY: forwarded from the caller.
+        let dev = unsafe { Mmio::new(base) };
+        if dev.read(mmio::REG_MAGIC) != mmio::MAGIC || dev.read(mmio::REG_VERSION) != 2 {
+            return Err(SetupError::NotVirtio);
+        }
+        let id = dev.read(mmio::REG_DEVICE_ID);
+        if id != DEVICE_ID {
+            return Err(SetupError::WrongDevice(id));
+        }
+        dev.write(mmio::REG_STATUS, 0);
+        let mut status = mmio::STATUS_ACKNOWLEDGE | mmio::STATUS_DRIVER;
+        dev.write(mmio::REG_STATUS, status);
+        dev.write(mmio::REG_DEVICE_FEATURES_SEL, 1);
+        let high = u64::from(dev.read(mmio::REG_DEVICE_FEATURES));
+        dev.write(mmio::REG_DEVICE_FEATURES_SEL, 0);
+        let offered = (high << 32) | u64::from(dev.read(mmio::REG_DEVICE_FEATURES));
+        let wanted = mmio::F_VERSION_1 | mmio::F_RING_EVENT_IDX;
+        if offered & wanted != wanted {
+            return Err(SetupError::FeaturesRefused);
+        }
+        dev.write(mmio::REG_DRIVER_FEATURES_SEL, 0);
+        dev.write(mmio::REG_DRIVER_FEATURES, wanted as u32);
+        dev.write(mmio::REG_DRIVER_FEATURES_SEL, 1);
+        dev.write(mmio::REG_DRIVER_FEATURES, (wanted >> 32) as u32);
+        status |= mmio::STATUS_FEATURES_OK;
+        dev.write(mmio::REG_STATUS, status);
+        if dev.read(mmio::REG_STATUS) & mmio::STATUS_FEATURES_OK == 0 {
+            return Err(SetupError::FeaturesRefused);
+        }
+        let cid_low = u64::from(dev.read(mmio::REG_CONFIG));
+        let cid_high = u64::from(dev.read(mmio::REG_CONFIG + 4));
+        dev.write(mmio::REG_QUEUE_SEL, 0);
+        let size = QUEUE_SIZE.min(dev.read(mmio::REG_QUEUE_NUM_MAX) as u16);
+        let mut rx = VirtQueue::new(&dev, 0, size, BUF_SIZE, true)?;
+        let tx = VirtQueue::new(&dev, 1, size, BUF_SIZE, false)?;
+        // The event queue (2) is never used: the device sends no events.
+        for id in 0..rx.size() {
+            rx.push(id, BUF_SIZE);
+        }
+        let tx_free = (0..tx.size()).rev().collect();
+        dev.write(mmio::REG_STATUS, status | mmio::STATUS_DRIVER_OK);
+        rx.publish();
+        Ok(Vsock {
+            guest_cid: cid_low | (cid_high << 32),
+            rx,
+            tx,
+            tx_free,
+        })
+    }
+
+    /// The next received packet, handed to `f` with its payload; the RX
+    /// buffer is recycled (made available again at the next `flush`).
+    /// Returns false when there was none.
+    pub fn recv(&mut self, f: impl FnOnce(&Header, &[u8])) -> bool {
+        let Some((id, len)) = self.rx.pop_used() else {
+            return false;
+        };
+        let buf = self.rx.buffer(id);
+        let len = (len as usize).min(buf.len());
+        if len >= HDR_LEN {
+            let hdr = Header::decode(&buf[..HDR_LEN]);
+            let payload_len = (hdr.len as usize).min(len - HDR_LEN);
+            f(&hdr, &buf[HDR_LEN..HDR_LEN + payload_len]);
+        }
+        self.rx.push(id, BUF_SIZE);
+        true
+    }
+
+    /// Takes back TX buffers the device has finished with.
+    pub fn reclaim_tx(&mut self) {
+        while let Some((id, _)) = self.tx.pop_used() {
+            self.tx_free.push(id);
+        }
+    }
+
+    pub fn tx_free(&self) -> usize {
+        self.tx_free.len()
+    }
+
+    /// Queues one packet (payload at most [`MAX_PAYLOAD`]); false if no TX
+    /// buffer is free. Visible to the device after [`Vsock::flush`].
+    pub fn send(&mut self, hdr: &Header, payload: &[u8]) -> bool {
+        let Some(id) = self.tx_free.pop() else {
+            return false;
+        };
+        let payload = &payload[..payload.len().min(MAX_PAYLOAD)];
+        let mut h = *hdr;
+        h.len = payload.len() as u32;
+        let buf = self.tx.buffer(id);
+        h.encode(&mut buf[..HDR_LEN]);
+        buf[HDR_LEN..HDR_LEN + payload.len()].copy_from_slice(payload);
+        self.tx.push(id, HDR_LEN + payload.len());
+        true
+    }
+
+    /// Publishes queued TX packets and recycled RX buffers, notifying the
+    /// device only where it asked to be.
+    pub fn flush(&mut self) {
+        self.tx.publish();
+        self.rx.publish();
+    }
+}

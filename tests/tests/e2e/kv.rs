@@ -1,0 +1,241 @@
+//! The default guest's KV server reached through virtio-vsock by real
+//! Redis clients (redis-cli, redis-benchmark, raw TCP, the `redis` crate).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use snapvm_tests::paths::snapvm_bin;
+use snapvm_tests::process::Proc;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const LISTENING: &str = "kv: listening on vsock port 6379";
+
+/// A running snapvm with its KV port; killed on drop.
+struct Server {
+    _proc: Proc,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn start(memory: &str) -> Server {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut proc = Proc::spawn(
+        &snapvm_bin(),
+        &["run", "--memory", memory, "--kv-listen", &listen],
+    );
+    proc.wait_for_stdout(LISTENING, BOOT_TIMEOUT);
+    Server { _proc: proc, port }
+}
+
+/// Runs redis-cli with `args`, returns its stdout.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}
+
+#[test]
+fn ping_is_the_default_mode() {
+    let s = start("256M");
+    assert_eq!(cli(s.port, &["PING"]), "PONG");
+}
+
+#[test]
+fn string_and_key_commands_through_redis_cli() {
+    let s = start("256M");
+    let p = s.port;
+    assert_eq!(cli(p, &["SET", "k1", "hello"]), "OK");
+    assert_eq!(cli(p, &["GET", "k1"]), "hello");
+    assert_eq!(cli(p, &["APPEND", "k1", " world"]), "11");
+    assert_eq!(cli(p, &["STRLEN", "k1"]), "11");
+    assert_eq!(cli(p, &["INCR", "n"]), "1");
+    assert_eq!(cli(p, &["INCR", "n"]), "2");
+    assert_eq!(cli(p, &["MSET", "a", "1", "b", "2"]), "OK");
+    assert_eq!(cli(p, &["MGET", "a", "b", "nope"]), "1\n2"); // nil prints as an empty last line
+    assert_eq!(cli(p, &["EXISTS", "a", "b", "nope"]), "2");
+    assert_eq!(cli(p, &["DBSIZE"]), "4");
+    let mut keys: Vec<String> = cli(p, &["KEYS", "*"]).lines().map(String::from).collect();
+    keys.sort();
+    assert_eq!(keys, ["a", "b", "k1", "n"]);
+    let scan = cli(p, &["SCAN", "0", "COUNT", "100"]);
+    let mut lines: Vec<&str> = scan.lines().collect();
+    assert_eq!(lines.remove(0), "0", "{scan}");
+    lines.sort();
+    assert_eq!(lines, ["a", "b", "k1", "n"]);
+    assert_eq!(cli(p, &["DEL", "a", "nope"]), "1");
+    assert_eq!(cli(p, &["GET", "a"]), "");
+    assert_eq!(cli(p, &["DBSIZE"]), "3");
+}
+
+#[test]
+fn redis_benchmark_with_200_connections() {
+    let s = start("256M");
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &s.port.to_string(),
+            "-c",
+            "200",
+            "-n",
+            "20000",
+            "-t",
+            "set,get",
+            "-q",
+        ])
+        .output()
+        .expect("run redis-benchmark");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for t in ["SET:", "GET:"] {
+        let line = text
+            .rsplit(['\r', '\n'])
+            .find(|l| l.trim_start().starts_with(t) && l.contains("requests per second"));
+        assert!(line.is_some(), "no {t} result in {text}");
+    }
+    assert_eq!(cli(s.port, &["PING"]), "PONG");
+}
+
+#[test]
+fn populate_a_million_keys() {
+    let s = start("1G");
+    assert_eq!(cli(s.port, &["DEBUG", "POPULATE", "1000000"]), "OK");
+    assert_eq!(cli(s.port, &["DBSIZE"]), "1000000");
+}
+
+fn read_until(stream: &mut TcpStream, buf: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) {
+    let mut chunk = [0u8; 65536];
+    while !done(buf) {
+        let n = stream.read(&mut chunk).expect("read reply");
+        assert!(n > 0, "connection closed after {} bytes", buf.len());
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn ten_thousand_pipelined_sets_then_gets() {
+    let s = start("256M");
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    const N: usize = 10_000;
+    let mut req = Vec::new();
+    for i in 0..N {
+        let (k, v) = (format!("key:{i}"), format!("value-{i}"));
+        req.extend_from_slice(
+            format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+                k.len(),
+                v.len()
+            )
+            .as_bytes(),
+        );
+    }
+    c.write_all(&req).expect("write SETs");
+    let mut buf = Vec::new();
+    read_until(&mut c, &mut buf, |b| b.len() >= 5 * N);
+    assert_eq!(buf, b"+OK\r\n".repeat(N));
+
+    let mut req = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..N {
+        let (k, v) = (format!("key:{i}"), format!("value-{i}"));
+        req.extend_from_slice(format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()).as_bytes());
+        want.extend_from_slice(format!("${}\r\n{v}\r\n", v.len()).as_bytes());
+    }
+    c.write_all(&req).expect("write GETs");
+    let mut buf = Vec::new();
+    read_until(&mut c, &mut buf, |b| b.len() >= want.len());
+    assert_eq!(buf, want);
+}
+
+#[test]
+fn protocol_error_closes_only_that_connection() {
+    let s = start("256M");
+    let mut other = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    other
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut bad = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    bad.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    bad.write_all(b"*1\r\n$abc\r\n").expect("write");
+    let mut reply = Vec::new();
+    bad.read_to_end(&mut reply).expect("read until close");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("-ERR Protocol error"), "{reply}");
+    other.write_all(b"PING\r\n").expect("write");
+    let mut buf = Vec::new();
+    read_until(&mut other, &mut buf, |b| b.ends_with(b"\r\n"));
+    assert_eq!(buf, b"+PONG\r\n");
+}
+
+#[test]
+fn out_of_memory_refuses_writes_but_keeps_serving() {
+    let s = start("128M");
+    let mut oom = false;
+    for round in 0..100 {
+        let out = cli(
+            s.port,
+            &["DEBUG", "POPULATE", "200000", &format!("r{round}"), "64"],
+        );
+        if out.starts_with("OOM") || out.contains("OOM") {
+            oom = true;
+            break;
+        }
+    }
+    assert!(oom, "never ran out of memory");
+    let set = cli(s.port, &["SET", "big", &"x".repeat(100_000)]);
+    assert!(set.contains("OOM"), "{set}");
+    let key = cli(s.port, &["RANDOMKEY"]);
+    assert!(!key.is_empty());
+    assert_eq!(cli(s.port, &["PING"]), "PONG");
+}
+
+#[test]
+fn redis_crate_client() {
+    let s = start("256M");
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}/", s.port)).expect("client");
+    let mut con = client.get_connection().expect("connect");
+    let () = redis::cmd("SET")
+        .arg("lib")
+        .arg(42)
+        .query(&mut con)
+        .expect("SET");
+    let v: i64 = redis::cmd("INCR").arg("lib").query(&mut con).expect("INCR");
+    assert_eq!(v, 43);
+    let v: String = redis::cmd("GET").arg("lib").query(&mut con).expect("GET");
+    assert_eq!(v, "43");
+    let n: i64 = redis::cmd("DBSIZE").query(&mut con).expect("DBSIZE");
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn port_in_use_is_one_error_line() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = snapvm_tests::process::run(
+        Path::new(&snapvm_bin()),
+        &["run", "--kv-listen", &addr],
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{out:?}");
+    assert!(
+        lines[0].starts_with("snapvm: error: cannot listen on"),
+        "{out:?}"
+    );
+}

@@ -1,0 +1,267 @@
+//! VM state for snapshots: everything but guest memory, as plain data.
+//!
+//! Like Firecracker's `Persist`: live objects stay where they are; this
+//! module captures their state into serde structs ([`VmState`]) while the VM
+//! is paused ([`crate::Vm::save_state`]), encodes it into the opaque blob
+//! the snapshot format stores ([`VmState::encode`] / [`VmState::decode`]),
+//! and builds a new, runnable VM from a state plus guest memory
+//! ([`crate::Vm::restore`], memory from [`restore::ram_from_copies`] or
+//! [`restore::ram_from_mapped`]).
+
+pub mod devices;
+pub mod restore;
+pub mod vcpu;
+
+use serde::{Deserialize, Serialize};
+
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
+
+pub use self::devices::{PvPortsState, SerialSnapshot};
+pub use self::restore::{ram_from_copies, ram_from_mapped, RestoreConfig};
+pub use self::vcpu::VcpuState;
+
+/// Version of [`VmState`]'s layout; bump on any change to these structs.
+pub const VMSTATE_VERSION: u32 = 1;
+
+/// First bytes of an encoded state blob.
+pub const VMSTATE_MAGIC: [u8; 8] = *b"SVMSTATE";
+
+/// Upper bound for a decoded blob (guards allocations on garbage input).
+const MAX_BLOB: u64 = 64 << 20;
+
+/// Errors capturing, encoding, decoding or restoring VM state.
+#[derive(Debug, thiserror::Error)]
+pub enum VmStateError {
+    #[error("VM state can only be captured while the VM is paused")]
+    NotPaused,
+    #[error("VM state: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: {what}: {source}")]
+    VcpuKvm {
+        index: usize,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM accepted only {set} of {total} MSRs (first refused: {refused:#x})")]
+    Msrs {
+        index: usize,
+        set: usize,
+        total: usize,
+        refused: u32,
+    },
+    #[error(
+        "vCPU {index}: completing the pending exit with immediate_exit gave another exit ({exit})"
+    )]
+    PendingExit { index: usize, exit: String },
+    #[error("cannot build a KVM structure: {0:?}")]
+    Fam(vmm_sys_util::fam::Error),
+    #[error("VM state blob is truncated: {len} bytes, need at least {need}")]
+    Truncated { len: usize, need: usize },
+    #[error("VM state blob has bad magic {0:02x?}")]
+    BadMagic([u8; 8]),
+    #[error("VM state version {found} is not supported (this build reads {expected})")]
+    Version { found: u32, expected: u32 },
+    #[error("cannot decode the VM state: {0}")]
+    Decode(String),
+    #[error("cannot encode the VM state: {0}")]
+    Encode(String),
+    #[error("invalid VM state: {0}")]
+    Invalid(String),
+    #[error("guest memory does not match the saved layout: {0}")]
+    Layout(String),
+    #[error("cannot save this VM: {0}")]
+    Unsupported(&'static str),
+    #[error("cannot restore the serial port: {0}")]
+    Serial(String),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+}
+
+/// One guest RAM region (KVM memslot `index`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegionState {
+    pub guest_addr: u64,
+    pub len: u64,
+}
+
+/// The in-kernel irqchip: KVM_GET_IRQCHIP of PIC master, PIC slave, IOAPIC.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct IrqchipState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+}
+
+impl std::fmt::Debug for IrqchipState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IrqchipState").finish_non_exhaustive()
+    }
+}
+
+/// How the kernel was loaded and is started (the loader's result).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootState {
+    /// Linux bzImage (else an ELF/PVH image).
+    pub bz_image: bool,
+    /// APs start through snapvm's paravirtual START_APS (else INIT/SIPI).
+    pub paravirtual_aps: bool,
+    pub entry: BootEntry,
+}
+
+/// Mirror of [`crate::boot::EntryState`] (kept for reference: a restored
+/// VM does not re-enter the kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootEntry {
+    Pvh32 {
+        entry: u64,
+        start_info: u64,
+    },
+    Linux64 {
+        entry: u64,
+        boot_params: u64,
+        cr3: u64,
+    },
+}
+
+/// Everything needed, besides guest memory, to resume a VM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub version: u32,
+    pub boot: BootState,
+    pub memory_layout: Vec<MemoryRegionState>,
+    /// Per vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Per vCPU: has it started running guest code (vCPU 0 always has)?
+    pub vcpu_started: Vec<bool>,
+    /// Entry address the guest gave with START_APS, once it did.
+    pub ap_entry: Option<u64>,
+    /// None without an in-kernel irqchip.
+    pub irqchip: Option<IrqchipState>,
+    /// None without an in-kernel PIT.
+    pub pit: Option<kvm_pit_state2>,
+    pub clock: kvm_clock_data,
+    pub serial: SerialSnapshot,
+    pub pv: PvPortsState,
+}
+
+fn codec() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
+        .with_limit(MAX_BLOB)
+}
+
+impl VmState {
+    /// Encodes as `VMSTATE_MAGIC`, version (u32 LE), then the bincode body.
+    /// (Integrity is the snapshot format's job: state.bin is checksummed.)
+    pub fn encode(&self) -> Result<Vec<u8>, VmStateError> {
+        use bincode::Options;
+        let body = codec()
+            .serialize(self)
+            .map_err(|e| VmStateError::Encode(e.to_string()))?;
+        let mut out = Vec::with_capacity(12 + body.len());
+        out.extend_from_slice(&VMSTATE_MAGIC);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Decodes and validates a blob from [`VmState::encode`]. Truncated,
+    /// trailing or garbage input is refused with a clear error.
+    pub fn decode(blob: &[u8]) -> Result<VmState, VmStateError> {
+        use bincode::Options;
+        const HEAD: usize = 12;
+        if blob.len() < HEAD {
+            return Err(VmStateError::Truncated {
+                len: blob.len(),
+                need: HEAD,
+            });
+        }
+        let mut magic = [0u8; 8];
+        magic.copy_from_slice(&blob[..8]);
+        if magic != VMSTATE_MAGIC {
+            return Err(VmStateError::BadMagic(magic));
+        }
+        let mut v = [0u8; 4];
+        v.copy_from_slice(&blob[8..12]);
+        let version = u32::from_le_bytes(v);
+        if version != VMSTATE_VERSION {
+            return Err(VmStateError::Version {
+                found: version,
+                expected: VMSTATE_VERSION,
+            });
+        }
+        let state: VmState = codec().deserialize(&blob[HEAD..]).map_err(|e| match *e {
+            bincode::ErrorKind::Io(ref io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                VmStateError::Decode(format!("truncated body ({} bytes): {e}", blob.len() - HEAD))
+            }
+            _ => VmStateError::Decode(e.to_string()),
+        })?;
+        if state.version != version {
+            return Err(VmStateError::Invalid(format!(
+                "header version {version} but body version {}",
+                state.version
+            )));
+        }
+        state.validate()?;
+        Ok(state)
+    }
+
+    /// Internal consistency checks (not the memory layout: see restore).
+    pub fn validate(&self) -> Result<(), VmStateError> {
+        let bad = |m: String| Err(VmStateError::Invalid(m));
+        let n = self.vcpus.len();
+        if n == 0 || n > 255 {
+            return bad(format!("{n} vCPUs"));
+        }
+        if self.vcpu_started.len() != n {
+            return bad(format!(
+                "{} started flags for {n} vCPUs",
+                self.vcpu_started.len()
+            ));
+        }
+        if !self.vcpu_started[0] {
+            return bad("vCPU 0 is marked not started".into());
+        }
+        if self.pv.cpu_count as usize != n {
+            return bad(format!(
+                "PV ports report {} CPUs, state has {n}",
+                self.pv.cpu_count
+            ));
+        }
+        if self.memory_layout.is_empty() {
+            return bad("no memory regions".into());
+        }
+        for r in &self.memory_layout {
+            if r.len == 0 || r.guest_addr.checked_add(r.len).is_none() {
+                return bad(format!(
+                    "memory region {:#x}+{:#x} is empty or overflows",
+                    r.guest_addr, r.len
+                ));
+            }
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if v.lapic.is_some() != self.irqchip.is_some() {
+                return bad(format!(
+                    "vCPU {i}: LAPIC state without irqchip or vice versa"
+                ));
+            }
+        }
+        if self.serial.in_buffer.len() > 64 {
+            return bad(format!(
+                "serial FIFO holds {} bytes",
+                self.serial.in_buffer.len()
+            ));
+        }
+        Ok(())
+    }
+}
