@@ -14,6 +14,11 @@ impl<'a> Cmdline<'a> {
         Self { raw }
     }
 
+    /// The whole command line.
+    pub fn raw(&self) -> &'a str {
+        self.raw
+    }
+
     /// Value of the last `key=value` (or bare `key`) word.
     pub fn get(&self, key: &str) -> Option<&'a str> {
         self.raw

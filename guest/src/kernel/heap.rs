@@ -66,6 +66,14 @@ pub fn init(boot: &BootInfo, mapped_end: u64) -> u64 {
     total
 }
 
+/// Bytes taken from the heap, allocator metadata and alignment included:
+/// what the KV store checks `maxmemory` against.
+pub fn used_bytes() -> usize {
+    let talc = ALLOCATOR.lock();
+    let c = talc.counters();
+    c.claimed_bytes.saturating_sub(c.available_bytes)
+}
+
 fn claim(start: u64, end: u64) -> u64 {
     let size = (end - start) as usize;
     // SAFETY: [start, end) is RAM per the memory map, identity-mapped,

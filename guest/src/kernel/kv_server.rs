@@ -93,6 +93,7 @@ pub fn run(cmdline: &super::cmdline::Cmdline, heap_bytes: u64) -> ! {
     let maxmemory = heap_bytes.saturating_sub(reserve).max(1 << 20) as usize;
     let store = Store::new(StoreConfig {
         maxmemory,
+        heap_used: Some(super::heap::used_bytes),
         hash_seed: rdtsc(),
         ..StoreConfig::default()
     });

@@ -4,6 +4,7 @@
 #[macro_use]
 pub mod serial;
 
+pub mod bench_mode;
 pub mod boot;
 pub mod cmdline;
 pub mod entry;

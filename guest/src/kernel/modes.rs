@@ -33,6 +33,7 @@ pub fn run_bsp(cmdline: Cmdline, cpus: u32, heap_bytes: u64) -> ! {
             start_aps(cpus, ROLE_IDLE);
             super::kv_server::run(&cmdline, heap_bytes)
         }
+        "bench" => super::bench_mode::run(&cmdline, heap_bytes),
         "idle" => {
             start_aps(cpus, ROLE_IDLE);
             idle_loop(0)

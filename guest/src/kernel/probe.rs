@@ -93,4 +93,13 @@ impl Heartbeat {
             addr_of_mut!((*self.slot).heartbeat).write_volatile(self.count);
         }
     }
+
+    /// Restarts the gap timer without counting a beat: for a pause the
+    /// caller causes on purpose (e.g. printing), which is not a stall.
+    pub fn skip_gap(&mut self) {
+        let now = rdtsc();
+        self.last = now;
+        // SAFETY: as in `beat`.
+        unsafe { addr_of_mut!((*self.slot).last_tsc).write_volatile(now) };
+    }
 }

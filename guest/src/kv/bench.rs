@@ -33,12 +33,12 @@ pub struct BenchOptions {
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
-            keys: 1_000_000,
-            value_size: 100,
+            keys: 100_000,
+            value_size: 64,
             write_ratio: 0.5,
             dist: Dist::Uniform,
             duration_s: 10,
-            window_ms: 100,
+            window_ms: 1000,
         }
     }
 }

@@ -22,10 +22,17 @@ const BASE_MEMORY: usize = 128 * 1024;
 const FREE_PER_COMMAND: usize = 64;
 const FREE_ON_PRESSURE: usize = 4096;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// Bytes; 0 means unlimited (as in Redis).
     pub maxmemory: usize,
+    /// The allocator's real usage (bytes taken from the heap, metadata
+    /// included), like Redis's `zmalloc_used_memory`. When given it is what
+    /// `used_memory` reports and `maxmemory` is checked against: the
+    /// store's own estimate misses allocator overhead and fragmentation, and
+    /// a store that believes it has room while the heap is exhausted ends in
+    /// an allocation failure somewhere infallible (a crash), not an `-OOM`.
+    pub heap_used: Option<fn() -> usize>,
     /// Seed for the keyspace hash (e.g. from the TSC at boot).
     pub hash_seed: u64,
     /// Protocol limits for new connections.
@@ -38,6 +45,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             maxmemory: 0,
+            heap_used: None,
             hash_seed: 0x5eed_5eed_5eed_5eed,
             proto: Limits::default(),
             client_query_buffer_limit: 1024 * 1024 * 1024,
@@ -143,8 +151,16 @@ impl Store {
 
     // ---- memory ----------------------------------------------------------
 
-    /// Estimated bytes in use: keyspace, data awaiting lazy free, overhead.
+    /// Bytes in use: the allocator's real figure when the kernel provides
+    /// one, else the estimate (keyspace, data awaiting lazy free, overhead).
     pub fn used_memory(&self) -> usize {
+        match self.cfg.heap_used {
+            Some(heap_used) => heap_used(),
+            None => self.estimated_memory(),
+        }
+    }
+
+    fn estimated_memory(&self) -> usize {
         BASE_MEMORY + self.db.bytes() + self.graveyard.iter().map(Dict::bytes).sum::<usize>()
     }
 
@@ -423,6 +439,28 @@ mod tests {
         s.set(b"m", b"9223372036854775807").unwrap();
         assert_eq!(s.incr_by(b"m", 1), Err(IncrError::Overflow));
         assert_eq!(s.get(b"m"), Some(&b"9223372036854775807"[..]));
+    }
+
+    /// With the allocator's figure, the limit follows the real heap, not
+    /// the estimate: a heap reported full refuses writes at once.
+    #[test]
+    fn maxmemory_uses_the_allocator_figure_when_given() {
+        use core::sync::atomic::{AtomicUsize, Ordering};
+        static HEAP_USED: AtomicUsize = AtomicUsize::new(0);
+        fn heap_used() -> usize {
+            HEAP_USED.load(Ordering::Relaxed)
+        }
+        let mut s = Store::new(StoreConfig {
+            maxmemory: 1 << 20,
+            heap_used: Some(heap_used),
+            ..StoreConfig::default()
+        });
+        HEAP_USED.store(1000, Ordering::Relaxed);
+        assert_eq!(s.used_memory(), 1000);
+        s.set(b"a", b"1").unwrap();
+        HEAP_USED.store(1 << 20, Ordering::Relaxed);
+        assert_eq!(s.set(b"b", b"2"), Err(Oom));
+        assert_eq!(s.get(b"a"), Some(&b"1"[..]));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! End-to-end tests: each starts the real `snapvm` binary (and, where it
 //! says so, QEMU or a real Linux kernel) and checks what a user would see.
 
+mod bench_mode;
 mod cli_errors;
 mod guest_boot;
 mod kv;
