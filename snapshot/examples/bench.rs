@@ -1,11 +1,36 @@
 //! Snapshot a populated THP region while writer threads hammer it and print
-//! the engine's metrics. `cargo run --release -p snapshot --example bench -- [MiB] [workers] [writers] [strategy]`
-//! (strategy: async-fork (default), stop-the-world, sync-wp).
+//! the engine's metrics.
+//!
+//! `cargo run --release -p snapshot --example bench -- [MiB] [workers] [writers] [strategy] [key=value...]`
+//! - strategy: async-fork (default), stop-the-world, sync-wp
+//! - `pop=75`: percent of the region populated before the snapshot (the
+//!   rest is never touched; writers write anywhere, so they first-touch it)
+//! - `prepare=1`: `Engine::prepare_destination` before the first snapshot
+//!   (timed, writers running)
+//! - `keep=1`: `Config::keep_destination` (reuse the destination)
+//! - `repeat=N`: take N snapshots in a row (each dropped before the next)
+//! - `idle=S`: sleep S seconds between populating and the first snapshot
+//!
+//! Writers acknowledge the pause (as vCPUs leaving KVM_RUN would) before
+//! `begin()` runs, so the sync phase is not measured against a writer still
+//! inside a page fault.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use snapshot::{Config, Engine, Region, Strategy, CHUNK_SIZE};
+
+fn kv(key: &str) -> Option<u64> {
+    std::env::args().skip(1).find_map(|a| {
+        a.strip_prefix(&format!("{key}="))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+fn gib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64 / d.as_secs_f64()
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<usize> = std::env::args()
@@ -19,6 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mib = *args.first().unwrap_or(&1024);
     let workers = *args.get(1).unwrap_or(&1);
     let writers = *args.get(2).unwrap_or(&1);
+    let pop = kv("pop").unwrap_or(75).min(100) as usize;
+    let prepare = kv("prepare").unwrap_or(0) != 0;
+    let keep = kv("keep").unwrap_or(0) != 0;
+    let repeat = kv("repeat").unwrap_or(1).max(1);
+    let idle = kv("idle").unwrap_or(0);
     let len = mib << 20;
     let chunk = CHUNK_SIZE as usize;
     // SAFETY: anonymous mapping, checked below.
@@ -36,24 +66,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("mmap failed".into());
     }
     let base = (map as usize + chunk - 1) & !(chunk - 1);
-    // SAFETY: advising and touching our own mapping (3/4 populated).
+    let populated = len / chunk * pop / 100 * chunk;
+    let t = Instant::now();
+    // SAFETY: advising and touching our own mapping.
     unsafe {
         libc::madvise(base as *mut _, len, libc::MADV_HUGEPAGE);
-        for off in (0..len * 3 / 4).step_by(4096) {
+        for off in (0..populated).step_by(4096) {
             ((base + off) as *mut u8).write_volatile(1);
         }
     }
+    println!(
+        "source: {} MiB populated of {mib} MiB in {:?}",
+        populated >> 20,
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(idle));
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicUsize::new(0));
     let writes = Arc::new(AtomicU64::new(0));
     let hs: Vec<_> = (0..writers)
         .map(|t| {
-            let (stop, pause, writes) = (stop.clone(), pause.clone(), writes.clone());
+            let (stop, pause, paused, writes) =
+                (stop.clone(), pause.clone(), paused.clone(), writes.clone());
             std::thread::spawn(move || {
                 let mut r = 0x1234_5678u64 + t as u64;
                 while !stop.load(Ordering::Relaxed) {
-                    if pause.load(Ordering::Relaxed) {
-                        std::hint::spin_loop();
+                    if pause.load(Ordering::SeqCst) {
+                        paused.fetch_add(1, Ordering::SeqCst);
+                        while pause.load(Ordering::SeqCst) {
+                            std::hint::spin_loop();
+                        }
+                        paused.fetch_sub(1, Ordering::SeqCst);
                         continue;
                     }
                     r ^= r << 13;
@@ -67,29 +111,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(200));
     let eng = Engine::new(Config {
         workers,
         strategy,
+        keep_destination: keep,
         ..Config::default()
     })?;
-    pause.store(true, Ordering::SeqCst);
-    // SAFETY: the mapping lives until the end of main.
-    let sync = unsafe { eng.begin(&[Region::new(0, base as u64, len as u64)]) }?;
-    pause.store(false, Ordering::SeqCst);
-    let w0 = writes.load(Ordering::Relaxed);
-    let snap = eng.wait()?;
-    let w1 = writes.load(Ordering::Relaxed);
+    if prepare {
+        let t = Instant::now();
+        eng.prepare_destination(len as u64)?;
+        let d = t.elapsed();
+        println!(
+            "prepare_destination: {d:?} ({:.2} GiB/s)",
+            gib_s(len as u64, d)
+        );
+    }
+    for round in 0..repeat {
+        pause.store(true, Ordering::SeqCst);
+        while paused.load(Ordering::SeqCst) != writers {
+            std::hint::spin_loop();
+        }
+        // SAFETY: the mapping lives until the end of main.
+        let sync = unsafe { eng.begin(&[Region::new(0, base as u64, len as u64)]) }?;
+        pause.store(false, Ordering::SeqCst);
+        let w0 = writes.load(Ordering::Relaxed);
+        let snap = eng.wait()?;
+        let w1 = writes.load(Ordering::Relaxed);
+        let m = snap.metrics();
+        println!(
+            "[{round}] {strategy}: {mib} MiB, {workers} workers, {writers} writers, pop {pop}%, prepare {prepare}, keep {keep}; writes during snapshot: {}",
+            w1 - w0
+        );
+        println!(
+            "[{round}] sync total {:?} (register {:?}, write_protect {:?}); copy {:?} = {:.2} GiB/s of populated data; faults wp {} missing {} latency p50 {} µs p99 {} µs max {} µs; chunks by workers/fault/hook {}/{}/{}, zero {}",
+            sync.total,
+            sync.register,
+            sync.write_protect,
+            m.copy_total,
+            gib_s(m.bytes_copied, m.copy_total),
+            m.wp_faults,
+            m.missing_faults,
+            m.fault_latency_at(0.5) / 1000,
+            m.fault_latency_at(0.99) / 1000,
+            m.fault_latency_ns.max() / 1000,
+            m.chunks_by_workers,
+            m.chunks_by_fault_path,
+            m.chunks_by_hook,
+            m.zero_chunks,
+        );
+        if round + 1 == repeat {
+            println!("{m:#?}");
+        }
+        drop(snap);
+    }
     stop.store(true, Ordering::Relaxed);
     for h in hs {
         let _ = h.join();
     }
-    let m = snap.metrics();
-    println!(
-        "{strategy}: {mib} MiB, {workers} workers, {writers} writers; writes during snapshot: {}",
-        w1 - w0
-    );
-    println!("sync: {:?}", sync);
-    println!("{m:#?}");
     Ok(())
 }

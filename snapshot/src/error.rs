@@ -37,12 +37,15 @@ impl UffdError {
     }
 }
 
-/// Which phase of the snapshot failed (DESIGN.md §2's three rollback cases).
+/// Which phase of the snapshot failed (DESIGN.md §2's three rollback cases,
+/// plus `Prepare`: `Engine::prepare_destination`, before any snapshot, where
+/// a failure leaves the running VM untouched).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Sync,
     Worker,
     FaultPath,
+    Prepare,
 }
 
 impl std::fmt::Display for Phase {
@@ -51,6 +54,7 @@ impl std::fmt::Display for Phase {
             Phase::Sync => "sync phase",
             Phase::Worker => "worker",
             Phase::FaultPath => "fault path",
+            Phase::Prepare => "destination preparation",
         })
     }
 }

@@ -19,4 +19,7 @@ pub struct FaultInjection {
     /// copied this many chunks, or the snapshot aborts. Makes tests of the
     /// fault path deterministic (no race with a fast worker).
     pub hold_workers_until_fault_copies: Option<u64>,
+    /// Fail `Engine::prepare_destination` at this chunk (0-based), as if
+    /// the memory could not be allocated (ENOMEM).
+    pub fail_prepare_at: Option<u64>,
 }

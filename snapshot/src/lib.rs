@@ -8,6 +8,8 @@
 //!                      write-protect, table)   uncopied chunks copy first
 //!      device writes into guest RAM: engine.before_write(gpa, len) first
 //!      discards (MADV_DONTNEED):     engine.before_discard(gpa, len) first
+//!      optional, off the vCPU path: engine.prepare_destination(bytes) (and/or
+//!      Config::keep_destination) so the copy does not touch fresh memory
 //!      persist:  persist::write_snapshot(&snapshot, vm_state, dir, opts, progress)
 //!      restore:  SnapshotDir::open(dir) → vm_state() + map_region(i) (lazy MAP_PRIVATE)
 //! ```

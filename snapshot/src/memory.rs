@@ -1,10 +1,12 @@
-//! Host memory helpers: the destination ("the snapshot VM's memory"), the
-//! pagemap reader that tells populated pages from never-touched ones, and the
+//! Host memory helpers: the destination ("the snapshot VM's memory") and the
+//! pool that keeps one ready between snapshots, the pagemap reader that tells populated pages from never-touched ones, and the
 //! chunk copy itself.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Phase};
 use crate::region::{CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
@@ -13,27 +15,26 @@ use crate::region::{CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// An anonymous private mapping, 2 MiB aligned, THP-advised, unmapped on drop.
-///
-/// Mapped with MAP_NORESERVE and never touched up front: mapping is O(1), and
-/// chunks that were never populated in the source are never populated here
-/// either, so they cost no memory (peak extra memory = populated chunks).
 #[derive(Debug)]
-pub struct Destination {
+struct Mapping {
     base: *mut u8,
     len: usize,
     map_base: *mut libc::c_void,
     map_len: usize,
+    /// May hold bytes of an earlier snapshot (false: untouched or populated
+    /// by `DestPool::prepare`, so it reads as zero).
+    dirty: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this struct; concurrent access
 // is coordinated by the chunk table (one writer per chunk, readers after the
 // snapshot completes).
-unsafe impl Send for Destination {}
+unsafe impl Send for Mapping {}
 // SAFETY: as above.
-unsafe impl Sync for Destination {}
+unsafe impl Sync for Mapping {}
 
-impl Destination {
-    pub fn new(len: u64) -> Result<Destination, Error> {
+impl Mapping {
+    fn new(len: u64) -> Result<Mapping, Error> {
         let map_len = (len + CHUNK_SIZE) as usize;
         // SAFETY: anonymous private mapping at a kernel-chosen address.
         let p = unsafe {
@@ -60,31 +61,195 @@ impl Destination {
         // SAFETY: advising a range inside our own mapping. Failure (THP
         // disabled) only costs speed, so the result is ignored on purpose.
         unsafe { libc::madvise(base.cast(), len as usize, libc::MADV_HUGEPAGE) };
-        Ok(Destination {
+        Ok(Mapping {
             base,
             len: len as usize,
             map_base: p,
             map_len,
+            dirty: false,
         })
+    }
+
+    fn populate(&self, offset: u64, len: u64, phase: Phase) -> Result<(), Error> {
+        debug_assert!(offset + len <= self.len as u64);
+        // SAFETY: range inside our mapping.
+        let rc = unsafe {
+            libc::madvise(
+                self.base.add(offset as usize).cast(),
+                len as usize,
+                MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Memory {
+                phase,
+                op: "populate destination",
+                start: offset,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped; nothing else refers to
+        // it (the owning Destination or pool is going away).
+        unsafe { libc::munmap(self.map_base, self.map_len) };
+    }
+}
+
+/// Destination memory kept ready between snapshots (see "Destination
+/// preparation" in engine.rs): populated ahead of time by `prepare`, and/or
+/// handed back by a dropped `Destination` when the engine keeps it. Memory
+/// that stays mapped in this process stays backed by the outer host; memory
+/// that is freed is reported back to it and is slow to touch again.
+#[derive(Debug, Default)]
+pub struct DestPool {
+    slot: Mutex<Option<Mapping>>,
+}
+
+impl DestPool {
+    fn lock(&self) -> MutexGuard<'_, Option<Mapping>> {
+        match self.slot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Makes a destination of at least `len` bytes ready now: mapped and
+    /// populated (allocated and zeroed by the kernel) chunk by chunk. A kept
+    /// mapping that is large enough is reused (only its missing chunks cost
+    /// anything). On error nothing is kept (the memory goes back to the
+    /// kernel) and the next snapshot populates as it copies.
+    pub fn prepare(&self, len: u64, fail_at: Option<u64>) -> Result<(), Error> {
+        let len = len.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
+        let m = match self.lock().take() {
+            Some(m) if m.len as u64 >= len => m,
+            _ => Mapping::new(len)?,
+        };
+        let mut off = 0;
+        while off < len {
+            if fail_at == Some(off / CHUNK_SIZE) {
+                return Err(Error::Memory {
+                    phase: Phase::Prepare,
+                    op: "populate destination (injected)",
+                    start: off,
+                    len: CHUNK_SIZE,
+                    source: io::Error::from_raw_os_error(libc::ENOMEM),
+                });
+            }
+            m.populate(off, CHUNK_SIZE, Phase::Prepare)?;
+            off += CHUNK_SIZE;
+        }
+        self.put(m);
+        Ok(())
+    }
+
+    /// Bytes of destination mapping kept (mapped; populated where used).
+    pub fn kept_bytes(&self) -> u64 {
+        self.lock().as_ref().map_or(0, |m| m.len as u64)
+    }
+
+    /// Gives the kept mapping back to the kernel.
+    pub fn release(&self) {
+        drop(self.lock().take());
+    }
+
+    fn take(&self) -> Option<Mapping> {
+        self.lock().take()
+    }
+
+    /// Keeps `m` unless a larger mapping is kept already.
+    fn put(&self, m: Mapping) {
+        let mut slot = self.lock();
+        match slot.as_ref() {
+            Some(old) if old.len >= m.len => drop(m),
+            _ => *slot = Some(m),
+        }
+    }
+}
+
+/// The snapshot VM's memory: a 2 MiB aligned, THP-advised anonymous mapping,
+/// either fresh or taken from the engine's `DestPool`.
+///
+/// A fresh one is mapped with MAP_NORESERVE and never touched up front:
+/// mapping is O(1), and chunks that were never populated in the source are
+/// never populated here either, so they cost no memory (peak extra memory =
+/// populated chunks). A pooled one may hold an earlier snapshot's bytes
+/// (`stale`): `copy_unit` then zeroes what it does not copy.
+#[derive(Debug)]
+pub struct Destination {
+    map: Option<Mapping>,
+    len: usize,
+    stale: bool,
+    /// A copier populated (and so wrote) some chunk.
+    written: AtomicBool,
+    keep: bool,
+    pool: Arc<DestPool>,
+}
+
+impl Destination {
+    /// Takes the pool's mapping if it is large enough (O(1): a prepared or
+    /// kept destination is ready), else maps a fresh one. On drop the
+    /// mapping goes back to the pool if `keep`, or if this snapshot never
+    /// wrote to it (a sync-phase failure must not throw a prepared
+    /// destination away); otherwise it is unmapped.
+    pub fn from_pool(pool: &Arc<DestPool>, len: u64, keep: bool) -> Result<Destination, Error> {
+        let map = match pool.take() {
+            Some(m) if m.len as u64 >= len => m,
+            // Too small (the VM grew since): give it back to the kernel.
+            Some(_) | None => Mapping::new(len)?,
+        };
+        Ok(Destination {
+            stale: map.dirty,
+            map: Some(map),
+            len: len as usize,
+            written: AtomicBool::new(false),
+            keep,
+            pool: pool.clone(),
+        })
+    }
+
+    fn map(&self) -> &Mapping {
+        match &self.map {
+            Some(m) => m,
+            None => unreachable!("destination mapping is only taken in drop"),
+        }
     }
 
     pub fn ptr(&self, offset: u64) -> *mut u8 {
         debug_assert!(offset <= self.len as u64);
         // SAFETY: offset is within the mapping (callers index by chunk).
-        unsafe { self.base.add(offset as usize) }
+        unsafe { self.map().base.add(offset as usize) }
+    }
+
+    /// Whether the memory may hold bytes of an earlier snapshot.
+    pub fn is_stale(&self) -> bool {
+        self.stale
     }
 
     /// Allocates (and zeroes, in the kernel) the pages of one chunk now, so a
     /// later copy runs at warm speed and an out-of-memory shows up here as an
-    /// error instead of a SIGBUS/OOM kill inside memcpy.
+    /// error instead of a SIGBUS/OOM kill inside memcpy. Nearly free on a
+    /// prepared (already populated) destination.
     pub fn populate(&self, offset: u64, len: u64, phase: Phase) -> Result<(), Error> {
-        // SAFETY: range inside our mapping.
+        self.written.store(true, Ordering::Relaxed);
+        self.map().populate(offset, len, phase)
+    }
+
+    /// Makes `[offset, +len)` read as zero on a stale destination by giving
+    /// the pages back (a zero chunk then costs no memory, as on a fresh one).
+    pub fn discard(&self, offset: u64, len: u64, phase: Phase) -> Result<(), Error> {
+        // SAFETY: range inside our mapping, owned by the caller's claim.
         let rc =
-            unsafe { libc::madvise(self.ptr(offset).cast(), len as usize, MADV_POPULATE_WRITE) };
+            unsafe { libc::madvise(self.ptr(offset).cast(), len as usize, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(Error::Memory {
                 phase,
-                op: "populate destination",
+                op: "discard stale destination",
                 start: offset,
                 len,
                 source: io::Error::last_os_error(),
@@ -97,15 +262,20 @@ impl Destination {
     /// (the snapshot is complete), which `Snapshot` guarantees.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is readable for `len` bytes and outlives `self`.
-        unsafe { std::slice::from_raw_parts(self.base, self.len) }
+        unsafe { std::slice::from_raw_parts(self.map().base, self.len) }
     }
 }
 
 impl Drop for Destination {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped; nothing else refers to it
-        // (all holders are gone once the owner drops).
-        unsafe { libc::munmap(self.map_base, self.map_len) };
+        let written = *self.written.get_mut();
+        if let Some(mut m) = self.map.take() {
+            if self.keep || !written {
+                m.dirty |= written;
+                self.pool.put(m);
+            }
+            // Otherwise the Mapping's own drop unmaps it.
+        }
     }
 }
 
@@ -188,6 +358,9 @@ pub unsafe fn copy_unit(
 ) -> Result<(bool, u64), Error> {
     let pop = pagemap.populated(src, pages, phase)?;
     if !pop.iter().any(|&p| p) {
+        if dest.is_stale() {
+            dest.discard(dst_offset, pages as u64 * PAGE_SIZE, phase)?;
+        }
         return Ok((true, 0));
     }
     dest.populate(dst_offset, pages as u64 * PAGE_SIZE, phase)?;
@@ -196,6 +369,13 @@ pub unsafe fn copy_unit(
     let mut i = 0;
     while i < pages {
         if !pop[i] {
+            if dest.is_stale() {
+                // SAFETY: in bounds of the claimed unit (see below).
+                unsafe {
+                    dst.add(i * PAGE_SIZE as usize)
+                        .write_bytes(0, PAGE_SIZE as usize)
+                };
+            }
             i += 1;
             continue;
         }

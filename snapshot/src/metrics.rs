@@ -8,7 +8,8 @@ use hdrhistogram::Histogram;
 /// Time spent in `begin()` while the writers are paused.
 #[derive(Debug, Clone, Default)]
 pub struct SyncMetrics {
-    /// mmap of the (untouched) destination.
+    /// Taking the prepared/kept destination, or mmap of a fresh (untouched)
+    /// one.
     pub dest_alloc: Duration,
     /// UFFDIO_REGISTER (MISSING|WP) of every region.
     pub register: Duration,

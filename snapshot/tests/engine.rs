@@ -425,3 +425,168 @@ fn invalid_regions_rejected_before_anything_happens() {
     assert!(matches!(err, Error::InvalidRegion { .. }), "{err}");
     assert!(!eng.in_progress());
 }
+
+fn engine_keeping(strategy: Strategy) -> Engine {
+    Engine::new(snapshot::Config {
+        workers: 2,
+        strategy,
+        keep_destination: true,
+        ..snapshot::Config::default()
+    })
+    .expect("engine (needs root and userfaultfd)")
+}
+
+#[test]
+fn kept_destination_is_reused_bit_exact_async_fork() {
+    kept_destination_is_reused_bit_exact(Strategy::AsyncFork);
+}
+
+#[test]
+fn kept_destination_is_reused_bit_exact_stop_the_world() {
+    kept_destination_is_reused_bit_exact(Strategy::StopTheWorld);
+}
+
+#[test]
+fn kept_destination_is_reused_bit_exact_sync_wp() {
+    kept_destination_is_reused_bit_exact(Strategy::SyncWp);
+}
+
+/// A kept destination holds the previous snapshot's bytes: the next snapshot
+/// must still be exact where the source has since become zero (a discarded
+/// chunk, discarded pages of a chunk) and where it is still never-touched.
+fn kept_destination_is_reused_bit_exact(strategy: Strategy) {
+    let mem = Mem::new(6, 4, 6, 21);
+    let eng = engine_keeping(strategy);
+    for round in 0..3 {
+        if round > 0 {
+            // Chunk 1 becomes a hole, chunk 2 loses every other page.
+            // SAFETY: discarding ranges of our own mapping, no writer runs.
+            unsafe {
+                assert_eq!(
+                    libc::madvise(mem.base.add(CHUNK).cast(), CHUNK, libc::MADV_DONTNEED),
+                    0
+                );
+                for p in (0..CHUNK / PAGE).step_by(2) {
+                    let at = mem.base.add(2 * CHUNK + p * PAGE);
+                    assert_eq!(libc::madvise(at.cast(), PAGE, libc::MADV_DONTNEED), 0);
+                }
+            }
+        }
+        let ws = Writers::start(&mem, 2);
+        ws.run_for(5_000);
+        ws.pause();
+        let reference = mem.reference();
+        // SAFETY: `mem` outlives the snapshot.
+        let sync = unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+        ws.anywhere.store(true, Ordering::SeqCst);
+        ws.resume();
+        ws.run_for(20_000);
+        let snap = eng.wait().expect("snapshot");
+        ws.stop_and_check();
+        compare(&snap, &reference);
+        assert!(sync.total >= sync.dest_alloc);
+        drop(snap);
+        assert_eq!(
+            eng.kept_destination_bytes(),
+            mem.len as u64,
+            "round {round}"
+        );
+    }
+    eng.release_destination();
+    assert_eq!(eng.kept_destination_bytes(), 0);
+
+    // Without writers: a chunk copied last time and discarded since is a
+    // hole now, and reads zero although the kept memory held its bytes.
+    let mem = Mem::new(4, 0, 0, 22);
+    for round in 0..2 {
+        if round == 1 {
+            // SAFETY: discarding chunk 1 of our own mapping, no writer runs.
+            let rc =
+                unsafe { libc::madvise(mem.base.add(CHUNK).cast(), CHUNK, libc::MADV_DONTNEED) };
+            assert_eq!(rc, 0);
+        }
+        let reference = mem.reference();
+        // SAFETY: `mem` outlives the snapshot.
+        unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+        let snap = eng.wait().expect("snapshot");
+        compare(&snap, &reference);
+        assert_eq!(snap.chunk_is_zero(1), round == 1);
+        let hole = snap.image()[CHUNK..2 * CHUNK].iter().all(|&b| b == 0);
+        assert_eq!(hole, round == 1);
+    }
+}
+
+/// Preparation fails (ENOMEM injected): an error, nothing kept, the running
+/// VM untouched, and snapshots work as without preparation.
+#[test]
+fn prepare_failure_keeps_nothing_and_snapshot_works() {
+    let mem = Mem::new(4, 2, 2, 5);
+    let reference = mem.reference();
+    let eng = engine_with(
+        Strategy::AsyncFork,
+        2,
+        FaultInjection {
+            fail_prepare_at: Some(3),
+            ..FaultInjection::default()
+        },
+    );
+    let err = eng
+        .prepare_destination(mem.len as u64)
+        .expect_err("injected");
+    assert!(
+        matches!(
+            err,
+            Error::Memory {
+                phase: Phase::Prepare,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(eng.kept_destination_bytes(), 0);
+    assert!(!eng.in_progress());
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let again = eng.prepare_destination(mem.len as u64);
+    assert!(matches!(again, Err(Error::SnapshotInProgress)));
+    compare(&eng.wait().expect("snapshot"), &reference);
+    assert_eq!(mem.reference(), reference);
+}
+
+/// A prepared destination survives a sync-phase failure (it was never
+/// written) and is used, then given back (keep_destination off), by the
+/// next snapshot.
+#[test]
+fn prepared_destination_survives_sync_failure() {
+    let mem = Mem::new(3, 2, 3, 8);
+    let reference = mem.reference();
+    let eng = engine_with(
+        Strategy::AsyncFork,
+        1,
+        FaultInjection {
+            fail_sync: true,
+            ..FaultInjection::default()
+        },
+    );
+    eng.prepare_destination(mem.len as u64).expect("prepare");
+    assert_eq!(eng.kept_destination_bytes(), mem.len as u64);
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect_err("injected");
+    assert_eq!(eng.kept_destination_bytes(), mem.len as u64);
+
+    for strategy in [Strategy::AsyncFork, Strategy::StopTheWorld] {
+        let eng = engine_with(strategy, 2, FaultInjection::default());
+        eng.prepare_destination(mem.len as u64).expect("prepare");
+        // SAFETY: as above.
+        unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+        assert_eq!(eng.kept_destination_bytes(), 0, "in use");
+        let snap = eng.wait().expect("snapshot");
+        compare(&snap, &reference);
+        drop(snap);
+        assert_eq!(
+            eng.kept_destination_bytes(),
+            0,
+            "not kept without keep_destination"
+        );
+    }
+}

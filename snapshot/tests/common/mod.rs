@@ -259,6 +259,7 @@ pub fn engine_with(strategy: Strategy, workers: usize, injection: FaultInjection
         workers,
         strategy,
         injection,
+        ..Config::default()
     }) {
         Ok(e) => e,
         Err(e) => {
