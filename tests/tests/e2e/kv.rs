@@ -216,7 +216,9 @@ fn one_huge_populate_stops_at_oom_and_the_guest_survives() {
     assert!(out.contains("OOM"), "{out}");
     let info = cli(s.port, &["INFO", "memory"]);
     assert!(info.contains("used_memory:"), "{info}");
-    let dbsize: u64 = cli(s.port, &["DBSIZE"]).parse().expect("DBSIZE is a number");
+    let dbsize: u64 = cli(s.port, &["DBSIZE"])
+        .parse()
+        .expect("DBSIZE is a number");
     assert!(dbsize > 10_000, "{dbsize}");
     assert_eq!(cli(s.port, &["STRLEN", "big:0"]), "100");
     assert_eq!(cli(s.port, &["PING"]), "PONG");
@@ -255,5 +257,166 @@ fn port_in_use_is_one_error_line() {
     assert!(
         lines[0].starts_with("snapvm: error: cannot listen on"),
         "{out:?}"
+    );
+}
+
+/// Reads one complete RESP2 value from `stream` and returns its bytes.
+fn read_reply(stream: &mut TcpStream) -> Vec<u8> {
+    fn complete(buf: &[u8], at: usize) -> Option<usize> {
+        let line_end = buf[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        let line = std::str::from_utf8(&buf[at + 1..line_end]).expect("RESP header is text");
+        let next = line_end + 2;
+        match buf[at] {
+            b'+' | b'-' | b':' => Some(next),
+            b'$' => {
+                let len: i64 = line.parse().expect("bulk length");
+                if len < 0 {
+                    return Some(next);
+                }
+                let end = next + len as usize + 2;
+                (buf.len() >= end).then_some(end)
+            }
+            b'*' => {
+                let count: i64 = line.parse().expect("array length");
+                let mut pos = next;
+                for _ in 0..count.max(0) {
+                    pos = complete(buf, pos)?;
+                }
+                Some(pos)
+            }
+            other => panic!(
+                "not a RESP type byte: {other:#x} in {:?}",
+                String::from_utf8_lossy(buf)
+            ),
+        }
+    }
+    let mut buf = Vec::new();
+    loop {
+        if !buf.is_empty() {
+            if let Some(end) = complete(&buf, 0) {
+                assert_eq!(
+                    end,
+                    buf.len(),
+                    "more than one reply: {:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+                return buf;
+            }
+        }
+        let mut chunk = [0u8; 65536];
+        let n = stream.read(&mut chunk).expect("read reply");
+        assert!(
+            n > 0,
+            "connection closed mid-reply: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Every command of the list, with the exact bytes Redis 7 replies.
+#[test]
+fn every_command_has_its_exact_reply() {
+    let s = start("256M");
+    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut exchange = |args: &[&str], expected: &[u8]| {
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        conn.write_all(req.as_bytes()).expect("send");
+        let reply = read_reply(&mut conn);
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            String::from_utf8_lossy(expected),
+            "reply to {args:?}"
+        );
+    };
+    exchange(&["PING"], b"+PONG\r\n");
+    exchange(&["PING", "hi"], b"$2\r\nhi\r\n");
+    exchange(&["ECHO", "a b"], b"$3\r\na b\r\n");
+    exchange(&["SET", "k", "v", "NX"], b"+OK\r\n");
+    exchange(&["SET", "k", "w", "NX"], b"$-1\r\n");
+    exchange(&["SET", "k", "w", "XX"], b"+OK\r\n");
+    exchange(&["SET", "missing", "1", "XX"], b"$-1\r\n");
+    exchange(&["GET", "k"], b"$1\r\nw\r\n");
+    exchange(&["GET", "missing"], b"$-1\r\n");
+    exchange(&["INCR", "n"], b":1\r\n");
+    exchange(&["INCRBY", "n", "10"], b":11\r\n");
+    exchange(&["DECR", "n"], b":10\r\n");
+    exchange(
+        &["INCR", "k"],
+        b"-ERR value is not an integer or out of range\r\n",
+    );
+    exchange(&["MSET", "a", "1", "b", "2"], b"+OK\r\n");
+    exchange(
+        &["MGET", "a", "b", "missing"],
+        b"*3\r\n$1\r\n1\r\n$1\r\n2\r\n$-1\r\n",
+    );
+    exchange(&["APPEND", "a", "23"], b":3\r\n");
+    exchange(&["STRLEN", "a"], b":3\r\n");
+    exchange(&["EXISTS", "a", "b", "missing"], b":2\r\n");
+    exchange(&["DEL", "b", "missing"], b":1\r\n");
+    exchange(&["DBSIZE"], b":3\r\n");
+    exchange(&["KEYS", "[ab]"], b"*1\r\n$1\r\na\r\n");
+    exchange(
+        &["SCAN", "0", "MATCH", "n", "COUNT", "100"],
+        b"*2\r\n$1\r\n0\r\n*1\r\n$1\r\nn\r\n",
+    );
+    exchange(&["SELECT", "0"], b"+OK\r\n");
+    exchange(&["SELECT", "1"], b"-ERR DB index is out of range\r\n");
+    exchange(
+        &["CONFIG", "GET", "appendonly"],
+        b"*2\r\n$10\r\nappendonly\r\n$2\r\nno\r\n",
+    );
+    exchange(&["CONFIG", "GET", "no-such-parameter"], b"*0\r\n");
+    exchange(&["DEBUG", "POPULATE", "3", "p", "4"], b"+OK\r\n");
+    exchange(&["GET", "p:2"], b"$4\r\nvalu\r\n");
+    exchange(&["DBSIZE"], b":6\r\n");
+    exchange(&["FLUSHALL"], b"+OK\r\n");
+    exchange(&["DBSIZE"], b":0\r\n");
+    exchange(
+        &["GET"],
+        b"-ERR wrong number of arguments for 'get' command\r\n",
+    );
+    exchange(
+        &["FOO", "bar"],
+        b"-ERR unknown command 'FOO', with args beginning with: 'bar' \r\n",
+    );
+    exchange(&["PROBE", "RESET"], b"+OK\r\n");
+    exchange(&["CONFIG", "RESETSTAT"], b"+OK\r\n");
+
+    // Replies whose content varies: check their shape.
+    for (args, must_contain) in [
+        (&["INFO"][..], "# Server\r\n"),
+        (&["INFO", "memory"][..], "used_memory:"),
+        (&["INFO", "stats"][..], "total_commands_processed:"),
+        (&["INFO", "latency"][..], "probe_max_loop_gap_us:"),
+    ] {
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        conn.write_all(req.as_bytes()).expect("send");
+        let reply = String::from_utf8_lossy(&read_reply(&mut conn)).into_owned();
+        assert!(
+            reply.starts_with('$') && reply.contains(must_contain),
+            "{args:?}: {reply}"
+        );
+    }
+    conn.write_all(b"*1\r\n$7\r\nCOMMAND\r\n").expect("send");
+    let reply = String::from_utf8_lossy(&read_reply(&mut conn)).into_owned();
+    assert!(
+        reply.starts_with('*') && reply.contains("\r\nget\r\n"),
+        "COMMAND: {reply}"
+    );
+    conn.write_all(b"*2\r\n$7\r\nCOMMAND\r\n$4\r\nDOCS\r\n")
+        .expect("send");
+    let reply = String::from_utf8_lossy(&read_reply(&mut conn)).into_owned();
+    assert!(
+        reply.starts_with('*') || reply.starts_with('%'),
+        "COMMAND DOCS: {reply}"
     );
 }
