@@ -68,6 +68,58 @@ pub struct RunArgs {
     /// the bundled guest runs its default `kv` mode; otherwise off.
     #[arg(long, value_name = "ADDR")]
     pub kv_listen: Option<String>,
+    /// Take a snapshot into --snapshot-dir this many seconds after start
+    /// (fractions allowed). SIGUSR1 takes one into DIR-1, DIR-2, ...
+    #[arg(long, value_name = "SECONDS")]
+    pub snapshot_at: Option<f64>,
+    /// Snapshot target directory (must not exist yet). With it, SIGUSR1
+    /// takes a snapshot into DIR-N (N = 1, 2, ... per signal).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// async-fork, stop-the-world, sync-wp or fork (the VMM process forks
+    /// and the child writes the snapshot).
+    #[arg(long, value_name = "MODE", default_value = "async-fork", value_parser = parse_strategy)]
+    pub snapshot_mode: snapshot::Strategy,
+    /// Copier threads for the snapshot.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub snapshot_workers: u32,
+    /// Keep the snapshot's destination memory (one guest-sized buffer)
+    /// between snapshots, so the next snapshot copies at memory speed.
+    #[arg(long)]
+    pub snapshot_keep_memory: bool,
+    /// Restore the VM from this snapshot directory instead of booting a
+    /// kernel (memory, vCPUs and devices come from the snapshot).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: check every memory chunk's checksum first.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+impl RunArgs {
+    /// Checks the snapshot and restore flags that clap cannot (with a
+    /// message naming the flags).
+    pub fn validate_snapshot_flags(&self) -> Result<(), String> {
+        if self.snapshot_at.is_some() && self.snapshot_dir.is_none() {
+            return Err("--snapshot-at needs --snapshot-dir".into());
+        }
+        if let Some(s) = self.snapshot_at {
+            if !s.is_finite() || s < 0.0 {
+                return Err(format!("--snapshot-at {s}: expected seconds >= 0"));
+            }
+        }
+        if self.verify && self.restore.is_none() {
+            return Err("--verify needs --restore".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses a `--snapshot-mode` value.
+pub fn parse_strategy(s: &str) -> Result<snapshot::Strategy, String> {
+    snapshot::Strategy::from_name(s).ok_or_else(|| {
+        format!("unknown snapshot mode '{s}': expected async-fork, stop-the-world, sync-wp or fork")
+    })
 }
 
 /// Default for `--kv-listen`.

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod msr;
+pub mod snapshotting;
 pub mod vcpu;
 pub mod vcpu_control;
 pub mod vm;

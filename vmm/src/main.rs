@@ -13,6 +13,7 @@ use vmm::devices::virtio::{
     vsock::{HostListener, ListenAddr},
 };
 use vmm::loader::{BootConfig, KernelImage};
+use vmm::snapshotting::{restore_cli, trigger};
 use vmm::{Vm, VmConfig, VmExit};
 
 fn main() -> ExitCode {
@@ -79,6 +80,12 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = init_logging(&args.log_level) {
         return fail(e);
     }
+    if let Err(e) = args.validate_snapshot_flags() {
+        return fail(e);
+    }
+    if args.restore.is_some() {
+        return run_restored(args);
+    }
     let memory_size = match cli::guest_memory_size(&args.memory, cli::host_ram_bytes()) {
         Ok(m) => m,
         Err(e) => return fail(e),
@@ -140,12 +147,68 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = vm.start() {
         return fail(e);
     }
-    let exit = vm.wait();
+    run_to_exit(vm, &args)
+}
+
+/// Runs a started VM until it stops (taking the snapshots asked for with
+/// --snapshot-dir) and maps its exit to the process status.
+fn run_to_exit(mut vm: Vm, args: &RunArgs) -> ExitCode {
+    let exit = match &args.snapshot_dir {
+        Some(dir) => {
+            if let Err(e) = trigger::install_sigusr1() {
+                return fail(format_args!("cannot install the SIGUSR1 handler: {e}"));
+            }
+            let plan = trigger::TriggerPlan {
+                dir: dir.clone(),
+                at: args
+                    .snapshot_at
+                    .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
+                mode: args.snapshot_mode,
+                workers: args.snapshot_workers as usize,
+                keep_memory: args.snapshot_keep_memory,
+            };
+            trigger::run_until_exit(&mut vm, &plan)
+        }
+        None => vm.wait(),
+    };
     tracing::info!("VM stopped: {exit:?}");
     match exit {
         VmExit::Error(msg) => fail(msg),
         other => ExitCode::from(other.exit_status() as u8),
     }
+}
+
+/// `snapvm run --restore DIR`: the guest continues where it was at the
+/// snapshot. Only an explicit --kv-listen is bound for a restored vsock
+/// device.
+fn run_restored(args: RunArgs) -> ExitCode {
+    let Some(dir) = args.restore.clone() else {
+        return fail("--restore needs a directory");
+    };
+    let serial_out = match VmConfig::serial_sink(&args.serial) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let listener = match &args.kv_listen {
+        Some(addr) => {
+            let addr = ListenAddr::parse(addr);
+            match HostListener::bind(&addr) {
+                Ok(l) => Some(l),
+                Err(e) => return fail(format_args!("cannot listen on {addr}: {e}")),
+            }
+        }
+        None => None,
+    };
+    let mut vm = match restore_cli::restore_from_dir(&dir, args.verify, serial_out, true, listener)
+    {
+        Ok(vm) => vm,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = vm.start() {
+        return fail(e);
+    }
+    tracing::info!("restored {} and resumed the guest", dir.display());
+    run_to_exit(vm, &args)
 }
 
 fn bench_pause(args: cli::BenchPauseArgs) -> ExitCode {

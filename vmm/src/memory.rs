@@ -171,6 +171,13 @@ impl GuestRam {
         &self.mem
     }
 
+    /// Whether the RAM is snapvm's own anonymous memory (not memory mapped
+    /// by someone else, e.g. a restored snapshot's image file): the
+    /// snapshot engine needs anonymous memory.
+    pub fn is_anonymous(&self) -> bool {
+        self._external.is_none()
+    }
+
     /// Host location of every RAM region.
     pub fn regions(&self) -> &[HostRegion] {
         &self.regions

@@ -132,6 +132,8 @@ pub struct Vm {
     event_loop: Option<EventLoop>,
     started: bool,
     exit: Option<VmExit>,
+    /// One snapshot in flight ([`crate::snapshotting`]).
+    snapshot_slot: Arc<crate::snapshotting::SnapshotSlot>,
 }
 
 impl Vm {
@@ -230,6 +232,7 @@ impl Vm {
             event_loop: None,
             started: false,
             exit: None,
+            snapshot_slot: Arc::default(),
         })
     }
 
@@ -293,6 +296,24 @@ impl Vm {
     /// Releases the vCPUs held by [`Vm::pause`].
     pub fn resume(&self) -> Result<(), PauseError> {
         self.control.resume()
+    }
+
+    /// Parks the device threads (the vsock one, if attached) between
+    /// packets: until [`Vm::resume_devices`] no device reads or writes
+    /// guest memory or queue state. Separate from [`Vm::pause`] because
+    /// only a snapshot needs both (pause vCPUs, then devices); idempotent.
+    pub fn pause_devices(&self) -> Result<(), VmError> {
+        if let Some(d) = self.bus.vsock.get() {
+            d.pause()?;
+        }
+        Ok(())
+    }
+
+    /// Releases the device threads held by [`Vm::pause_devices`].
+    pub fn resume_devices(&self) {
+        if let Some(d) = self.bus.vsock.get() {
+            d.resume();
+        }
     }
 
     /// Time from the last [`Vm::resume`] until every vCPU it released was
@@ -482,7 +503,13 @@ impl Vm {
             event_loop: None,
             started: false,
             exit: None,
+            snapshot_slot: Arc::default(),
         }
+    }
+
+    /// The VM's snapshot bookkeeping ([`crate::snapshotting`]).
+    pub(crate) fn snapshot_slot(&self) -> &Arc<crate::snapshotting::SnapshotSlot> {
+        &self.snapshot_slot
     }
 }
 

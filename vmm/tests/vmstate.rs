@@ -95,6 +95,7 @@ fn restore(state: &VmState, ram: vmm::GuestRam) -> Vm {
     let config = RestoreConfig {
         serial_out: Box::new(Console::default()),
         serial_in: false,
+        kv_listener: None,
     };
     let mut vm = Vm::restore(config, ram, state).expect("restore VM");
     vm.start().expect("start restored VM");
@@ -226,6 +227,7 @@ fn restore_refuses_a_mismatched_layout() {
     let config = RestoreConfig {
         serial_out: Box::new(Console::default()),
         serial_in: false,
+        kv_listener: None,
     };
     assert!(matches!(
         Vm::restore(config, other, &state),

@@ -163,6 +163,14 @@ impl Server {
     /// Handles every received packet; true if there was any.
     fn receive(&mut self) -> bool {
         let mut any = false;
+        // Events first: after a transport reset the RX ring may still hold
+        // packets of the dropped streams, which must find them gone.
+        while let Some(event) = self.dev.recv_event() {
+            any = true;
+            if event == vsock::EVENT_TRANSPORT_RESET {
+                self.transport_reset();
+            }
+        }
         let mut packets: Vec<(Header, Vec<u8>)> = Vec::new();
         // Copy out first: handling needs `self` (TX, store) mutably.
         // Bounded by the RX ring size.
@@ -226,6 +234,23 @@ impl Server {
             vsock::OP_RST => self.close(port, false),
             _ => {}
         }
+    }
+
+    /// Every connection is gone (the VM was restored from a snapshot, or
+    /// the device lost its host side): drop them all as on a peer reset,
+    /// without RSTs, since nobody is left to receive them.
+    fn transport_reset(&mut self) {
+        let streams = core::mem::take(&mut self.streams);
+        let dropped = streams.len();
+        for (_, s) in streams {
+            s.kv.release(&mut self.store);
+        }
+        self.pending.clear();
+        self.dev.reread_cid();
+        println!(
+            "kv: vsock transport reset: dropped {dropped} connections (cid {})",
+            self.dev.guest_cid
+        );
     }
 
     fn close(&mut self, port: u32, send_rst: bool) {

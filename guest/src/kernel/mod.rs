@@ -18,6 +18,7 @@ pub mod paging;
 pub mod port;
 pub mod probe;
 pub mod pv;
+pub mod scribble;
 pub mod smp;
 pub mod start_info;
 pub mod tsc;

@@ -41,6 +41,7 @@ pub fn run_bsp(cmdline: Cmdline, cpus: u32, heap_bytes: u64) -> ! {
         "poweroff" => poweroff(cmdline),
         "fault" => fault(cmdline.get("fault").unwrap_or("pf")),
         "counter" => counter_bsp(cpus),
+        "scribble" => super::scribble::run_bsp(&cmdline, cpus, heap_bytes),
         "panic" => panic!("requested by mode=panic"),
         other => {
             println!("unknown mode '{other}'");
@@ -50,6 +51,9 @@ pub fn run_bsp(cmdline: Cmdline, cpus: u32, heap_bytes: u64) -> ! {
 }
 
 pub fn run_ap(cpu: usize) -> ! {
+    if super::scribble::active() {
+        super::scribble::run_ap(cpu)
+    }
     match AP_ROLE.load(Ordering::Acquire) {
         ROLE_COUNTER => counter_loop(cpu),
         _ => idle_loop(cpu),

@@ -8,3 +8,4 @@ mod kv;
 mod linux_boot;
 mod pause_resume;
 mod qemu_boot;
+mod snapshot;

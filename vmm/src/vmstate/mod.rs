@@ -21,7 +21,8 @@ pub use self::restore::{ram_from_copies, ram_from_mapped, RestoreConfig};
 pub use self::vcpu::VcpuState;
 
 /// Version of [`VmState`]'s layout; bump on any change to these structs.
-pub const VMSTATE_VERSION: u32 = 1;
+/// 2: the virtio-vsock device state.
+pub const VMSTATE_VERSION: u32 = 2;
 
 /// First bytes of an encoded state blob.
 pub const VMSTATE_MAGIC: [u8; 8] = *b"SVMSTATE";
@@ -76,6 +77,8 @@ pub enum VmStateError {
     Unsupported(&'static str),
     #[error("cannot restore the serial port: {0}")]
     Serial(String),
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
     #[error(transparent)]
@@ -149,6 +152,9 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     pub serial: SerialSnapshot,
     pub pv: PvPortsState,
+    /// The virtio-vsock device, if one was attached (its host connections
+    /// are not saved: a restored guest gets a transport reset).
+    pub vsock: Option<crate::devices::virtio::vsock::VsockState>,
 }
 
 fn codec() -> impl bincode::Options {

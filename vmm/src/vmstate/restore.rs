@@ -27,6 +27,7 @@ use super::VMSTATE_VERSION;
 use super::{BootEntry, BootState, IrqchipState, MemoryRegionState, VmState, VmStateError};
 use crate::boot::{ApStartup, EntryState};
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
+use crate::devices::virtio::vsock::{HostListener, VsockDevice};
 use crate::devices::IoBus;
 use crate::kvm_device;
 use crate::loader::{KernelFormat, LoadedKernel};
@@ -44,6 +45,11 @@ pub struct RestoreConfig {
     pub serial_out: Box<dyn Write + Send>,
     /// Feed host stdin to COM1.
     pub serial_in: bool,
+    /// Where the restored vsock device takes host connections from (bound
+    /// by the caller, like for [`Vm::attach_vsock`]). Only used if the
+    /// saved VM had the device; without it the device is restored but no
+    /// host connection can reach the guest.
+    pub kv_listener: Option<HostListener>,
 }
 
 /// The live parts of a restored VM, handed to [`Vm::from_parts`].
@@ -142,7 +148,8 @@ fn get_irqchip(vm: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqchi
 
 impl Vm {
     /// Captures vCPU, in-kernel irqchip/PIT/clock and device state. The VM
-    /// must be paused ([`Vm::pause`]); pending I/O exits are completed first
+    /// must be paused ([`Vm::pause`]), and with a vsock device attached its
+    /// thread too ([`Vm::pause_devices`]); pending I/O exits are completed first
     /// (one KVM_RUN with immediate_exit per started vCPU), so saved RIPs are
     /// past the instruction. Guest memory is not part of it.
     pub fn save_state(&self) -> Result<VmState, VmStateError> {
@@ -150,11 +157,11 @@ impl Vm {
             return Err(VmStateError::NotPaused);
         }
         let (bus, control, irqchip) = self.state_parts();
-        if bus.vsock.get().is_some() {
-            return Err(VmStateError::Unsupported(
-                "the virtio-vsock device has no saved state yet",
-            ));
-        }
+        // First: it is the check most likely to fail (devices not paused).
+        let vsock = match bus.vsock.get() {
+            Some(d) => Some(d.save_state()?),
+            None => None,
+        };
         let statuses = control.statuses();
         let kvm_sys = kvm_device::open_kvm().map_err(VmError::from)?;
         let msr_list = kvm_sys
@@ -230,6 +237,7 @@ impl Vm {
             clock,
             serial: SerialSnapshot::from(&self.serial_state()),
             pv: PvPortsState::save(&bus.pv),
+            vsock,
         })
     }
 
@@ -334,6 +342,27 @@ impl Vm {
         let control = Arc::new(VcpuControl::new(count, state.boot.paravirtual_aps));
         if state.boot.paravirtual_aps {
             control.set_restored(&state.vcpu_started, state.ap_entry);
+        }
+        match (&state.vsock, config.kv_listener) {
+            (Some(vs), listener) => {
+                let wake = control.clone();
+                let device = VsockDevice::restore(
+                    crate::devices::virtio::VSOCK_MMIO_BASE,
+                    &vm_fd,
+                    ram.memory().clone(),
+                    listener,
+                    Box::new(move || wake.wake_waiters()),
+                    vs,
+                )?;
+                // The bus is new: nothing else can have set the device.
+                if bus.vsock.set(Arc::new(device)).is_err() {
+                    return Err(VmError::VsockAttached.into());
+                }
+            }
+            (None, Some(_)) => {
+                tracing::warn!("the saved VM had no vsock device; ignoring the KV listener")
+            }
+            (None, None) => {}
         }
         let entry = match state.boot.entry {
             BootEntry::Pvh32 { entry, start_info } => EntryState::Pvh32 { entry, start_info },

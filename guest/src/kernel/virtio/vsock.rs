@@ -20,6 +20,12 @@ pub const OP_RW: u16 = 5;
 pub const OP_CREDIT_UPDATE: u16 = 6;
 pub const OP_CREDIT_REQUEST: u16 = 7;
 pub const HOST_CID: u64 = 2;
+/// `virtio_vsock_event.id` of a transport reset (§5.10.6.6): every
+/// connection is gone (e.g. the VM was restored from a snapshot).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+/// `struct virtio_vsock_event { le32 id; }`.
+const EVENT_LEN: usize = 4;
+const EVENT_QUEUE_SIZE: u16 = 8;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Header {
@@ -86,8 +92,11 @@ impl From<NoMemory> for SetupError {
 
 pub struct Vsock {
     pub guest_cid: u64,
+    dev: Mmio,
     rx: VirtQueue,
     tx: VirtQueue,
+    /// The event queue (2); None if the device offers none.
+    ev: Option<VirtQueue>,
     /// TX buffers not owned by the device.
     tx_free: alloc::vec::Vec<u16>,
 }
@@ -127,25 +136,66 @@ impl Vsock {
         if dev.read(mmio::REG_STATUS) & mmio::STATUS_FEATURES_OK == 0 {
             return Err(SetupError::FeaturesRefused);
         }
-        let cid_low = u64::from(dev.read(mmio::REG_CONFIG));
-        let cid_high = u64::from(dev.read(mmio::REG_CONFIG + 4));
+        let guest_cid = read_cid(&dev);
         dev.write(mmio::REG_QUEUE_SEL, 0);
         let size = QUEUE_SIZE.min(dev.read(mmio::REG_QUEUE_NUM_MAX) as u16);
         let mut rx = VirtQueue::new(&dev, 0, size, BUF_SIZE, true)?;
         let tx = VirtQueue::new(&dev, 1, size, BUF_SIZE, false)?;
-        // The event queue (2) is never used: the device sends no events.
+        // The event queue carries transport resets: keep it stocked so the
+        // device can always tell us (it cannot send one without a buffer).
+        dev.write(mmio::REG_QUEUE_SEL, 2);
+        let ev_size = EVENT_QUEUE_SIZE.min(dev.read(mmio::REG_QUEUE_NUM_MAX) as u16);
+        let mut ev = if ev_size == 0 {
+            None
+        } else {
+            Some(VirtQueue::new(&dev, 2, ev_size, EVENT_LEN, true)?)
+        };
         for id in 0..rx.size() {
             rx.push(id, BUF_SIZE);
+        }
+        if let Some(ev) = &mut ev {
+            for id in 0..ev.size() {
+                ev.push(id, EVENT_LEN);
+            }
         }
         let tx_free = (0..tx.size()).rev().collect();
         dev.write(mmio::REG_STATUS, status | mmio::STATUS_DRIVER_OK);
         rx.publish();
+        if let Some(ev) = &mut ev {
+            ev.publish();
+        }
         Ok(Vsock {
-            guest_cid: cid_low | (cid_high << 32),
+            guest_cid,
+            dev,
             rx,
             tx,
+            ev,
             tx_free,
         })
+    }
+
+    /// The next event from the device, if any. Its buffer is posted again
+    /// at the next [`Vsock::flush`]: after a transport reset the device
+    /// holds RX back until then, so the caller must have dropped its
+    /// connections by that time.
+    pub fn recv_event(&mut self) -> Option<u32> {
+        let ev = self.ev.as_mut()?;
+        while let Some((id, len)) = ev.pop_used() {
+            let buf = ev.buffer(id);
+            let event = (len as usize >= EVENT_LEN)
+                .then(|| u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
+            ev.push(id, EVENT_LEN);
+            if event.is_some() {
+                return event;
+            }
+        }
+        None
+    }
+
+    /// Reads the guest CID from config space again (it may change across
+    /// a transport reset, spec §5.10.6.6).
+    pub fn reread_cid(&mut self) {
+        self.guest_cid = read_cid(&self.dev);
     }
 
     /// The next received packet, handed to `f` with its payload; the RX
@@ -198,5 +248,15 @@ impl Vsock {
     pub fn flush(&mut self) {
         self.tx.publish();
         self.rx.publish();
+        if let Some(ev) = &mut self.ev {
+            ev.publish();
+        }
     }
+}
+
+/// `guest_cid` (le64) from the config space, as two 32-bit reads.
+fn read_cid(dev: &Mmio) -> u64 {
+    let low = u64::from(dev.read(mmio::REG_CONFIG));
+    let high = u64::from(dev.read(mmio::REG_CONFIG + 4));
+    low | (high << 32)
 }

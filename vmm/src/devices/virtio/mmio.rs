@@ -5,7 +5,8 @@
 //! QueueNotify is caught in the kernel by an ioeventfd and never reaches
 //! this code on the per-request path.
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 pub const MAGIC: u32 = 0x7472_6976; // "virt"
 pub const VERSION: u32 = 2;
@@ -68,7 +69,77 @@ pub struct MmioTransport {
     pub queues: Vec<Queue>,
     /// Device-specific configuration space, little endian.
     config: Vec<u8>,
+    /// Bumped whenever `config` changes under the driver (§4.2.2).
+    config_generation: u32,
 }
+
+/// One virtqueue as the transport knows it (virtio-queue's `QueueState`,
+/// which has no serde support of its own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    /// Device positions: the next avail entry to take, the next used slot.
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// The virtio-mmio register file of one device, for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    pub device_features: u64,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    /// Always 0 today: the guest polls and the device raises no interrupts.
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// A saved transport that does not fit the device it is restored into.
+#[derive(Debug, thiserror::Error)]
+#[error("virtio-mmio state: {0}")]
+pub struct BadTransportState(pub String);
 
 impl MmioTransport {
     /// `queue_max` must be a power of two (virtio-queue checks it).
@@ -93,7 +164,70 @@ impl MmioTransport {
             status: 0,
             queues,
             config,
+            config_generation: 0,
         }
+    }
+
+    /// The register file and queue positions. Only meaningful while the
+    /// device thread is paused (it moves the queue positions).
+    pub fn save(&self) -> MmioTransportState {
+        MmioTransportState {
+            device_features: self.device_features,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: 0,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+        }
+    }
+
+    /// Takes over a saved register file. The saved device must be this one
+    /// (features, queue count and maximum sizes), and every queue must pass
+    /// virtio-queue's checks (sizes, alignment): the state is untrusted.
+    pub fn restore(&mut self, s: &MmioTransportState) -> Result<(), BadTransportState> {
+        if s.device_features != self.device_features {
+            return Err(BadTransportState(format!(
+                "device features {:#x}, this device offers {:#x}",
+                s.device_features, self.device_features
+            )));
+        }
+        if s.driver_features & !self.device_features != 0 {
+            return Err(BadTransportState(format!(
+                "driver features {:#x} were never offered",
+                s.driver_features
+            )));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(BadTransportState(format!(
+                "{} queues saved, the device has {}",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (saved, ours)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != ours.max_size() {
+                return Err(BadTransportState(format!(
+                    "queue {i}: max size {} saved, the device has {}",
+                    saved.max_size,
+                    ours.max_size()
+                )));
+            }
+            let q = Queue::try_from(QueueState::from(*saved))
+                .map_err(|e| BadTransportState(format!("queue {i}: {e}")))?;
+            queues.push(q);
+        }
+        self.queues = queues;
+        self.driver_features = s.driver_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        Ok(())
     }
 
     pub fn driver_ok(&self) -> bool {
@@ -127,7 +261,7 @@ impl MmioTransport {
             REG_QUEUE_READY => self.selected().map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => 0,
             REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.config_generation,
             _ => {
                 tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0

@@ -67,6 +67,17 @@ impl Backend {
         }
     }
 
+    /// The next host port to hand out (saved with the device state).
+    pub fn next_port(&self) -> u32 {
+        self.next_port
+    }
+
+    /// Continues port numbering from a saved device, clamped to the range
+    /// host ports are numbered in.
+    pub fn set_next_port(&mut self, port: u32) {
+        self.next_port = port.clamp(FIRST_HOST_PORT, u32::MAX - 1);
+    }
+
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }

@@ -7,9 +7,10 @@
 //! unrelated devices and no loop timeout in the way.
 
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::QueueT;
@@ -19,17 +20,26 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{Backend, Broken, GUEST_CID, TOKEN_CONN_BASE};
 use super::host::HostListener;
+use super::state::{ResetEvent, VsockState};
 use crate::devices::virtio::mmio::{
     MmioEvent, MmioTransport, F_RING_EVENT_IDX, F_VERSION_1, REG_QUEUE_NOTIFY,
 };
 
 pub const DEVICE_ID_VSOCK: u32 = 19;
 const QUEUE_SIZE: u16 = 256;
+/// The event queue only ever carries transport resets.
+const EVENT_QUEUE_SIZE: u16 = 8;
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_NOTIFY: u64 = 1;
 const TOKEN_CONTROL: u64 = 2;
 const TOKEN_LISTENER: u64 = 3;
+const TOKEN_PAUSE: u64 = 4;
+
+/// How long [`VsockDevice::pause`] waits for the thread. It only has to
+/// finish one round over the queues, so this is a "the thread is stuck"
+/// bound, not a latency.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -40,6 +50,12 @@ pub enum VsockError {
     },
     #[error("virtio-vsock: cannot register the queue-notify ioeventfd: {0}")]
     Ioevent(kvm_ioctls::Error),
+    #[error("virtio-vsock: the device thread did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    #[error("virtio-vsock: device state can only be read while the device is paused")]
+    NotPaused,
+    #[error("virtio-vsock: cannot restore: {0}")]
+    BadState(String),
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> VsockError {
@@ -53,6 +69,33 @@ struct Shared {
     control: EventFd,
     stop: EventFd,
     stopping: AtomicBool,
+    /// Written by [`VsockDevice::pause`] to get the thread out of epoll.
+    pause_evt: EventFd,
+    pause: Mutex<PauseState>,
+    /// Signals `pause` changes both ways (parked, released, exited).
+    pause_cv: Condvar,
+    /// The backend's next host port, kept current by the thread so the
+    /// state can be read without it.
+    next_port: AtomicU32,
+}
+
+#[derive(Default)]
+struct PauseState {
+    /// Set by pause(), cleared by resume().
+    requested: bool,
+    /// The thread is parked: it touches neither guest memory nor queues.
+    parked: bool,
+    /// The thread has returned (stopped, or failed): as good as parked.
+    exited: bool,
+    /// The thread is in (or about to enter) epoll_wait, touching nothing;
+    /// when it returns it parks before anything else if `requested`.
+    idle: bool,
+}
+
+impl PauseState {
+    fn held(&self) -> bool {
+        self.parked || self.exited || self.idle
+    }
 }
 
 /// The device as the MMIO bus sees it.
@@ -68,9 +111,20 @@ impl std::fmt::Debug for VsockDevice {
     }
 }
 
-fn lock(m: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not take the device down with it.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Marks the thread exited however it returns (including a panic), so a
+/// pause() never waits for a thread that is gone.
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        lock(&self.0.pause).exited = true;
+        self.0.pause_cv.notify_all();
+    }
 }
 
 impl VsockDevice {
@@ -83,19 +137,75 @@ impl VsockDevice {
         listener: HostListener,
         wake: Box<dyn Fn() + Send>,
     ) -> Result<VsockDevice, VsockError> {
+        Self::spawn(base, vm_fd, mem, Some(listener), wake, None)
+    }
+
+    /// Re-creates a saved device on a restored VM: same window, same
+    /// ioeventfd, queues at their saved positions, no connections. The
+    /// guest is sent a transport reset so it drops the streams it had;
+    /// until it has taken it no packet goes to RX. Without a listener the
+    /// device still serves the guest, but no host connection can reach it.
+    pub fn restore(
+        base: u64,
+        vm_fd: &VmFd,
+        mem: GuestMemoryMmap,
+        listener: Option<HostListener>,
+        wake: Box<dyn Fn() + Send>,
+        state: &VsockState,
+    ) -> Result<VsockDevice, VsockError> {
+        Self::spawn(base, vm_fd, mem, listener, wake, Some(state))
+    }
+
+    pub(crate) fn new_transport() -> MmioTransport {
         let mut config = Vec::new();
         config.extend_from_slice(&GUEST_CID.to_le_bytes());
-        let transport = MmioTransport::new(
+        MmioTransport::new(
             DEVICE_ID_VSOCK,
             F_VERSION_1 | F_RING_EVENT_IDX,
-            &[QUEUE_SIZE, QUEUE_SIZE, 8],
+            &[QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE],
             config,
-        );
+        )
+    }
+
+    /// A transport in the saved state (checked: the state is untrusted).
+    pub fn transport_from_state(state: &VsockState) -> Result<MmioTransport, VsockError> {
+        if state.guest_cid != GUEST_CID {
+            // The backend addresses the guest by this constant.
+            return Err(VsockError::BadState(format!(
+                "guest CID {} (this build uses {GUEST_CID})",
+                state.guest_cid
+            )));
+        }
+        let mut transport = Self::new_transport();
+        transport
+            .restore(&state.transport)
+            .map_err(|e| VsockError::BadState(e.to_string()))?;
+        Ok(transport)
+    }
+
+    fn spawn(
+        base: u64,
+        vm_fd: &VmFd,
+        mem: GuestMemoryMmap,
+        listener: Option<HostListener>,
+        wake: Box<dyn Fn() + Send>,
+        saved: Option<&VsockState>,
+    ) -> Result<VsockDevice, VsockError> {
+        let transport = match saved {
+            Some(state) => Self::transport_from_state(state)?,
+            None => Self::new_transport(),
+        };
+        let active = transport.driver_ok();
+        let backend_port = saved.map(|state| state.next_host_port);
         let shared = Arc::new(Shared {
             transport: Mutex::new(transport),
             control: EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?,
             stop: EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?,
             stopping: AtomicBool::new(false),
+            pause_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?,
+            pause: Mutex::new(PauseState::default()),
+            pause_cv: Condvar::new(),
+            next_port: AtomicU32::new(0),
         });
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
         // Any write to QueueNotify lands here, in the kernel: no exit to
@@ -118,21 +228,41 @@ impl VsockDevice {
         add(shared.stop.as_raw_fd(), TOKEN_STOP).map_err(io("epoll"))?;
         add(notify.as_raw_fd(), TOKEN_NOTIFY).map_err(io("epoll"))?;
         add(shared.control.as_raw_fd(), TOKEN_CONTROL).map_err(io("epoll"))?;
-        add(listener.as_raw_fd(), TOKEN_LISTENER).map_err(io("epoll"))?;
+        add(shared.pause_evt.as_raw_fd(), TOKEN_PAUSE).map_err(io("epoll"))?;
+        if let Some(l) = &listener {
+            add(l.as_raw_fd(), TOKEN_LISTENER).map_err(io("epoll"))?;
+        }
+        let mut backend = Backend::new(Some(epoll.clone()));
+        if let Some(port) = backend_port {
+            backend.set_next_port(port);
+        }
+        shared
+            .next_port
+            .store(backend.next_port(), Ordering::Relaxed);
         let worker = Worker {
             shared: shared.clone(),
             mem,
             listener,
             notify,
-            backend: Backend::new(Some(epoll.clone())),
+            backend,
             epoll,
             wake,
-            active: false,
+            active,
             broken: false,
+            // A restored, live device owes the guest a transport reset:
+            // the streams it knows about died with the old process.
+            reset: if saved.is_some() && active {
+                ResetEvent::Pending
+            } else {
+                ResetEvent::Done
+            },
         };
         let thread = std::thread::Builder::new()
             .name("vsock".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                let _exit = ExitGuard(worker.shared.clone());
+                worker.run()
+            })
             .map_err(io("cannot spawn the device thread"))?;
         Ok(VsockDevice {
             base,
@@ -158,9 +288,72 @@ impl VsockDevice {
         }
     }
 
+    /// Returns once the device thread is parked between packets: from then
+    /// until [`VsockDevice::resume`] it reads and writes neither guest
+    /// memory nor queue state (host sockets keep queueing in the kernel).
+    /// Idempotent; immediate if the thread has exited.
+    pub fn pause(&self) -> Result<(), VsockError> {
+        let mut p = lock(&self.shared.pause);
+        p.requested = true;
+        if p.held() {
+            return Ok(());
+        }
+        if let Err(e) = self.shared.pause_evt.write(1) {
+            p.requested = false;
+            return Err(VsockError::Io {
+                what: "cannot signal the device thread",
+                source: e,
+            });
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while !p.held() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Do not leave the thread to park later behind our back.
+                p.requested = false;
+                return Err(VsockError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+            p = match self.shared.pause_cv.wait_timeout(p, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        Ok(())
+    }
+
+    /// Releases a thread held by [`VsockDevice::pause`] (no-op otherwise).
+    pub fn resume(&self) {
+        lock(&self.shared.pause).requested = false;
+        self.shared.pause_cv.notify_all();
+    }
+
+    /// Whether the thread is held (or gone) after a pause().
+    pub fn is_paused(&self) -> bool {
+        let p = lock(&self.shared.pause);
+        p.requested && p.held()
+    }
+
+    /// The device state; only while paused, so the queue positions are
+    /// those of the guest memory captured in the same pause.
+    pub fn save_state(&self) -> Result<VsockState, VsockError> {
+        if !self.is_paused() {
+            return Err(VsockError::NotPaused);
+        }
+        Ok(VsockState {
+            transport: lock(&self.shared.transport).save(),
+            guest_cid: GUEST_CID,
+            next_host_port: self.shared.next_port.load(Ordering::Relaxed),
+        })
+    }
+
     /// Stops the device thread (idempotent).
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::Release);
+        {
+            // Under the lock, so a thread about to wait cannot miss it.
+            let _p = lock(&self.shared.pause);
+            self.shared.pause_cv.notify_all();
+        }
         let _ = self.shared.stop.write(1);
         let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = handle {
@@ -178,20 +371,31 @@ impl Drop for VsockDevice {
 struct Worker {
     shared: Arc<Shared>,
     mem: GuestMemoryMmap,
-    listener: HostListener,
+    listener: Option<HostListener>,
     notify: EventFd,
     backend: Backend,
     epoll: Arc<Epoll>,
     wake: Box<dyn Fn() + Send>,
     active: bool,
     broken: bool,
+    reset: ResetEvent,
 }
 
 impl Worker {
     fn run(mut self) {
         let mut events = vec![EpollEvent::default(); 256];
+        // A restored device has a reset to deliver before anything wakes it.
+        self.process();
         while !self.shared.stopping.load(Ordering::Acquire) {
-            let n = match self.epoll.wait(-1, &mut events) {
+            // From here until epoll returns the thread touches nothing, so
+            // a pause meanwhile needs no wake-up (the common, idle case).
+            self.checkpoint(true);
+            if self.shared.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let wait = self.epoll.wait(-1, &mut events);
+            self.checkpoint(false);
+            let n = match wait {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -210,14 +414,44 @@ impl Worker {
                         self.control();
                     }
                     TOKEN_LISTENER => self.accept(),
+                    TOKEN_PAUSE => {
+                        let _ = self.shared.pause_evt.read();
+                    }
                     token => {
                         let port = token.saturating_sub(TOKEN_CONN_BASE) as u32;
                         self.backend.socket_event(port, ev.event_set());
                     }
                 }
             }
+            // Events above only touch host sockets and backend state, so
+            // parking here (not before them) loses no edge-triggered event;
+            // the queues are handled on release.
+            self.checkpoint(false);
+            if self.shared.stopping.load(Ordering::Acquire) {
+                return;
+            }
             self.process();
         }
+    }
+
+    /// Holds the thread while a pause is requested, then records whether
+    /// it is about to block in epoll (`idle`).
+    fn checkpoint(&self, entering_epoll: bool) {
+        let mut p = lock(&self.shared.pause);
+        p.idle = false;
+        if p.requested {
+            p.parked = true;
+            self.shared.pause_cv.notify_all();
+            while p.requested && !self.shared.stopping.load(Ordering::Acquire) {
+                p = self
+                    .shared
+                    .pause_cv
+                    .wait(p)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            p.parked = false;
+        }
+        p.idle = entering_epoll;
     }
 
     /// The driver activated or reset the device.
@@ -227,13 +461,18 @@ impl Worker {
             tracing::info!("virtio-vsock: reset by the guest");
             self.backend.reset();
             self.broken = false;
+            // A driver that starts over has no old streams to drop.
+            self.reset = ResetEvent::Done;
         }
         self.active = ok;
     }
 
     fn accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
         loop {
-            match self.listener.accept() {
+            match listener.accept() {
                 Ok(Some(stream)) => {
                     if !self.active || self.broken {
                         // Nobody to forward to: closing tells the client.
@@ -242,6 +481,9 @@ impl Worker {
                     if let Err(e) = self.backend.add_host_stream(stream) {
                         tracing::warn!("virtio-vsock: cannot watch a connection: {e}");
                     }
+                    self.shared
+                        .next_port
+                        .store(self.backend.next_port(), Ordering::Relaxed);
                 }
                 Ok(None) => return,
                 Err(e) => {
@@ -259,7 +501,7 @@ impl Worker {
         }
         let result = {
             let mut t = lock(&self.shared.transport);
-            process_queues(&mut self.backend, &self.mem, &mut t)
+            process_queues(&mut self.backend, &self.mem, &mut t, &mut self.reset)
         };
         match result {
             Ok(true) => (self.wake)(),
@@ -273,20 +515,22 @@ impl Worker {
     }
 }
 
-/// One round of TX then RX; true if the guest has new used buffers.
+/// One round of events, TX then RX; true if the guest has new used
+/// buffers. RX waits while a transport reset is owed or unacknowledged.
 pub fn process_queues(
     backend: &mut Backend,
     mem: &GuestMemoryMmap,
     t: &mut MmioTransport,
+    reset: &mut ResetEvent,
 ) -> Result<bool, Broken> {
-    let [rxq, txq, ..] = t.queues.as_mut_slice() else {
+    let [rxq, txq, evq, ..] = t.queues.as_mut_slice() else {
         return Ok(false);
     };
-    let mut used = false;
+    let mut used = reset.advance(mem, evq)?;
     if txq.ready() {
         used |= backend.process_tx(mem, txq)?;
     }
-    if rxq.ready() {
+    if rxq.ready() && !reset.blocks_rx() {
         used |= backend.process_rx(mem, rxq)?;
     }
     Ok(used)

@@ -7,9 +7,11 @@ pub mod conn;
 pub mod device;
 pub mod host;
 pub mod packet;
+pub mod state;
 
 #[cfg(test)]
 mod tests;
 
 pub use device::{VsockDevice, VsockError};
 pub use host::{HostListener, ListenAddr};
+pub use state::VsockState;

@@ -1,0 +1,842 @@
+//! Snapshots of a running VM (DESIGN.md §2): [`Vm::snapshot`] runs the
+//! sync phase (pause vCPUs, capture VM state, `Engine::begin` over guest
+//! RAM, resume) and returns as soon as the guest runs again; a background
+//! thread then waits for the engine's copy and persists the snapshot
+//! atomically with [`snapshot::write_snapshot`]. One snapshot is in flight
+//! per VM: from the request until it is persisted (or failed).
+//!
+//! A failure at any point rolls back through the engine (which lifts every
+//! protection) and leaves the VM running; the handle records why.
+//!
+//! `Strategy::Fork` (the baseline the engine does not do) is wired here, in
+//! [`fork`]: the sync phase forks the VMM process and the child writes the
+//! snapshot directory from its copy-on-write image of guest RAM.
+//!
+//! The metrics of a finished snapshot are also written as `metrics.json`
+//! inside the snapshot directory, after it was renamed into place: the
+//! file is not part of the checksummed format and the reader ignores it.
+
+mod fork;
+pub mod restore_cli;
+pub mod trigger;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use snapshot::persist::WriteSummary;
+use snapshot::{
+    Config, Engine, FaultInjection, Metrics, Region, Strategy, SyncMetrics, WriteOptions,
+    CHUNK_SIZE,
+};
+
+use crate::vcpu_control::PauseError;
+use crate::vm::Vm;
+use crate::vmstate::VmStateError;
+
+/// File with the metrics of a finished snapshot, inside its directory.
+pub const METRICS_FILE: &str = "metrics.json";
+
+/// What to snapshot and how.
+#[derive(Debug, Clone)]
+pub struct SnapshotRequest {
+    /// Target directory (created atomically; see `overwrite`).
+    pub dir: PathBuf,
+    pub mode: Strategy,
+    /// Background copier threads (async-fork) or copiers in the pause
+    /// (stop-the-world); sync-wp always uses one, fork one child process.
+    pub workers: usize,
+    /// Replace an existing snapshot directory atomically.
+    pub overwrite: bool,
+    /// Test hook: make the engine fail on purpose (rollback tests).
+    pub injection: FaultInjection,
+    /// Test hook: while the vCPUs are paused, checksum every 2 MiB chunk of
+    /// guest RAM (O(memory) in the pause: for tests only), so the persisted
+    /// image can be compared bit for bit. See
+    /// [`SnapshotHandle::sync_checksums`].
+    pub capture_checksums: bool,
+    /// Keep the engine's destination memory after this snapshot and reuse
+    /// it for the next one with the same mode and workers, so later
+    /// snapshots copy at memory speed instead of first-touching fresh
+    /// memory (the engine docs measure the difference), at the price of a
+    /// guest-sized buffer held between snapshots.
+    pub keep_memory: bool,
+}
+
+impl SnapshotRequest {
+    /// Async-fork with two workers into `dir`, no overwrite.
+    pub fn new(dir: impl Into<PathBuf>) -> SnapshotRequest {
+        SnapshotRequest {
+            dir: dir.into(),
+            mode: Strategy::AsyncFork,
+            workers: 2,
+            overwrite: false,
+            injection: FaultInjection::default(),
+            capture_checksums: false,
+            keep_memory: false,
+        }
+    }
+}
+
+/// Why a snapshot could not be started (the VM keeps running).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot in progress")]
+    InProgress,
+    #[error("snapshot strategy {0} is not supported by snapvm yet")]
+    Unsupported(Strategy),
+    #[error("invalid snapshot request: {0}")]
+    Invalid(String),
+    #[error("cannot pause the VM for a snapshot: {0}")]
+    Pause(#[from] PauseError),
+    #[error("cannot pause the devices for a snapshot: {0}")]
+    Devices(crate::vm::VmError),
+    #[error("cannot capture the VM state: {0}")]
+    State(#[from] VmStateError),
+    #[error("snapshot engine: {0}")]
+    Engine(#[from] snapshot::Error),
+    #[error("cannot start the snapshot thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("snapshot failed: {0}")]
+    Failed(String),
+}
+
+/// Where a snapshot is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotState {
+    /// The engine is copying guest memory (the guest runs).
+    Copying,
+    /// Memory copied; writing the snapshot directory.
+    Persisting,
+    Done,
+    Failed(String),
+}
+
+impl SnapshotState {
+    pub fn is_finished(&self) -> bool {
+        matches!(self, SnapshotState::Done | SnapshotState::Failed(_))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            SnapshotState::Copying => "copying",
+            SnapshotState::Persisting => "persisting",
+            SnapshotState::Done => "done",
+            SnapshotState::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Live progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    pub state: SnapshotState,
+    /// Copy units settled (2 MiB chunks; 4 KiB pages for sync-wp).
+    pub chunks_done: usize,
+    pub chunks_total: usize,
+    pub bytes_copied: u64,
+    /// Persisting: bytes written of the total.
+    pub bytes_written: u64,
+    pub bytes_to_write: u64,
+}
+
+/// The sync phase as the VM saw it (the vCPUs are paused from the start of
+/// `pause` to the end of `resume`).
+#[derive(Debug, Clone, Default)]
+pub struct SyncPhase {
+    /// Kicking every vCPU out of KVM_RUN until all are held.
+    pub pause: Duration,
+    /// `save_state` + encode.
+    pub state_capture: Duration,
+    /// Test-only chunk checksums (zero unless requested).
+    pub checksums: Duration,
+    /// `Engine::begin` as a whole (register + write-protect + ...; the whole
+    /// copy for stop-the-world).
+    pub begin: Duration,
+    /// The engine's own breakdown of `begin`.
+    pub engine: SyncMetrics,
+    /// Releasing the vCPUs.
+    pub resume: Duration,
+    /// From the pause request until `resume` returned: the guest's stall.
+    pub total: Duration,
+}
+
+/// Everything measured about one snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotMetrics {
+    pub strategy: Strategy,
+    pub workers: usize,
+    pub sync: SyncPhase,
+    /// The engine's final numbers (copy time, chunks by path, faults).
+    pub engine: Option<Metrics>,
+    /// From the end of the sync phase until `wait()` returned.
+    pub copy_wait: Duration,
+    pub persist: Option<WriteSummary>,
+    /// From the request until the snapshot was persisted or failed.
+    pub total: Duration,
+}
+
+impl SnapshotMetrics {
+    fn new(strategy: Strategy, workers: usize) -> SnapshotMetrics {
+        SnapshotMetrics {
+            strategy,
+            workers,
+            sync: SyncPhase::default(),
+            engine: None,
+            copy_wait: Duration::ZERO,
+            persist: None,
+            total: Duration::ZERO,
+        }
+    }
+
+    /// One JSON object (hand-written: no serde_json in the VMM).
+    pub fn to_json(&self) -> String {
+        fn us(d: Duration) -> String {
+            format!("{:.1}", d.as_secs_f64() * 1e6)
+        }
+        let s = &self.sync;
+        let e = &s.engine;
+        let mut out = format!(
+            "{{\"strategy\":\"{}\",\"workers\":{},\"sync_us\":{{\"total\":{},\"pause\":{},\"state_capture\":{},\"checksums\":{},\"begin\":{},\"dest_alloc\":{},\"register\":{},\"write_protect\":{},\"table_init\":{},\"stw_copy\":{},\"spawn\":{},\"resume\":{}}},\"copy_wait_us\":{},\"total_us\":{}",
+            self.strategy,
+            self.workers,
+            us(s.total),
+            us(s.pause),
+            us(s.state_capture),
+            us(s.checksums),
+            us(s.begin),
+            us(e.dest_alloc),
+            us(e.register),
+            us(e.write_protect),
+            us(e.table_init),
+            us(e.copy),
+            us(e.spawn),
+            us(s.resume),
+            us(self.copy_wait),
+            us(self.total),
+        );
+        if let Some(m) = &self.engine {
+            let h = &m.fault_latency_ns;
+            out.push_str(&format!(
+                ",\"engine\":{{\"copy_total_us\":{},\"finish_us\":{},\"unit_size\":{},\"chunks_total\":{},\"chunks_by_workers\":{},\"chunks_by_fault_path\":{},\"chunks_by_hook\":{},\"zero_chunks\":{},\"bytes_copied\":{},\"wp_faults\":{},\"missing_faults\":{},\"fault_latency_us\":{{\"count\":{},\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"peak_extra_memory\":{}}}",
+                us(m.copy_total),
+                us(m.finish),
+                m.unit_size,
+                m.chunks_total,
+                m.chunks_by_workers,
+                m.chunks_by_fault_path,
+                m.chunks_by_hook,
+                m.zero_chunks,
+                m.bytes_copied,
+                m.wp_faults,
+                m.missing_faults,
+                h.len(),
+                h.value_at_quantile(0.5) as f64 / 1e3,
+                h.value_at_quantile(0.99) as f64 / 1e3,
+                h.max() as f64 / 1e3,
+                m.peak_extra_memory,
+            ));
+        }
+        if let Some(p) = &self.persist {
+            out.push_str(&format!(
+                ",\"persist\":{{\"elapsed_us\":{},\"image_len\":{},\"data_bytes\":{},\"zero_chunks\":{},\"state_bytes\":{}}}",
+                us(p.elapsed),
+                p.image_len,
+                p.data_bytes,
+                p.zero_chunks,
+                p.state_bytes
+            ));
+        }
+        out.push('}');
+        out
+    }
+
+    /// One human-readable line for the log.
+    pub fn summary(&self) -> String {
+        let s = &self.sync;
+        let mut out = format!(
+            "{} x{}: pause {:?} (pause {:?}, state {:?}, begin {:?} [write-protect {:?}], resume {:?})",
+            self.strategy,
+            self.workers,
+            s.total,
+            s.pause,
+            s.state_capture,
+            s.begin,
+            s.engine.write_protect,
+            s.resume
+        );
+        if let Some(m) = &self.engine {
+            out.push_str(&format!(
+                "; copy {:?}, chunks {} (workers {}, fault path {}, hooks {}, zero {}), {} bytes copied, faults {} (p50 {} us, p99 {} us, max {} us)",
+                m.copy_total,
+                m.chunks_total,
+                m.chunks_by_workers,
+                m.chunks_by_fault_path,
+                m.chunks_by_hook,
+                m.zero_chunks,
+                m.bytes_copied,
+                m.faults(),
+                m.fault_latency_at(0.5) / 1000,
+                m.fault_latency_at(0.99) / 1000,
+                m.fault_latency_ns.max() / 1000
+            ));
+        }
+        if let Some(p) = &self.persist {
+            out.push_str(&format!(
+                "; persisted {} data bytes ({} zero chunks) in {:?}",
+                p.data_bytes, p.zero_chunks, p.elapsed
+            ));
+        }
+        out
+    }
+}
+
+/// Per-VM snapshot bookkeeping: "one snapshot in flight".
+#[derive(Debug, Default)]
+pub struct SnapshotSlot {
+    busy: AtomicBool,
+    /// The engine of the last `keep_memory` snapshot (holding its kept
+    /// destination), reused by the next request with the same config.
+    kept: Mutex<Option<Arc<Engine>>>,
+}
+
+impl SnapshotSlot {
+    fn try_claim(&self) -> bool {
+        self.busy
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.busy.store(false, Ordering::Release);
+    }
+
+    /// The engine for `config`: the kept one if it matches, else a new one
+    /// (kept for next time if `config.keep_destination`). Call with the
+    /// slot claimed (so the kept engine is idle).
+    fn engine(&self, config: Config) -> Result<Arc<Engine>, snapshot::Error> {
+        let mut kept = lock(&self.kept);
+        if let Some(e) = kept.as_ref() {
+            let c = e.config();
+            if config.keep_destination
+                && c.strategy == config.strategy
+                && c.workers == config.workers
+                && c.injection == config.injection
+                && c.keep_destination
+            {
+                return Ok(e.clone());
+            }
+            e.release_destination();
+            *kept = None;
+        }
+        let keep = config.keep_destination;
+        let engine = Arc::new(Engine::new(config)?);
+        if keep {
+            *kept = Some(engine.clone());
+        }
+        Ok(engine)
+    }
+
+    /// Bytes of destination memory kept for the next snapshot.
+    pub fn kept_bytes(&self) -> u64 {
+        lock(&self.kept)
+            .as_ref()
+            .map_or(0, |e| e.kept_destination_bytes())
+    }
+
+    pub fn in_progress(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+}
+
+/// Releases the slot when dropped (even if the snapshot thread panics).
+struct SlotGuard(Arc<SnapshotSlot>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// Who copies the memory of a snapshot in flight.
+#[derive(Debug)]
+enum Copier {
+    Engine(Arc<Engine>),
+    /// The `fork` baseline's writer process.
+    Fork(libc::pid_t),
+}
+
+/// What the snapshot thread waits for.
+enum Work {
+    Engine(Arc<Engine>),
+    Fork(fork::ForkChild),
+}
+
+#[derive(Debug)]
+struct Tracker {
+    dir: PathBuf,
+    copier: Copier,
+    inner: Mutex<TrackerInner>,
+    changed: Condvar,
+    checksums: Option<Vec<u32>>,
+}
+
+#[derive(Debug)]
+struct TrackerInner {
+    state: SnapshotState,
+    metrics: SnapshotMetrics,
+    bytes_written: u64,
+    bytes_to_write: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A snapshot begun by [`Vm::snapshot`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SnapshotHandle {
+    t: Arc<Tracker>,
+}
+
+impl SnapshotHandle {
+    pub fn dir(&self) -> &Path {
+        &self.t.dir
+    }
+
+    pub fn state(&self) -> SnapshotState {
+        lock(&self.t.inner).state.clone()
+    }
+
+    pub fn progress(&self) -> SnapshotProgress {
+        let inner = lock(&self.t.inner);
+        let mut p = SnapshotProgress {
+            state: inner.state.clone(),
+            chunks_done: 0,
+            chunks_total: 0,
+            bytes_copied: 0,
+            bytes_written: inner.bytes_written,
+            bytes_to_write: inner.bytes_to_write,
+        };
+        drop(inner);
+        let live = match &self.t.copier {
+            Copier::Engine(e) => e.progress(),
+            Copier::Fork(_) => None,
+        };
+        if let Some(e) = live {
+            p.chunks_done = e.chunks_done;
+            p.chunks_total = e.chunks_total;
+            p.bytes_copied = e.bytes_copied;
+        } else if let Some(m) = &lock(&self.t.inner).metrics.engine {
+            p.chunks_done = m.chunks_total;
+            p.chunks_total = m.chunks_total;
+            p.bytes_copied = m.bytes_copied;
+        }
+        p
+    }
+
+    /// Cancels the copy in flight: the engine rolls back (protections
+    /// lifted, the VM untouched) and the snapshot ends as failed. Too late
+    /// once persisting has begun (then it is an error, and nothing changes).
+    pub fn cancel(&self) -> Result<(), SnapshotError> {
+        match &self.t.copier {
+            Copier::Engine(e) => e.cancel().map_err(SnapshotError::Engine),
+            Copier::Fork(pid) => {
+                // SAFETY: signalling our own child (not yet reaped: the
+                // snapshot thread reaps it), no memory involved.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Metrics so far (complete once finished).
+    pub fn metrics(&self) -> SnapshotMetrics {
+        lock(&self.t.inner).metrics.clone()
+    }
+
+    /// Blocks until the snapshot is persisted (Ok) or failed.
+    pub fn wait(&self) -> Result<SnapshotMetrics, SnapshotError> {
+        self.wait_timeout(Duration::MAX)
+            .unwrap_or_else(|| Err(SnapshotError::Failed("wait timed out".into())))
+    }
+
+    /// As [`Self::wait`], giving up (None) after `timeout`.
+    pub fn wait_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Option<Result<SnapshotMetrics, SnapshotError>> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut inner = lock(&self.t.inner);
+        loop {
+            match &inner.state {
+                SnapshotState::Done => return Some(Ok(inner.metrics.clone())),
+                SnapshotState::Failed(why) => return Some(Err(SnapshotError::Failed(why.clone()))),
+                _ => {}
+            }
+            let left = match deadline {
+                Some(d) => d.checked_duration_since(Instant::now())?,
+                None => Duration::from_secs(3600),
+            };
+            inner = match self.t.changed.wait_timeout(inner, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// With [`SnapshotRequest::capture_checksums`]: crc32c of every 2 MiB
+    /// chunk of guest RAM taken while paused, regions in order (the order
+    /// of the snapshot image).
+    pub fn sync_checksums(&self) -> Option<&[u32]> {
+        self.t.checksums.as_deref()
+    }
+
+    fn set_state(&self, state: SnapshotState) {
+        lock(&self.t.inner).state = state;
+        self.t.changed.notify_all();
+    }
+}
+
+/// crc32c of every 2 MiB chunk of `regions`' host memory, in order. Reads
+/// the memory: call only while nothing writes it.
+fn checksum_chunks(regions: &[Region]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for r in regions {
+        // SAFETY: the region is live guest RAM of `len` bytes (the VM owns
+        // the mapping and outlives this call) and the vCPUs are paused, so
+        // the read is of stable memory.
+        let mem = unsafe { std::slice::from_raw_parts(r.host_addr as *const u8, r.len as usize) };
+        out.extend(
+            mem.chunks(CHUNK_SIZE as usize)
+                .map(snapshot::persist::format::checksum),
+        );
+    }
+    out
+}
+
+/// crc32c of every 2 MiB chunk of an opened snapshot's memory (via
+/// `map_all`), in image order: compare with
+/// [`SnapshotHandle::sync_checksums`].
+pub fn snapshot_checksums(dir: &Path) -> Result<Vec<u32>, snapshot::PersistError> {
+    let opened = snapshot::SnapshotDir::open(dir)?;
+    let mut out = Vec::new();
+    for m in opened.map_all()? {
+        out.extend(
+            m.as_slice()
+                .chunks(CHUNK_SIZE as usize)
+                .map(snapshot::persist::format::checksum),
+        );
+    }
+    Ok(out)
+}
+
+impl Vm {
+    /// Takes a snapshot of the running VM into `req.dir` (see the module
+    /// docs). Returns once the guest runs again; the copy and the write
+    /// continue in the background (follow them with the handle). A second
+    /// request while one is in flight gets [`SnapshotError::InProgress`].
+    pub fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotHandle, SnapshotError> {
+        if !self.memory().is_anonymous() {
+            return Err(SnapshotError::Invalid(
+                "guest memory is mapped from a snapshot image (a restored VM); \
+                 snapshots need snapvm's anonymous memory"
+                    .into(),
+            ));
+        }
+        if req.workers == 0 {
+            return Err(SnapshotError::Invalid("workers must be at least 1".into()));
+        }
+        let slot = self.snapshot_slot().clone();
+        if !slot.try_claim() {
+            return Err(SnapshotError::InProgress);
+        }
+        let guard = SlotGuard(slot);
+        let t_request = Instant::now();
+        let workers = if matches!(req.mode, Strategy::SyncWp | Strategy::Fork) {
+            1
+        } else {
+            req.workers
+        };
+        let engine = if req.mode == Strategy::Fork {
+            None
+        } else {
+            Some(self.snapshot_slot().engine(Config {
+                workers,
+                strategy: req.mode,
+                injection: req.injection.clone(),
+                keep_destination: req.keep_memory,
+            })?)
+        };
+        let regions: Vec<Region> = self
+            .memory()
+            .regions()
+            .iter()
+            .map(|r| Region::new(r.guest_addr, r.host_addr as u64, r.len as u64))
+            .collect();
+        // The background thread keeps guest RAM mapped until the engine is
+        // done with it, even if the VM goes away first.
+        let ram = self.memory().clone();
+
+        // --- Sync phase: the guest is stalled from here to resume().
+        let mut sync = SyncPhase::default();
+        let t0 = Instant::now();
+        let was_paused = self.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        if let Err(e) = self.pause_devices() {
+            self.resume_devices();
+            if !was_paused {
+                self.resume()?;
+            }
+            return Err(SnapshotError::Devices(e));
+        }
+        sync.pause = t0.elapsed();
+        let resume = |sync: &mut SyncPhase| -> Result<(), PauseError> {
+            let t = Instant::now();
+            self.resume_devices();
+            let r = if was_paused { Ok(()) } else { self.resume() };
+            sync.resume = t.elapsed();
+            sync.total = t0.elapsed();
+            r
+        };
+        let t = Instant::now();
+        let blob = match self.save_state().and_then(|s| s.encode()) {
+            Ok(b) => b,
+            Err(e) => {
+                resume(&mut sync)?;
+                return Err(e.into());
+            }
+        };
+        sync.state_capture = t.elapsed();
+        let t = Instant::now();
+        let checksums = req.capture_checksums.then(|| checksum_chunks(&regions));
+        sync.checksums = t.elapsed();
+        let t = Instant::now();
+        let work = match &engine {
+            Some(engine) => {
+                // SAFETY: the regions are this VM's anonymous private guest
+                // RAM (GuestRam::new maps MAP_PRIVATE|MAP_ANONYMOUS), mapped
+                // read-write; `ram` (a clone holding the mappings) moves into
+                // the snapshot thread, which drops it only after
+                // `engine.wait()` returned. Guest RAM is never discarded or
+                // remapped while the VM lives.
+                let begun = unsafe { engine.begin(&regions) };
+                sync.begin = t.elapsed();
+                match begun {
+                    Ok(m) => {
+                        sync.engine = m;
+                        Work::Engine(engine.clone())
+                    }
+                    Err(e) => {
+                        resume(&mut sync)?;
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => {
+                let forked = fork::spawn(&regions, &blob, &req.dir, req.overwrite);
+                sync.begin = t.elapsed();
+                match forked {
+                    Ok(child) => Work::Fork(child),
+                    Err(e) => {
+                        resume(&mut sync)?;
+                        return Err(SnapshotError::Failed(format!("fork: {e}")));
+                    }
+                }
+            }
+        };
+        resume(&mut sync)?;
+        // --- The guest runs again.
+
+        tracing::info!(
+            "snapshot {}: sync phase {:?} (pause {:?}, state {:?}, begin {:?} [write-protect {:?}], resume {:?})",
+            req.dir.display(),
+            sync.total,
+            sync.pause,
+            sync.state_capture,
+            sync.begin,
+            sync.engine.write_protect,
+            sync.resume,
+        );
+        let mut metrics = SnapshotMetrics::new(req.mode, workers);
+        metrics.sync = sync;
+        let handle = SnapshotHandle {
+            t: Arc::new(Tracker {
+                dir: req.dir.clone(),
+                copier: match &work {
+                    Work::Engine(e) => Copier::Engine(e.clone()),
+                    Work::Fork(c) => Copier::Fork(c.pid),
+                },
+                inner: Mutex::new(TrackerInner {
+                    state: SnapshotState::Copying,
+                    metrics,
+                    bytes_written: 0,
+                    bytes_to_write: 0,
+                }),
+                changed: Condvar::new(),
+                checksums,
+            }),
+        };
+        let h = handle.clone();
+        let overwrite = req.overwrite;
+        let resumed = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                background(&h, work, &blob, overwrite, resumed, t_request, guard);
+                drop(ram);
+            });
+        match spawned {
+            Ok(_) => Ok(handle),
+            Err(e) => {
+                // The closure (with the slot guard, RAM clone and the work)
+                // is gone; roll back here.
+                let _ = handle.cancel();
+                if let Some(engine) = &engine {
+                    let _ = engine.wait();
+                }
+                handle.set_state(SnapshotState::Failed(format!(
+                    "cannot start the snapshot thread: {e}"
+                )));
+                Err(SnapshotError::Spawn(e))
+            }
+        }
+    }
+
+    /// Bytes of snapshot destination memory held for the next snapshot
+    /// ([`SnapshotRequest::keep_memory`]).
+    pub fn snapshot_kept_bytes(&self) -> u64 {
+        self.snapshot_slot().kept_bytes()
+    }
+
+    /// Whether a snapshot of this VM is in flight.
+    pub fn snapshot_in_progress(&self) -> bool {
+        self.snapshot_slot().in_progress()
+    }
+}
+
+/// The snapshot thread: wait for the copy, persist, record the outcome.
+fn background(
+    h: &SnapshotHandle,
+    work: Work,
+    blob: &[u8],
+    overwrite: bool,
+    resumed: Instant,
+    t_request: Instant,
+    guard: SlotGuard,
+) {
+    let dir = h.t.dir.clone();
+    let outcome = (|| -> Result<(), String> {
+        let engine = match work {
+            Work::Engine(e) => e,
+            Work::Fork(child) => {
+                lock(&h.t.inner).state = SnapshotState::Persisting;
+                h.t.changed.notify_all();
+                let r = child.wait().map_err(|e| format!("fork writer: {e}"))?;
+                return finish(
+                    h,
+                    WriteSummary {
+                        path: dir.clone(),
+                        image_len: r.image_len,
+                        data_bytes: r.data_bytes,
+                        zero_chunks: r.zero_chunks,
+                        state_bytes: r.state_bytes,
+                        elapsed: resumed.elapsed(),
+                    },
+                    resumed,
+                    t_request,
+                );
+            }
+        };
+        let snap = engine.wait().map_err(|e| {
+            // The engine rolled back: protections lifted, writers woken.
+            format!("copy failed: {e}")
+        })?;
+        {
+            let mut inner = lock(&h.t.inner);
+            inner.metrics.copy_wait = resumed.elapsed();
+            inner.metrics.engine = Some(snap.metrics().clone());
+            inner.state = SnapshotState::Persisting;
+        }
+        h.t.changed.notify_all();
+        tracing::info!(
+            "snapshot {}: memory copied in {:?}, persisting",
+            dir.display(),
+            snap.metrics().copy_total
+        );
+        let opts = WriteOptions {
+            overwrite,
+            ..WriteOptions::default()
+        };
+        let mut last_log = Instant::now();
+        let summary = snapshot::write_snapshot(&snap, blob, &dir, &opts, &mut |p| {
+            {
+                let mut inner = lock(&h.t.inner);
+                inner.bytes_written = p.bytes_done;
+                inner.bytes_to_write = p.bytes_total;
+            }
+            if last_log.elapsed() >= Duration::from_secs(1) {
+                last_log = Instant::now();
+                tracing::debug!(
+                    "snapshot {}: persisting {}/{} bytes",
+                    dir.display(),
+                    p.bytes_done,
+                    p.bytes_total
+                );
+            }
+        })
+        .map_err(|e| format!("persist failed: {e}"))?;
+        drop(snap);
+        finish(h, summary, resumed, t_request)
+    })();
+    // The VM may take its next snapshot from here on (the engine is done
+    // with guest RAM and the directory is written or removed).
+    drop(guard);
+    match outcome {
+        Ok(()) => {
+            let m = h.metrics();
+            tracing::info!("snapshot {} done: {}", dir.display(), m.summary());
+            h.set_state(SnapshotState::Done);
+        }
+        Err(why) => {
+            lock(&h.t.inner).metrics.total = t_request.elapsed();
+            tracing::error!(
+                "snapshot {} failed: {why}; the VM keeps running",
+                dir.display()
+            );
+            h.set_state(SnapshotState::Failed(why));
+        }
+    }
+}
+
+/// Records a persisted snapshot and writes its metrics.json.
+fn finish(
+    h: &SnapshotHandle,
+    summary: WriteSummary,
+    resumed: Instant,
+    t_request: Instant,
+) -> Result<(), String> {
+    let mut inner = lock(&h.t.inner);
+    if inner.metrics.engine.is_none() {
+        // Fork: the child's whole run is the copy.
+        inner.metrics.copy_wait = resumed.elapsed();
+    }
+    inner.metrics.persist = Some(summary);
+    inner.metrics.total = t_request.elapsed();
+    let json = inner.metrics.to_json();
+    drop(inner);
+    let dir = &h.t.dir;
+    if let Err(e) = std::fs::write(dir.join(METRICS_FILE), json + "\n") {
+        tracing::warn!(
+            "snapshot {}: cannot write {METRICS_FILE}: {e}",
+            dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! `Vm::snapshot` on real VMs with the embedded guest: async-fork while the
+//! guest runs, restore, bit-exactness, one-in-flight, rollback. Needs
+//! /dev/kvm and userfaultfd (root): where unusable the tests fail saying so.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use snapshot::{FaultInjection, Strategy};
+use vmm::loader::{BootConfig, KernelImage};
+use vmm::snapshotting::{
+    restore_cli, snapshot_checksums, SnapshotError, SnapshotRequest, SnapshotState, METRICS_FILE,
+};
+use vmm::{Vm, VmConfig, VmExit};
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests need a usable /dev/kvm: {e}");
+    }
+}
+
+fn boot(cmdline: &str, vcpus: usize, memory: u64) -> Vm {
+    require_kvm();
+    let config = VmConfig {
+        boot: BootConfig {
+            kernel: KernelImage::embedded(),
+            initrd: None,
+            cmdline: Some(cmdline.to_string()),
+        },
+        memory_size: memory,
+        vcpus,
+        serial_out: Box::new(Console::default()),
+        serial_in: false,
+    };
+    let mut vm = Vm::new(config).expect("create VM");
+    vm.start().expect("start VM");
+    vm
+}
+
+/// A fresh, not yet existing directory path.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = std::env::temp_dir().join(format!(
+            "snapvm-snapshot-vm-{}-{tag}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        TempDir(base)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until every vCPU's heartbeat is above `floor`.
+fn wait_for_heartbeats_above(vm: &Vm, floor: &[u64]) -> Vec<u64> {
+    let start = Instant::now();
+    loop {
+        if let Ok(hb) = vm.heartbeats() {
+            if hb.len() == floor.len() && hb.iter().zip(floor).all(|(h, f)| h > f) {
+                return hb;
+            }
+        }
+        assert!(
+            vm.exit_reason().is_none(),
+            "guest stopped: {:?}",
+            vm.exit_reason()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "heartbeats never passed {floor:?}: {:?}",
+            vm.heartbeats()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn request(dir: &Path, mode: Strategy, workers: usize) -> SnapshotRequest {
+    SnapshotRequest {
+        mode,
+        workers,
+        ..SnapshotRequest::new(dir)
+    }
+}
+
+fn restore(dir: &Path) -> Vm {
+    let mut vm =
+        restore_cli::restore_from_dir(dir, true, Box::new(Console::default()), false, None)
+            .expect("restore");
+    vm.start().expect("start restored VM");
+    vm
+}
+
+#[test]
+fn async_fork_snapshot_of_a_running_counter_restores_and_continues() {
+    let vm = boot("mode=counter", 2, 256 << 20);
+    wait_for_heartbeats_above(&vm, &[0, 0]);
+    let tmp = TempDir::new("a");
+    let dir = tmp.path("snap");
+    let before = vm.heartbeats().unwrap();
+    let h = vm
+        .snapshot(request(&dir, Strategy::AsyncFork, 2))
+        .expect("snapshot");
+    // The guest runs again as soon as snapshot() returns, during the copy.
+    let after = wait_for_heartbeats_above(&vm, &vm.heartbeats().unwrap());
+    let m = h.wait().expect("snapshot done");
+    assert_eq!(h.state(), SnapshotState::Done);
+    assert!(!vm.snapshot_in_progress());
+    wait_for_heartbeats_above(&vm, &after);
+    let e = m.engine.as_ref().expect("engine metrics");
+    assert_eq!(e.chunks_total, 128);
+    assert_eq!(
+        e.chunks_by_workers + e.chunks_by_fault_path + e.chunks_by_hook,
+        128,
+        "{e:?}"
+    );
+    assert!(m.sync.total < Duration::from_millis(500), "{m:?}");
+    let json = std::fs::read_to_string(dir.join(METRICS_FILE)).unwrap();
+    assert!(json.starts_with("{\"strategy\":\"async-fork\""), "{json}");
+
+    let mut restored = restore(&dir);
+    let first = restored.heartbeats().unwrap();
+    let now = vm.heartbeats().unwrap();
+    for ((f, b), n) in first.iter().zip(&before).zip(&now) {
+        assert!(
+            f >= b && f <= n,
+            "fork heartbeats {first:?} not within {before:?}..{now:?}"
+        );
+    }
+    wait_for_heartbeats_above(&restored, &first);
+    // Its memory is the image file, mapped: not snapshottable, refused
+    // up front, and the VM runs on.
+    let err = restored
+        .snapshot(request(&tmp.path("again"), Strategy::AsyncFork, 2))
+        .unwrap_err();
+    assert!(err.to_string().contains("restored VM"), "{err}");
+    wait_for_heartbeats_above(&restored, &restored.heartbeats().unwrap());
+    assert_eq!(restored.shutdown(), VmExit::Shutdown);
+    drop(vm);
+}
+
+fn bit_exact(cmdline: &str, workers: usize) {
+    let vm = boot(cmdline, 2, 256 << 20);
+    wait_for_heartbeats_above(&vm, &[0, 0]);
+    let tmp = TempDir::new("b");
+    for mode in [
+        Strategy::AsyncFork,
+        Strategy::SyncWp,
+        Strategy::StopTheWorld,
+        Strategy::Fork,
+    ] {
+        let dir = tmp.path(mode.name());
+        let h = vm
+            .snapshot(SnapshotRequest {
+                capture_checksums: true,
+                ..request(&dir, mode, workers)
+            })
+            .expect("snapshot");
+        let hb = vm.heartbeats().unwrap();
+        let m = h.wait().expect("snapshot done");
+        let want = h.sync_checksums().unwrap().to_vec();
+        let got = snapshot_checksums(&dir).unwrap();
+        assert_eq!(want.len(), got.len());
+        let bad: Vec<usize> = (0..want.len()).filter(|&i| want[i] != got[i]).collect();
+        assert!(
+            bad.is_empty(),
+            "{cmdline} {mode} x{workers}: {} of {} chunks differ: {bad:?} ({})",
+            bad.len(),
+            want.len(),
+            m.summary()
+        );
+        if cmdline.contains("scribble") && matches!(mode, Strategy::AsyncFork | Strategy::SyncWp) {
+            let e = m.engine.as_ref().unwrap();
+            assert!(e.faults() > 0, "no write met the snapshot: {}", m.summary());
+        }
+        // The guest kept writing meanwhile.
+        wait_for_heartbeats_above(&vm, &hb);
+    }
+}
+
+#[test]
+fn counter_snapshot_is_bit_exact() {
+    bit_exact("mode=counter", 2);
+}
+
+// `scribble`: every vCPU writes every page of ~190 MiB at full speed, so
+// the fault path races the workers on most chunks.
+#[test]
+fn scribble_snapshot_is_bit_exact_with_1_worker() {
+    bit_exact("mode=scribble", 1);
+}
+
+#[test]
+fn scribble_snapshot_is_bit_exact_with_2_workers() {
+    bit_exact("mode=scribble", 2);
+}
+
+#[test]
+fn scribble_snapshot_is_bit_exact_with_4_workers() {
+    bit_exact("mode=scribble", 4);
+}
+
+#[test]
+fn one_snapshot_in_flight_and_cancel_rolls_back() {
+    let vm = boot("mode=counter", 2, 128 << 20);
+    wait_for_heartbeats_above(&vm, &[0, 0]);
+    let tmp = TempDir::new("c");
+    // Workers held until the fault path copied more chunks than exist: the
+    // snapshot stays in flight until cancelled.
+    let held = FaultInjection {
+        hold_workers_until_fault_copies: Some(u64::MAX),
+        ..FaultInjection::default()
+    };
+    let h = vm
+        .snapshot(SnapshotRequest {
+            injection: held,
+            ..request(&tmp.path("first"), Strategy::AsyncFork, 2)
+        })
+        .expect("first snapshot");
+    let err = vm
+        .snapshot(request(&tmp.path("second"), Strategy::AsyncFork, 2))
+        .unwrap_err();
+    assert!(matches!(err, SnapshotError::InProgress));
+    assert_eq!(err.to_string(), "snapshot in progress");
+    // The guest runs while the snapshot is in flight.
+    let hb = wait_for_heartbeats_above(&vm, &vm.heartbeats().unwrap());
+    h.cancel().unwrap();
+    let why = h.wait().unwrap_err().to_string();
+    assert!(why.contains("cancelled"), "{why}");
+    assert!(!tmp.path("first").exists());
+    let hb = wait_for_heartbeats_above(&vm, &hb);
+    let h = vm
+        .snapshot(request(&tmp.path("third"), Strategy::AsyncFork, 2))
+        .expect("snapshot after cancel");
+    h.wait().expect("third snapshot");
+    wait_for_heartbeats_above(&vm, &hb);
+}
+
+#[test]
+fn engine_failures_roll_back_and_the_vm_keeps_running() {
+    let vm = boot("mode=counter", 2, 128 << 20);
+    let mut hb = wait_for_heartbeats_above(&vm, &[0, 0]);
+    let tmp = TempDir::new("d");
+    let cases = [
+        (
+            "worker",
+            FaultInjection {
+                fail_worker_copy_at: Some(0),
+                ..FaultInjection::default()
+            },
+        ),
+        (
+            "fault-path",
+            FaultInjection {
+                fail_fault_path_at: Some(0),
+                hold_workers_until_fault_copies: Some(1),
+                ..FaultInjection::default()
+            },
+        ),
+    ];
+    for (name, injection) in cases {
+        let dir = tmp.path(name);
+        let h = vm
+            .snapshot(SnapshotRequest {
+                injection,
+                ..request(&dir, Strategy::AsyncFork, 2)
+            })
+            .expect("snapshot begins");
+        let err = h.wait().unwrap_err().to_string();
+        assert!(err.contains("injected"), "{name}: {err}");
+        assert!(matches!(h.state(), SnapshotState::Failed(_)));
+        assert!(!dir.exists(), "{name}: a failed snapshot left {dir:?}");
+        hb = wait_for_heartbeats_above(&vm, &hb);
+        hb = wait_for_heartbeats_above(&vm, &hb);
+    }
+    // Sync-phase failure: refused at once, the VM resumed.
+    let err = vm
+        .snapshot(SnapshotRequest {
+            injection: FaultInjection {
+                fail_sync: true,
+                ..FaultInjection::default()
+            },
+            ..request(&tmp.path("sync"), Strategy::AsyncFork, 2)
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    assert!(!vm.is_paused());
+    hb = wait_for_heartbeats_above(&vm, &hb);
+    // And the next snapshot succeeds.
+    let h = vm
+        .snapshot(request(&tmp.path("ok"), Strategy::AsyncFork, 2))
+        .expect("snapshot after failures");
+    h.wait().expect("snapshot after failures");
+    wait_for_heartbeats_above(&vm, &hb);
+}
+
+#[test]
+fn refusals() {
+    let vm = boot("mode=idle", 1, 64 << 20);
+    let tmp = TempDir::new("r");
+    // An existing target fails the snapshot (persist), not the VM.
+    std::fs::create_dir_all(tmp.path("exists")).unwrap();
+    let h = vm
+        .snapshot(request(&tmp.path("exists"), Strategy::AsyncFork, 1))
+        .unwrap();
+    let err = h.wait().unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(vm.exit_reason(), None);
+    // ... unless overwrite is asked for.
+    let h = vm
+        .snapshot(SnapshotRequest {
+            overwrite: true,
+            ..request(&tmp.path("exists"), Strategy::AsyncFork, 1)
+        })
+        .unwrap();
+    h.wait().expect("overwrite");
+}
+
+#[test]
+fn kept_memory_is_reused_and_stays_bit_exact() {
+    let vm = boot("mode=scribble", 2, 256 << 20);
+    wait_for_heartbeats_above(&vm, &[0, 0]);
+    let tmp = TempDir::new("k");
+    for i in 0..3 {
+        let dir = tmp.path(&format!("s{i}"));
+        let h = vm
+            .snapshot(SnapshotRequest {
+                capture_checksums: true,
+                keep_memory: true,
+                ..request(&dir, Strategy::AsyncFork, 2)
+            })
+            .expect("snapshot");
+        let m = h.wait().expect("snapshot done");
+        assert!(vm.snapshot_kept_bytes() > 0, "nothing kept after {i}");
+        let want = h.sync_checksums().unwrap().to_vec();
+        let got = snapshot_checksums(&dir).unwrap();
+        let bad = (0..want.len()).filter(|&c| want[c] != got[c]).count();
+        assert_eq!(
+            bad,
+            0,
+            "snapshot {i}: {bad} chunks differ ({})",
+            m.summary()
+        );
+    }
+}
+
+#[test]
+fn fork_snapshot_restores_and_can_be_cancelled() {
+    let vm = boot("mode=counter", 2, 128 << 20);
+    wait_for_heartbeats_above(&vm, &[0, 0]);
+    let tmp = TempDir::new("f");
+    let dir = tmp.path("fork");
+    let before = vm.heartbeats().unwrap();
+    let h = vm.snapshot(request(&dir, Strategy::Fork, 1)).expect("fork");
+    let m = h.wait().expect("fork snapshot");
+    assert!(m.persist.is_some(), "{m:?}");
+    let mut restored = restore(&dir);
+    let first = restored.heartbeats().unwrap();
+    assert!(first.iter().zip(&before).all(|(f, b)| f >= b));
+    wait_for_heartbeats_above(&restored, &first);
+    assert_eq!(restored.shutdown(), VmExit::Shutdown);
+    // Killing the writer fails the snapshot and leaves no directory.
+    let dir = tmp.path("killed");
+    let h = vm.snapshot(request(&dir, Strategy::Fork, 1)).expect("fork");
+    h.cancel().unwrap();
+    if h.wait().is_err() {
+        assert!(!dir.exists());
+        let left: Vec<_> = std::fs::read_dir(&tmp.0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            !left
+                .iter()
+                .any(|n| n.to_string_lossy().contains(".tmp-fork-")),
+            "{left:?}"
+        );
+    }
+    let h = vm
+        .snapshot(request(&tmp.path("after"), Strategy::Fork, 1))
+        .expect("fork after cancel");
+    h.wait().expect("fork after cancel");
+    wait_for_heartbeats_above(&vm, &vm.heartbeats().unwrap());
+}
