@@ -420,3 +420,18 @@ fn every_command_has_its_exact_reply() {
         "COMMAND DOCS: {reply}"
     );
 }
+
+/// The default guest idles through the paravirtual wait between requests:
+/// with no client, the whole snapvm process must use a small part of a core.
+#[test]
+fn idle_kv_guest_does_not_burn_a_core() {
+    let s = start("256M");
+    assert_eq!(cli(s.port, &["PING"]), "PONG");
+    let before = s._proc.cpu_time();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = s._proc.cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(300),
+        "idle KV guest used {used:?} of CPU in 2 s"
+    );
+}
