@@ -1,78 +1,20 @@
 //! virtio-vsock driver (device ID 19): device setup and packet I/O. The
 //! stream logic lives with its user (`kernel/kv_server.rs`).
 
+pub use snapvm_guest::vsock_wire::{
+    Header, EVENT_LEN, EVENT_TRANSPORT_RESET, HDR_LEN, HOST_CID, OP_CREDIT_REQUEST,
+    OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
+};
+
 use super::mmio::{self, Mmio};
 use super::queue::{NoMemory, VirtQueue};
 
 pub const DEVICE_ID: u32 = 19;
-pub const HDR_LEN: usize = 44;
 const QUEUE_SIZE: u16 = 256;
 const BUF_SIZE: usize = 4096;
 /// Largest payload of one packet we send or receive.
 pub const MAX_PAYLOAD: usize = BUF_SIZE - HDR_LEN;
-
-pub const TYPE_STREAM: u16 = 1;
-pub const OP_REQUEST: u16 = 1;
-pub const OP_RESPONSE: u16 = 2;
-pub const OP_RST: u16 = 3;
-pub const OP_SHUTDOWN: u16 = 4;
-pub const OP_RW: u16 = 5;
-pub const OP_CREDIT_UPDATE: u16 = 6;
-pub const OP_CREDIT_REQUEST: u16 = 7;
-pub const HOST_CID: u64 = 2;
-/// `virtio_vsock_event.id` of a transport reset (§5.10.6.6): every
-/// connection is gone (e.g. the VM was restored from a snapshot).
-pub const EVENT_TRANSPORT_RESET: u32 = 0;
-/// `struct virtio_vsock_event { le32 id; }`.
-const EVENT_LEN: usize = 4;
 const EVENT_QUEUE_SIZE: u16 = 8;
-
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Header {
-    pub src_cid: u64,
-    pub dst_cid: u64,
-    pub src_port: u32,
-    pub dst_port: u32,
-    pub len: u32,
-    pub type_: u16,
-    pub op: u16,
-    pub flags: u32,
-    pub buf_alloc: u32,
-    pub fwd_cnt: u32,
-}
-
-impl Header {
-    fn encode(&self, b: &mut [u8]) {
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-    }
-
-    fn decode(b: &[u8]) -> Header {
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
-        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        Header {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16_at(28),
-            op: u16_at(30),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-        }
-    }
-}
 
 #[derive(Debug)]
 pub enum SetupError {
@@ -207,8 +149,7 @@ impl Vsock {
         };
         let buf = self.rx.buffer(id);
         let len = (len as usize).min(buf.len());
-        if len >= HDR_LEN {
-            let hdr = Header::decode(&buf[..HDR_LEN]);
+        if let Some(hdr) = Header::from_prefix(&buf[..len]) {
             let payload_len = (hdr.len as usize).min(len - HDR_LEN);
             f(&hdr, &buf[HDR_LEN..HDR_LEN + payload_len]);
         }
@@ -237,7 +178,7 @@ impl Vsock {
         let mut h = *hdr;
         h.len = payload.len() as u32;
         let buf = self.tx.buffer(id);
-        h.encode(&mut buf[..HDR_LEN]);
+        buf[..HDR_LEN].copy_from_slice(&h.encode());
         buf[HDR_LEN..HDR_LEN + payload.len()].copy_from_slice(payload);
         self.tx.push(id, HDR_LEN + payload.len());
         true
