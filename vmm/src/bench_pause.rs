@@ -138,6 +138,7 @@ pub fn run(vcpus: usize, cycles: u32, memory_size: u64) -> Result<BenchResult, B
         // stdout carries the JSON result: the console goes to stderr.
         serial_out: Box::new(std::io::LineWriter::new(std::io::stderr())),
         serial_in: false,
+        backing: crate::memory::PageBacking::Huge,
     };
     let mut vm = Vm::new(config)?;
     vm.start()?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::layout;
+use crate::memory::PageBacking;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +39,9 @@ pub struct GuestElfArgs {
 pub enum BenchCommand {
     /// Pause/resume round trips of a running guest; prints one JSON object.
     Pause(BenchPauseArgs),
+    /// Snapshot pause and copy by mode: one JSON object per snapshot on
+    /// stdout, then a Markdown table.
+    Snapshot(BenchSnapshotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +61,10 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// Back guest RAM with transparent huge pages (`on`, MADV_HUGEPAGE) or
+    /// with 4 KiB pages only (`off`, MADV_NOHUGEPAGE).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_hugepages)]
+    pub hugepages: PageBacking,
     /// Where COM1 output goes: `stdout` or a file path.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
@@ -122,6 +130,49 @@ pub fn parse_strategy(s: &str) -> Result<snapshot::Strategy, String> {
     })
 }
 
+/// Parses a `--hugepages` value: on/off (also true/false, yes/no, 1/0).
+pub fn parse_hugepages(s: &str) -> Result<PageBacking, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(PageBacking::Huge),
+        "off" | "false" | "no" | "0" => Ok(PageBacking::Small),
+        _ => Err(format!(
+            "invalid value '{s}' for --hugepages: expected on or off"
+        )),
+    }
+}
+
+/// Parses a comma-separated list of snapshot modes.
+pub fn parse_strategies(s: &str) -> Result<Vec<snapshot::Strategy>, String> {
+    let v = s
+        .split(',')
+        .map(|m| parse_strategy(m.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.is_empty() {
+        return Err("expected at least one mode".into());
+    }
+    Ok(v)
+}
+
+/// Parses a comma-separated list of worker counts (each 1..=64).
+pub fn parse_worker_list(s: &str) -> Result<Vec<usize>, String> {
+    s.split(',')
+        .map(|w| match w.trim().parse::<usize>() {
+            Ok(n) if (1..=64).contains(&n) => Ok(n),
+            _ => Err(format!("invalid worker count '{w}': expected 1..=64")),
+        })
+        .collect()
+}
+
+/// Parses a fraction in (0, 0.95].
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 0.95 => Ok(f),
+        _ => Err(format!(
+            "invalid fraction '{s}': expected a number in (0, 0.95]"
+        )),
+    }
+}
+
 /// Default for `--kv-listen`.
 pub const DEFAULT_KV_LISTEN: &str = "127.0.0.1:6379";
 
@@ -159,6 +210,42 @@ pub struct BenchPauseArgs {
     /// Guest RAM size.
     #[arg(long, default_value = "512M")]
     pub memory: String,
+    /// error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSnapshotArgs {
+    /// Guest RAM size.
+    #[arg(long, default_value = "1G")]
+    pub memory: String,
+    /// Number of vCPUs (each scribbles over its share of the buffer).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Comma-separated snapshot modes, in order.
+    #[arg(long, default_value = "async-fork,fork,stop-the-world,sync-wp", value_parser = parse_strategies)]
+    pub modes: ::std::vec::Vec<snapshot::Strategy>,
+    /// Comma-separated worker counts for async-fork (and stop-the-world).
+    #[arg(long, default_value = "2", value_parser = parse_worker_list)]
+    pub workers: ::std::vec::Vec<usize>,
+    /// Guest RAM page backing: on (THP) or off (4 KiB).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_hugepages)]
+    pub hugepages: PageBacking,
+    /// Where snapshot directories are written (each is deleted after use).
+    #[arg(long, default_value = "/var/tmp")]
+    pub dir: PathBuf,
+    /// Fraction of the guest heap the guest populates and keeps writing.
+    #[arg(long, default_value = "0.75", value_parser = parse_fraction)]
+    pub populate_fraction: f64,
+    /// Also take a second snapshot per mode into the kept (warm)
+    /// destination memory (`keep_memory`).
+    #[arg(long)]
+    pub warm: bool,
+    /// Length of the no-snapshot window that measures the probe's noise
+    /// floor before each snapshot, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub baseline_ms: u64,
     /// error, warn, info, debug or trace.
     #[arg(long, default_value = "warn")]
     pub log_level: String,
@@ -344,6 +431,64 @@ mod tests {
         let t = "MemTotal:       24590000 kB\nMemFree: 1 kB\n";
         assert_eq!(parse_meminfo_total(t), Some(24590000 * 1024));
         assert_eq!(parse_meminfo_total("nothing"), None);
+    }
+
+    #[test]
+    fn hugepages_flag() {
+        assert_eq!(parse_hugepages("on"), Ok(PageBacking::Huge));
+        assert_eq!(parse_hugepages("OFF"), Ok(PageBacking::Small));
+        assert!(parse_hugepages("maybe").is_err());
+        let cli = Cli::try_parse_from(["snapvm", "run"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.hugepages, PageBacking::Huge);
+        let cli = Cli::try_parse_from(["snapvm", "run", "--hugepages", "off"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.hugepages, PageBacking::Small);
+        assert!(Cli::try_parse_from(["snapvm", "run", "--hugepages", "x"]).is_err());
+    }
+
+    #[test]
+    fn bench_snapshot_flags() {
+        let cli = Cli::try_parse_from([
+            "snapvm",
+            "bench",
+            "snapshot",
+            "--memory",
+            "2G",
+            "--modes",
+            "async-fork,fork",
+            "--workers",
+            "1,2,4",
+            "--hugepages",
+            "off",
+            "--populate-fraction",
+            "0.5",
+        ])
+        .unwrap();
+        let Command::Bench(BenchCommand::Snapshot(a)) = cli.command else {
+            panic!("not bench snapshot")
+        };
+        assert_eq!(
+            a.modes,
+            vec![snapshot::Strategy::AsyncFork, snapshot::Strategy::Fork]
+        );
+        assert_eq!(a.workers, vec![1, 2, 4]);
+        assert_eq!(a.hugepages, PageBacking::Small);
+        assert_eq!(a.populate_fraction, 0.5);
+        let cli = Cli::try_parse_from(["snapvm", "bench", "snapshot"]).unwrap();
+        let Command::Bench(BenchCommand::Snapshot(a)) = cli.command else {
+            panic!("not bench snapshot")
+        };
+        assert_eq!(a.modes.len(), 4);
+        assert_eq!(a.workers, vec![2]);
+        assert_eq!(a.hugepages, PageBacking::Huge);
+        assert!(parse_strategies("async-fork,nope").is_err());
+        assert!(parse_worker_list("0").is_err());
+        assert!(parse_fraction("1.5").is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! [`vm::Vm::probe`], [`vm::Vm::wait`]).
 
 pub mod bench_pause;
+pub mod bench_snapshot;
 pub mod boot;
 pub mod cli;
 pub mod cpuid;
@@ -22,6 +23,6 @@ pub mod vcpu_control;
 pub mod vm;
 pub mod vmstate;
 
-pub use memory::{GuestRam, HostRegion};
+pub use memory::{GuestRam, HostRegion, PageBacking};
 pub use vcpu_control::{PauseError, VmExit};
 pub use vm::{ProbeError, VcpuState, Vm, VmConfig, VmError};

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Bench(BenchCommand::Pause(args)) => bench_pause(args),
+        Command::Bench(BenchCommand::Snapshot(args)) => bench_snapshot(args),
         Command::GuestElf(args) => guest_elf(args),
     }
 }
@@ -132,6 +133,7 @@ fn run(args: RunArgs) -> ExitCode {
         vcpus,
         serial_out,
         serial_in: true,
+        backing: args.hugepages,
     };
     let mut vm = match Vm::new(config) {
         Ok(vm) => vm,
@@ -182,6 +184,7 @@ fn run_to_exit(mut vm: Vm, args: &RunArgs) -> ExitCode {
 /// snapshot. Only an explicit --kv-listen is bound for a restored vsock
 /// device.
 fn run_restored(args: RunArgs) -> ExitCode {
+    let t_restore = std::time::Instant::now();
     let Some(dir) = args.restore.clone() else {
         return fail("--restore needs a directory");
     };
@@ -207,7 +210,11 @@ fn run_restored(args: RunArgs) -> ExitCode {
     if let Err(e) = vm.start() {
         return fail(e);
     }
-    tracing::info!("restored {} and resumed the guest", dir.display());
+    tracing::info!(
+        "restored {} and resumed the guest in {:.1} ms (open, map, rebuild, start)",
+        dir.display(),
+        t_restore.elapsed().as_secs_f64() * 1e3
+    );
     run_to_exit(vm, &args)
 }
 
@@ -229,6 +236,48 @@ fn bench_pause(args: cli::BenchPauseArgs) -> ExitCode {
     match vmm::bench_pause::run(vcpus, args.cycles, memory_size) {
         Ok(result) => {
             println!("{}", result.to_json());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
+    if let Err(e) = init_logging(&args.log_level) {
+        return fail(e);
+    }
+    let memory_size = match cli::guest_memory_size(&args.memory, cli::host_ram_bytes()) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let vcpus = match cli::validate_vcpus(args.vcpus) {
+        Ok(n) => n as usize,
+        Err(e) => return fail(e),
+    };
+    if !args.dir.is_dir() {
+        return fail(format_args!(
+            "--dir {}: not a directory",
+            args.dir.display()
+        ));
+    }
+    let params = vmm::bench_snapshot::Params {
+        memory_size,
+        vcpus,
+        modes: args.modes,
+        workers: args.workers,
+        backing: args.hugepages,
+        dir: args.dir,
+        populate_fraction: args.populate_fraction,
+        warm: args.warm,
+        baseline: std::time::Duration::from_millis(args.baseline_ms.max(1)),
+    };
+    let result = vmm::bench_snapshot::run(&params, &mut |row| {
+        println!("{}", row.to_json());
+    });
+    match result {
+        Ok(rows) => {
+            println!();
+            print!("{}", vmm::bench_snapshot::markdown(&rows));
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),

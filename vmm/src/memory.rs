@@ -82,14 +82,19 @@ pub struct GuestRam {
 
 impl GuestRam {
     /// Allocates `size` bytes (already rounded to 2 MiB) laid out around the
-    /// MMIO hole.
+    /// MMIO hole, advised for transparent huge pages.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::with_backing(size, PageBacking::Huge)
+    }
+
+    /// As [`GuestRam::new`] with an explicit page backing (`--hugepages`).
+    pub fn with_backing(size: u64, backing: PageBacking) -> Result<Self, MemoryError> {
         let mut mappings = Vec::new();
         let mut regions = Vec::new();
         let mut vm_regions = Vec::new();
         for (slot, range) in layout::ram_ranges(size).into_iter().enumerate() {
             let len = usize::try_from(range.len).map_err(|_| MemoryError::TooBig(size))?;
-            let mapping = map_aligned(len).map_err(|source| MemoryError::Mmap {
+            let mapping = map_aligned(len, backing).map_err(|source| MemoryError::Mmap {
                 size: range.len,
                 source,
             })?;
@@ -213,9 +218,38 @@ impl GuestRam {
     }
 }
 
+/// How guest RAM is backed in the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PageBacking {
+    /// `MADV_HUGEPAGE`: transparent huge pages (one 2 MiB chunk = one PMD).
+    #[default]
+    Huge,
+    /// `MADV_NOHUGEPAGE`: 4 KiB pages only, like an ordinary process heap
+    /// (what the fork baseline copies page table by page table).
+    Small,
+}
+
+impl PageBacking {
+    /// `true` for [`PageBacking::Huge`].
+    pub fn from_hugepages(on: bool) -> Self {
+        if on {
+            PageBacking::Huge
+        } else {
+            PageBacking::Small
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PageBacking::Huge => "huge",
+            PageBacking::Small => "4k",
+        }
+    }
+}
+
 /// Maps `len` bytes of anonymous memory at a 2 MiB aligned address: map
 /// `len + 2 MiB`, then trim the unaligned head and the tail.
-fn map_aligned(len: usize) -> std::io::Result<HostMapping> {
+fn map_aligned(len: usize, backing: PageBacking) -> std::io::Result<HostMapping> {
     let align = HUGE_PAGE_SIZE as usize;
     let total = len
         .checked_add(align)
@@ -250,12 +284,16 @@ fn map_aligned(len: usize) -> std::io::Result<HostMapping> {
         }
     }
     let addr = aligned as *mut u8;
+    let (advice, name) = match backing {
+        PageBacking::Huge => (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"),
+        PageBacking::Small => (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"),
+    };
     // SAFETY: advice on our own mapping; failure only means no THP (e.g.
     // THP disabled on the host), which is slower but correct.
-    let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    let rc = unsafe { libc::madvise(addr.cast(), len, advice) };
     if rc != 0 {
         tracing::warn!(
-            "madvise(MADV_HUGEPAGE) failed: {}; guest RAM uses 4 KiB pages",
+            "madvise({name}) failed: {}; guest RAM page size is the host's default",
             std::io::Error::last_os_error()
         );
     }
@@ -279,6 +317,39 @@ mod tests {
         let v: u32 = ram.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
         assert!(ram.memory().read_obj::<u32>(GuestAddress(8 << 20)).is_err());
+    }
+
+    /// `AnonHugePages` (KiB) of the smaps entry containing `addr`.
+    fn anon_huge_kib(addr: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = (a..b).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                    return v.trim().trim_end_matches("kB").trim().parse().ok();
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn small_backing_has_no_huge_pages() {
+        let ram = GuestRam::with_backing(16 << 20, PageBacking::Small).unwrap();
+        let r = ram.regions()[0];
+        // SAFETY: the region is 16 MiB of our own read-write memory.
+        unsafe { std::ptr::write_bytes(r.host_addr as *mut u8, 1, r.len) };
+        assert_eq!(anon_huge_kib(r.host_addr), Some(0));
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct VmConfig {
     pub serial_out: Box<dyn Write + Send>,
     /// Feed host stdin to COM1.
     pub serial_in: bool,
+    /// Host page backing of guest RAM (`--hugepages on|off`).
+    pub backing: crate::memory::PageBacking,
 }
 
 impl VmConfig {
@@ -145,7 +147,7 @@ impl Vm {
         })?;
         let kvm = kvm_device::open_kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("cannot create a KVM VM"))?;
-        let ram = GuestRam::new(config.memory_size)?;
+        let ram = GuestRam::with_backing(config.memory_size, config.backing)?;
         ram.register(&vm_fd)?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
@@ -347,6 +349,40 @@ impl Vm {
             });
         }
         Ok(block)
+    }
+
+    /// Zeroes every valid probe slot's `max_gap_tsc` in guest memory, to
+    /// start a fresh stall window (benchmarks only: a VMM write into guest
+    /// RAM; the guest re-reads the field on every beat). Call with no
+    /// snapshot in flight, so the write is not part of one.
+    pub fn reset_probe_gaps(&self) -> Result<(), ProbeError> {
+        let block = self.probe()?;
+        let base = self.bus.pv.probe_addr();
+        let n = (block.cpus as usize).min(block.slots.len());
+        for i in 0..n {
+            let off = std::mem::offset_of!(ProbeBlock, slots)
+                + i * std::mem::size_of::<snapvm_guest::abi::ProbeSlot>()
+                + std::mem::offset_of!(snapvm_guest::abi::ProbeSlot, max_gap_tsc);
+            let addr = base + off as u64;
+            self.ram
+                .memory()
+                .write_obj(0u64, GuestAddress(addr))
+                .map_err(|_| ProbeError::OutOfRange(addr))?;
+        }
+        Ok(())
+    }
+
+    /// Largest `max_gap_tsc` over the valid probe slots, in microseconds
+    /// (None if the guest reports no TSC frequency).
+    pub fn probe_max_gap_us(&self) -> Result<Option<f64>, ProbeError> {
+        let block = self.probe()?;
+        let n = (block.cpus as usize).min(block.slots.len());
+        let max = block.slots[..n]
+            .iter()
+            .map(|s| s.max_gap_tsc)
+            .max()
+            .unwrap_or(0);
+        Ok((block.tsc_khz > 0).then(|| max as f64 * 1000.0 / block.tsc_khz as f64))
     }
 
     /// Heartbeat of every probe slot the guest declared valid.

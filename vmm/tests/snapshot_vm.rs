@@ -12,7 +12,7 @@ use vmm::loader::{BootConfig, KernelImage};
 use vmm::snapshotting::{
     restore_cli, snapshot_checksums, SnapshotError, SnapshotRequest, SnapshotState, METRICS_FILE,
 };
-use vmm::{Vm, VmConfig, VmExit};
+use vmm::{PageBacking, Vm, VmConfig, VmExit};
 
 #[derive(Clone, Default)]
 struct Console(Arc<Mutex<Vec<u8>>>);
@@ -38,6 +38,10 @@ fn require_kvm() {
 }
 
 fn boot(cmdline: &str, vcpus: usize, memory: u64) -> Vm {
+    boot_with(cmdline, vcpus, memory, PageBacking::Huge)
+}
+
+fn boot_with(cmdline: &str, vcpus: usize, memory: u64, backing: PageBacking) -> Vm {
     require_kvm();
     let config = VmConfig {
         boot: BootConfig {
@@ -49,6 +53,7 @@ fn boot(cmdline: &str, vcpus: usize, memory: u64) -> Vm {
         vcpus,
         serial_out: Box::new(Console::default()),
         serial_in: false,
+        backing,
     };
     let mut vm = Vm::new(config).expect("create VM");
     vm.start().expect("start VM");
@@ -170,7 +175,11 @@ fn async_fork_snapshot_of_a_running_counter_restores_and_continues() {
 }
 
 fn bit_exact(cmdline: &str, workers: usize) {
-    let vm = boot(cmdline, 2, 256 << 20);
+    bit_exact_on(cmdline, workers, PageBacking::Huge)
+}
+
+fn bit_exact_on(cmdline: &str, workers: usize, backing: PageBacking) {
+    let vm = boot_with(cmdline, 2, 256 << 20, backing);
     wait_for_heartbeats_above(&vm, &[0, 0]);
     let tmp = TempDir::new("b");
     for mode in [
@@ -228,6 +237,13 @@ fn scribble_snapshot_is_bit_exact_with_2_workers() {
 #[test]
 fn scribble_snapshot_is_bit_exact_with_4_workers() {
     bit_exact("mode=scribble", 4);
+}
+
+// `--hugepages off`: guest RAM on 4 KiB pages boots, and every mode still
+// snapshots bit for bit while the guest writes.
+#[test]
+fn scribble_snapshot_is_bit_exact_on_4k_pages() {
+    bit_exact_on("mode=scribble", 2, PageBacking::Small);
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn vm(mode: &str, vcpus: usize) -> (Vm, Console) {
         vcpus,
         serial_out: Box::new(console.clone()),
         serial_in: false,
+        backing: vmm::PageBacking::default(),
     };
     let mut vm = Vm::new(config).expect("create VM");
     vm.start().expect("start VM");

@@ -43,6 +43,7 @@ fn boot(mode: &str, vcpus: usize) -> Vm {
         vcpus,
         serial_out: Box::new(Console::default()),
         serial_in: false,
+        backing: vmm::PageBacking::default(),
     };
     let mut vm = Vm::new(config).expect("create VM");
     vm.start().expect("start VM");

@@ -140,6 +140,7 @@ fn boot(listener: HostListener, console: &Console) -> Vm {
         vcpus: 1,
         serial_out: Box::new(console.clone()),
         serial_in: false,
+        backing: vmm::PageBacking::default(),
     };
     let mut vm = Vm::new(config).expect("create VM");
     vm.attach_vsock(listener).expect("attach vsock");

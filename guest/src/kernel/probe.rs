@@ -94,6 +94,24 @@ impl Heartbeat {
         }
     }
 
+    /// A point inside a long iteration: tracks the largest gap like
+    /// [`Heartbeat::beat`] but counts nothing, so a loop whose iteration is
+    /// long (a pass over a big buffer) still measures stalls finely.
+    #[inline(always)]
+    pub fn tick(&mut self) {
+        let now = rdtsc();
+        let gap = now.wrapping_sub(self.last);
+        self.last = now;
+        // SAFETY: as in `beat`.
+        unsafe {
+            let max_gap = addr_of_mut!((*self.slot).max_gap_tsc);
+            if gap > max_gap.read_volatile() {
+                max_gap.write_volatile(gap);
+            }
+            addr_of_mut!((*self.slot).last_tsc).write_volatile(now);
+        }
+    }
+
     /// Restarts the gap timer without counting a beat: for a pause the
     /// caller causes on purpose (e.g. printing), which is not a stall.
     pub fn skip_gap(&mut self) {

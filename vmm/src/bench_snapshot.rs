@@ -1,0 +1,484 @@
+//! `snapvm bench snapshot`: what one snapshot costs the guest, by mode.
+//!
+//! Boots the embedded guest in `mode=scribble` (every vCPU writes one word
+//! per 4 KiB page across `populate_fraction` of its heap, forever, ticking
+//! its probe slot every 64 pages), waits until the first pass populated the
+//! buffer, then for each mode (and worker count for async-fork):
+//!
+//! 1. noise floor: zero the probe's `max_gap_tsc` (a benchmark-only VMM
+//!    write into guest memory, [`Vm::reset_probe_gaps`]), sleep
+//!    `baseline`, read the largest gap over the vCPUs;
+//! 2. zero it again, take one snapshot and wait until it is persisted; the
+//!    largest gap the guest saw meanwhile is the *guest-visible pause*
+//!    (it covers the sync phase and every stall of the copy: write faults,
+//!    vCPU threads preempted by copiers);
+//! 3. record the engine's numbers, the peak RSS of this process (`VmHWM`,
+//!    reset before each snapshot through `/proc/self/clear_refs`; the fork
+//!    baseline's child is not included), then delete the snapshot.
+//!
+//! With `warm`, a second snapshot per mode goes into the destination memory
+//! kept from the first (`keep_memory`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use snapshot::Strategy;
+
+use crate::loader::{BootConfig, KernelImage};
+use crate::memory::PageBacking;
+use crate::snapshotting::{SnapshotError, SnapshotMetrics, SnapshotRequest, SnapshotState};
+use crate::vm::{ProbeError, Vm, VmConfig, VmError};
+
+/// Worker threads for stop-the-world's copy inside the pause.
+pub const STOP_THE_WORLD_WORKERS: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("probe: {0}")]
+    Probe(#[from] ProbeError),
+    #[error("the guest stopped during the benchmark: {0:?}")]
+    GuestStopped(crate::VmExit),
+    #[error("the guest did not populate its buffer within {0:?} (heartbeats {1:?})")]
+    PopulateTimeout(Duration, Vec<u64>),
+    #[error("{mode} x{workers}: {source}")]
+    Snapshot {
+        mode: Strategy,
+        workers: usize,
+        source: SnapshotError,
+    },
+    #[error("snapshot directory {0} already exists")]
+    DirExists(PathBuf),
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub memory_size: u64,
+    pub vcpus: usize,
+    pub modes: Vec<Strategy>,
+    /// Worker counts tried for async-fork.
+    pub workers: Vec<usize>,
+    pub backing: PageBacking,
+    /// Parent of the snapshot directories.
+    pub dir: PathBuf,
+    pub populate_fraction: f64,
+    pub warm: bool,
+    pub baseline: Duration,
+}
+
+/// One measured snapshot.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub memory_size: u64,
+    pub backing: PageBacking,
+    pub mode: Strategy,
+    pub workers: usize,
+    pub warm: bool,
+    /// Largest probe gap in a window of `baseline` without snapshot (µs).
+    pub noise_us: f64,
+    /// Largest probe gap from the request until the snapshot was persisted.
+    pub guest_pause_us: f64,
+    /// Largest probe gap from the request until the memory copy ended
+    /// (sync phase + copy; fork: until the child started writing).
+    pub copy_gap_us: f64,
+    /// Largest probe gap while persisting (after the copy).
+    pub persist_gap_us: f64,
+    /// Length of the no-snapshot window.
+    pub baseline: Duration,
+    /// Request until persisted.
+    pub window: Duration,
+    /// Guest passes over its buffer per second in the baseline window and
+    /// during the snapshot (sum over vCPUs).
+    pub passes_per_s_baseline: f64,
+    pub passes_per_s_snapshot: f64,
+    pub peak_rss: u64,
+    pub metrics: SnapshotMetrics,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+impl Row {
+    /// The VMM's sync phase (pause request until resumed).
+    pub fn engine_pause(&self) -> Duration {
+        self.metrics.sync.total
+    }
+
+    /// Copy of guest memory: the engine's background copy (stop-the-world:
+    /// its copy inside the pause); fork: the child's whole run (copy and
+    /// write are one).
+    pub fn copy(&self) -> Duration {
+        match (&self.metrics.engine, self.mode) {
+            (Some(_), Strategy::StopTheWorld) => self.metrics.sync.engine.copy,
+            (Some(e), _) => e.copy_total,
+            (None, _) => self.metrics.copy_wait,
+        }
+    }
+
+    pub fn persist(&self) -> Duration {
+        match (&self.metrics.engine, &self.metrics.persist) {
+            (Some(_), Some(p)) => p.elapsed,
+            _ => Duration::ZERO,
+        }
+    }
+
+    pub fn bytes_copied(&self) -> u64 {
+        match (&self.metrics.engine, &self.metrics.persist) {
+            (Some(e), _) => e.bytes_copied,
+            (None, Some(p)) => p.data_bytes,
+            _ => 0,
+        }
+    }
+
+    /// GiB/s of the memory copy.
+    pub fn copy_gib_s(&self) -> f64 {
+        let s = self.copy().as_secs_f64();
+        if s > 0.0 {
+            self.bytes_copied() as f64 / (1u64 << 30) as f64 / s
+        } else {
+            0.0
+        }
+    }
+
+    fn faults(&self) -> (u64, f64, f64, f64) {
+        match &self.metrics.engine {
+            Some(e) => (
+                e.faults(),
+                e.fault_latency_at(0.5) as f64 / 1e3,
+                e.fault_latency_at(0.99) as f64 / 1e3,
+                e.fault_latency_ns.max() as f64 / 1e3,
+            ),
+            None => (0, 0.0, 0.0, 0.0),
+        }
+    }
+
+    /// One JSON object; the snapshot's own metrics are nested.
+    pub fn to_json(&self) -> String {
+        let (faults, p50, p99, max) = self.faults();
+        format!(
+            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"destination\":\"{}\",\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
+            self.memory_size,
+            self.backing.name(),
+            self.mode,
+            self.workers,
+            if self.warm { "warm" } else { "cold" },
+            self.noise_us,
+            self.baseline.as_millis(),
+            self.guest_pause_us,
+            self.copy_gap_us,
+            self.persist_gap_us,
+            us(self.engine_pause()),
+            us(self.copy()),
+            self.copy_gib_s(),
+            us(self.persist()),
+            us(self.metrics.total),
+            us(self.window),
+            self.bytes_copied(),
+            faults,
+            p50,
+            p99,
+            max,
+            self.passes_per_s_baseline,
+            self.passes_per_s_snapshot,
+            self.peak_rss,
+            self.metrics.to_json(),
+        )
+    }
+}
+
+/// The Markdown table of `rows`.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| RAM | backing | mode | workers | dest | noise floor (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | persist (ms) | total (ms) | faults | fault p50 / p99 / max (µs) | peak RSS (MiB) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows {
+        let (faults, p50, p99, max) = r.faults();
+        out.push_str(&format!(
+            "| {} GiB | {} | {} | {} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
+            r.memory_size as f64 / (1u64 << 30) as f64,
+            r.backing.name(),
+            r.mode,
+            r.workers,
+            if r.warm { "warm" } else { "cold" },
+            r.noise_us,
+            r.guest_pause_us,
+            r.copy_gap_us,
+            r.persist_gap_us,
+            us(r.engine_pause()),
+            r.copy().as_secs_f64() * 1e3,
+            r.copy_gib_s(),
+            r.persist().as_secs_f64() * 1e3,
+            r.metrics.total.as_secs_f64() * 1e3,
+            faults,
+            p50,
+            p99,
+            max,
+            r.peak_rss >> 20,
+        ));
+    }
+    out
+}
+
+/// `VmHWM` of this process in bytes.
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_status_kib(&s, "VmHWM:"))
+        .map_or(0, |k| k * 1024)
+}
+
+fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// Resets `VmHWM` to the current RSS (Linux >= 4.0).
+fn reset_peak_rss() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        tracing::warn!("cannot reset VmHWM: {e}");
+    }
+}
+
+fn check_running(vm: &Vm) -> Result<(), BenchError> {
+    match vm.exit_reason() {
+        Some(exit) => Err(BenchError::GuestStopped(exit)),
+        None => Ok(()),
+    }
+}
+
+/// Waits until every vCPU finished its first pass (the buffer is populated).
+fn wait_populated(vm: &Vm, vcpus: usize, timeout: Duration) -> Result<Duration, BenchError> {
+    let start = Instant::now();
+    let mut last_log = Instant::now();
+    loop {
+        check_running(vm)?;
+        let hb = vm.heartbeats().unwrap_or_default();
+        if hb.len() == vcpus && hb.iter().all(|&b| b >= 1) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return Err(BenchError::PopulateTimeout(timeout, hb));
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            last_log = Instant::now();
+            eprintln!(
+                "bench snapshot: populating guest memory ({:.0} s)...",
+                start.elapsed().as_secs_f64()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn passes(vm: &Vm) -> Result<u64, BenchError> {
+    Ok(vm.heartbeats()?.iter().sum())
+}
+
+/// Boots the scribble guest and measures every requested snapshot. Each
+/// row is passed to `on_row` as soon as it is measured.
+pub fn run(p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchError> {
+    let pct = ((p.populate_fraction * 100.0).round() as u64).clamp(1, 95);
+    let config = VmConfig {
+        boot: BootConfig {
+            kernel: KernelImage::embedded(),
+            initrd: None,
+            cmdline: Some(format!("mode=scribble scribble_pct={pct}")),
+        },
+        memory_size: p.memory_size,
+        vcpus: p.vcpus,
+        serial_out: Box::new(std::io::LineWriter::new(std::io::stderr())),
+        serial_in: false,
+        backing: p.backing,
+    };
+    let mut vm = Vm::new(config)?;
+    vm.start()?;
+    let result = measure(&vm, p, on_row);
+    vm.shutdown();
+    result
+}
+
+fn plan(p: &Params) -> Vec<(Strategy, usize)> {
+    let mut out = Vec::new();
+    for &mode in &p.modes {
+        match mode {
+            Strategy::AsyncFork => out.extend(p.workers.iter().map(|&w| (mode, w))),
+            Strategy::StopTheWorld => out.push((mode, STOP_THE_WORLD_WORKERS)),
+            _ => out.push((mode, 1)),
+        }
+    }
+    out
+}
+
+fn measure(vm: &Vm, p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchError> {
+    let gib = p.memory_size as f64 / (1u64 << 30) as f64;
+    let timeout = Duration::from_secs_f64(60.0 + 60.0 * gib);
+    let took = wait_populated(vm, p.vcpus, timeout)?;
+    eprintln!(
+        "bench snapshot: {gib:.0} GiB ({}) populated in {:.1} s",
+        p.backing.name(),
+        took.as_secs_f64()
+    );
+    let mut rows = Vec::new();
+    for (mode, workers) in plan(p) {
+        let runs: &[bool] = if p.warm && mode != Strategy::Fork {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &warm in runs {
+            let row = one(vm, p, mode, workers, warm)?;
+            eprintln!(
+                "bench snapshot: {mode} x{workers} ({}): guest pause {:.0} us (noise {:.0} us), engine pause {:.0} us, total {:.0} ms",
+                if warm { "warm" } else { "cold" },
+                row.guest_pause_us,
+                row.noise_us,
+                us(row.engine_pause()),
+                row.metrics.total.as_secs_f64() * 1e3
+            );
+            on_row(&row);
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+fn snapshot_dir(parent: &Path, mode: Strategy, workers: usize, warm: bool) -> PathBuf {
+    parent.join(format!(
+        "snapvm-bench-{}-{mode}-x{workers}-{}",
+        std::process::id(),
+        if warm { "warm" } else { "cold" }
+    ))
+}
+
+fn one(vm: &Vm, p: &Params, mode: Strategy, workers: usize, warm: bool) -> Result<Row, BenchError> {
+    check_running(vm)?;
+    let dir = snapshot_dir(&p.dir, mode, workers, warm);
+    if dir.exists() {
+        return Err(BenchError::DirExists(dir));
+    }
+    // Noise floor: the same window with no snapshot.
+    vm.reset_probe_gaps()?;
+    let b0 = passes(vm)?;
+    let t = Instant::now();
+    std::thread::sleep(p.baseline);
+    let noise_us = vm.probe_max_gap_us()?.unwrap_or(0.0);
+    let baseline_rate = (passes(vm)? - b0) as f64 / t.elapsed().as_secs_f64();
+
+    reset_peak_rss();
+    vm.reset_probe_gaps()?;
+    let s0 = passes(vm)?;
+    let t = Instant::now();
+    let req = SnapshotRequest {
+        mode,
+        workers,
+        // The first snapshot keeps its destination for the warm one.
+        keep_memory: p.warm,
+        ..SnapshotRequest::new(&dir)
+    };
+    let err = |source| BenchError::Snapshot {
+        mode,
+        workers,
+        source,
+    };
+    let handle = vm.snapshot(req).map_err(err)?;
+    // Split the window where the memory copy ends (the engine is done with
+    // guest RAM, so the reset write is not part of the snapshot): stalls
+    // of the sync phase and the copy vs. stalls while persisting.
+    let mut copy_gap_us = None;
+    let waited = loop {
+        if let Some(r) = handle.wait_timeout(Duration::from_millis(1)) {
+            break r;
+        }
+        if copy_gap_us.is_none() && handle.state() != SnapshotState::Copying {
+            copy_gap_us = Some(vm.probe_max_gap_us()?.unwrap_or(0.0));
+            vm.reset_probe_gaps()?;
+        }
+    };
+    let window = t.elapsed();
+    let last_gap_us = vm.probe_max_gap_us()?.unwrap_or(0.0);
+    let (copy_gap_us, persist_gap_us) = match copy_gap_us {
+        Some(c) => (c, last_gap_us),
+        None => (last_gap_us, 0.0),
+    };
+    let guest_pause_us = copy_gap_us.max(persist_gap_us);
+    let snapshot_rate = (passes(vm)? - s0) as f64 / window.as_secs_f64();
+    let peak = peak_rss();
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if dir.exists() {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+    let metrics = waited.map_err(err)?;
+    Ok(Row {
+        memory_size: p.memory_size,
+        backing: p.backing,
+        mode,
+        workers,
+        warm,
+        noise_us,
+        guest_pause_us,
+        copy_gap_us,
+        persist_gap_us,
+        baseline: p.baseline,
+        window,
+        passes_per_s_baseline: baseline_rate,
+        passes_per_s_snapshot: snapshot_rate,
+        peak_rss: peak,
+        metrics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(modes: Vec<Strategy>, workers: Vec<usize>) -> Params {
+        Params {
+            memory_size: 1 << 30,
+            vcpus: 1,
+            modes,
+            workers,
+            backing: PageBacking::Huge,
+            dir: "/tmp".into(),
+            populate_fraction: 0.75,
+            warm: false,
+            baseline: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn plan_expands_workers_for_async_fork_only() {
+        let p = params(
+            vec![
+                Strategy::AsyncFork,
+                Strategy::Fork,
+                Strategy::StopTheWorld,
+                Strategy::SyncWp,
+            ],
+            vec![1, 2, 4],
+        );
+        assert_eq!(
+            plan(&p),
+            vec![
+                (Strategy::AsyncFork, 1),
+                (Strategy::AsyncFork, 2),
+                (Strategy::AsyncFork, 4),
+                (Strategy::Fork, 1),
+                (Strategy::StopTheWorld, STOP_THE_WORLD_WORKERS),
+                (Strategy::SyncWp, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn status_parsing() {
+        let s = "Name:\tsnapvm\nVmPeak:\t  100 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_status_kib(s, "VmHWM:"), Some(2048));
+        assert_eq!(parse_status_kib(s, "Nope:"), None);
+        assert!(peak_rss() > 0);
+    }
+}
