@@ -88,9 +88,9 @@ pub struct RunArgs {
     /// and the child writes the snapshot).
     #[arg(long, value_name = "MODE", default_value = "async-fork", value_parser = parse_strategy)]
     pub snapshot_mode: snapshot::Strategy,
-    /// Copier threads for the snapshot.
-    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub snapshot_workers: u32,
+    /// Copier threads for the snapshot (default: the number of host cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub snapshot_workers: Option<u32>,
     /// Keep the snapshot's destination memory (one guest-sized buffer)
     /// between snapshots, so the next snapshot copies at memory speed.
     #[arg(long)]
@@ -325,6 +325,12 @@ pub fn guest_memory_size(s: &str, host_ram: Option<u64>) -> Result<u64, ConfigEr
         }
     }
     Ok(rounded)
+}
+
+/// Snapshot copier threads when `--snapshot-workers` is not given: one
+/// per host core, as the engine's workers are CPU-bound copies.
+pub fn default_snapshot_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Largest vCPU count: the guest's per-CPU tables, and 8-bit APIC ids.

@@ -166,7 +166,9 @@ fn run_to_exit(mut vm: Vm, args: &RunArgs) -> ExitCode {
                     .snapshot_at
                     .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
                 mode: args.snapshot_mode,
-                workers: args.snapshot_workers as usize,
+                workers: args
+                    .snapshot_workers
+                    .map_or_else(cli::default_snapshot_workers, |n| n as usize),
                 keep_memory: args.snapshot_keep_memory,
             };
             trigger::run_until_exit(&mut vm, &plan)
