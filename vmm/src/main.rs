@@ -77,6 +77,14 @@ fn init_logging(level: &str) -> Result<(), cli::ConfigError> {
     Ok(())
 }
 
+/// Guest RAM in bytes (validated against host RAM) and the vCPU count, as
+/// every command that boots a VM takes them.
+fn machine_size(memory: &str, vcpus: u32) -> Result<(u64, usize), cli::ConfigError> {
+    let memory_size = cli::guest_memory_size(memory, cli::host_ram_bytes())?;
+    let vcpus = cli::validate_vcpus(vcpus)? as usize;
+    Ok((memory_size, vcpus))
+}
+
 fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = init_logging(&args.log_level) {
         return fail(e);
@@ -87,12 +95,8 @@ fn run(args: RunArgs) -> ExitCode {
     if args.restore.is_some() {
         return run_restored(args);
     }
-    let memory_size = match cli::guest_memory_size(&args.memory, cli::host_ram_bytes()) {
-        Ok(m) => m,
-        Err(e) => return fail(e),
-    };
-    let vcpus = match cli::validate_vcpus(args.vcpus) {
-        Ok(n) => n as usize,
+    let (memory_size, vcpus) = match machine_size(&args.memory, args.vcpus) {
+        Ok(size) => size,
         Err(e) => return fail(e),
     };
     let kernel = match &args.kernel {
@@ -224,12 +228,8 @@ fn bench_pause(args: cli::BenchPauseArgs) -> ExitCode {
     if let Err(e) = init_logging(&args.log_level) {
         return fail(e);
     }
-    let memory_size = match cli::guest_memory_size(&args.memory, cli::host_ram_bytes()) {
-        Ok(m) => m,
-        Err(e) => return fail(e),
-    };
-    let vcpus = match cli::validate_vcpus(args.vcpus) {
-        Ok(n) => n as usize,
+    let (memory_size, vcpus) = match machine_size(&args.memory, args.vcpus) {
+        Ok(size) => size,
         Err(e) => return fail(e),
     };
     if args.cycles == 0 {
@@ -248,12 +248,8 @@ fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
     if let Err(e) = init_logging(&args.log_level) {
         return fail(e);
     }
-    let memory_size = match cli::guest_memory_size(&args.memory, cli::host_ram_bytes()) {
-        Ok(m) => m,
-        Err(e) => return fail(e),
-    };
-    let vcpus = match cli::validate_vcpus(args.vcpus) {
-        Ok(n) => n as usize,
+    let (memory_size, vcpus) = match machine_size(&args.memory, args.vcpus) {
+        Ok(size) => size,
         Err(e) => return fail(e),
     };
     if !args.dir.is_dir() {
