@@ -2,10 +2,12 @@
 //! guest runs, restore, bit-exactness, one-in-flight, rollback. Needs
 //! /dev/kvm and userfaultfd (root): where unusable the tests fail saying so.
 
-use std::io::Write;
+mod common;
+
+use common::{require_kvm, wait_for_heartbeats_above, Console};
+
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use snapshot::{FaultInjection, Strategy};
 use vmm::loader::{BootConfig, KernelImage};
@@ -13,29 +15,6 @@ use vmm::snapshotting::{
     restore_cli, snapshot_checksums, SnapshotError, SnapshotRequest, SnapshotState, METRICS_FILE,
 };
 use vmm::{PageBacking, Vm, VmConfig, VmExit};
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests need a usable /dev/kvm: {e}");
-    }
-}
 
 fn boot(cmdline: &str, vcpus: usize, memory: u64) -> Vm {
     boot_with(cmdline, vcpus, memory, PageBacking::Huge)
@@ -84,29 +63,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Waits until every vCPU's heartbeat is above `floor`.
-fn wait_for_heartbeats_above(vm: &Vm, floor: &[u64]) -> Vec<u64> {
-    let start = Instant::now();
-    loop {
-        if let Ok(hb) = vm.heartbeats() {
-            if hb.len() == floor.len() && hb.iter().zip(floor).all(|(h, f)| h > f) {
-                return hb;
-            }
-        }
-        assert!(
-            vm.exit_reason().is_none(),
-            "guest stopped: {:?}",
-            vm.exit_reason()
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "heartbeats never passed {floor:?}: {:?}",
-            vm.heartbeats()
-        );
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -1,41 +1,14 @@
 //! Boots the embedded guest through the library API. Needs /dev/kvm: where
 //! it is unusable the tests fail saying so (they never skip).
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use common::{require_kvm, Console};
+
 use std::time::{Duration, Instant};
 
 use vmm::loader::{BootConfig, KernelImage};
 use vmm::{PauseError, Vm, VmConfig, VmExit};
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests need a usable /dev/kvm: {e}");
-    }
-}
 
 fn vm(mode: &str, vcpus: usize) -> (Vm, Console) {
     let console = Console::default();

@@ -1,36 +1,15 @@
 //! VM state capture and restore with the embedded guest. Needs /dev/kvm:
 //! where it is unusable the tests fail saying so (they never skip).
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use common::{require_kvm, wait_for_heartbeats_above, Console};
+
 use std::time::{Duration, Instant};
 
 use vmm::loader::{BootConfig, KernelImage};
 use vmm::vmstate::{ram_from_copies, ram_from_mapped, RestoreConfig, VmState, VmStateError};
 use vmm::{Vm, VmConfig, VmExit};
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests need a usable /dev/kvm: {e}");
-    }
-}
 
 fn boot(mode: &str, vcpus: usize) -> Vm {
     let config = VmConfig {
@@ -48,29 +27,6 @@ fn boot(mode: &str, vcpus: usize) -> Vm {
     let mut vm = Vm::new(config).expect("create VM");
     vm.start().expect("start VM");
     vm
-}
-
-/// Waits until every vCPU's heartbeat is above `floor`.
-fn wait_for_heartbeats_above(vm: &Vm, floor: &[u64]) -> Vec<u64> {
-    let start = Instant::now();
-    loop {
-        if let Ok(hb) = vm.heartbeats() {
-            if hb.len() == floor.len() && hb.iter().zip(floor).all(|(h, f)| h > f) {
-                return hb;
-            }
-        }
-        assert!(
-            vm.exit_reason().is_none(),
-            "guest stopped: {:?}",
-            vm.exit_reason()
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "heartbeats never passed {floor:?}: {:?}",
-            vm.heartbeats()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// Pauses, captures state and a copy of every RAM region, shuts down.

@@ -3,10 +3,14 @@
 //! the data survives, new connections work. Needs /dev/kvm: where it is
 //! unusable the tests fail saying so (they never skip).
 
+mod common;
+
+use common::{require_kvm, Console};
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm::devices::virtio::cmdline_word;
@@ -18,24 +22,7 @@ use vmm::{Vm, VmConfig, VmExit};
 const MEMORY: u64 = 256 << 20;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
     fn wait_for(&self, what: &str, vm: &Vm) {
         let start = Instant::now();
         while !self.text().contains(what) {
@@ -52,16 +39,6 @@ impl Console {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests need a usable /dev/kvm: {e}");
     }
 }
 
