@@ -3,3 +3,4 @@
 
 pub mod paths;
 pub mod process;
+pub mod qemu;

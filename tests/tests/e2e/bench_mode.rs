@@ -1,11 +1,11 @@
 //! `mode=bench`: the guest drives its own KV store and prints one JSON line
 //! per time window, under snapvm and (same ELF) under QEMU microvm.
 
-use std::process::Command;
 use std::time::Duration;
 
 use snapvm_tests::paths::snapvm_bin;
-use snapvm_tests::process::{run, Finished, Proc};
+use snapvm_tests::process::{run, Finished};
+use snapvm_tests::qemu;
 
 const CMDLINE: &str = "mode=bench keys=20000 value_size=32 duration_s=2 window_ms=500 dist=zipfian";
 const FIELDS: [&str; 7] = [
@@ -98,40 +98,9 @@ fn bench_mode_bad_option_is_an_error() {
 
 #[test]
 fn bench_mode_runs_under_qemu_microvm() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let elf = dir.path().join("snapvm-guest.elf");
-    let elf_arg = elf.to_str().expect("utf-8 path");
-    let out = run(
-        &snapvm_bin(),
-        &["guest-elf", elf_arg],
-        Duration::from_secs(10),
-    );
-    assert_eq!(out.code(), Some(0), "{out:?}");
-
-    // No `-cpu host`: QEMU 7.2 aborts with it on this nested host.
-    let vm = Proc::spawn_cmd(Command::new("qemu-system-x86_64").args([
-        "-M",
-        "microvm",
-        "-accel",
-        "kvm",
-        "-m",
-        "512M",
-        "-nographic",
-        "-nodefaults",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel",
-        elf_arg,
-        "-append",
-        CMDLINE,
-    ]));
-    let out = vm.wait(Duration::from_secs(60));
-    // The guest powers off with status 0; isa-debug-exit makes QEMU exit
-    // with (status << 1) | 1 = 1.
-    assert_eq!(out.code(), Some(1), "{out:?}");
+    let out = qemu::run_bundled_guest("512M", CMDLINE, Duration::from_secs(60));
+    // The guest powers off with status 0.
+    assert_eq!(out.code(), Some(qemu::exit_code_for(0)), "{out:?}");
     assert!(out.stdout.contains("hypervisor=kvm"), "{out:?}");
     check_windows(&out);
 }
