@@ -179,3 +179,10 @@ impl Drop for Proc {
 pub fn run(program: &Path, args: &[&str], timeout: Duration) -> Finished {
     Proc::spawn(program, args).wait(timeout)
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, so tests can run
+/// their servers side by side.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}

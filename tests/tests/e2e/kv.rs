@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use snapvm_tests::paths::snapvm_bin;
-use snapvm_tests::process::Proc;
+use snapvm_tests::process::{free_port, Proc};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const LISTENING: &str = "kv: listening on vsock port 6379";
@@ -17,11 +17,6 @@ const LISTENING: &str = "kv: listening on vsock port 6379";
 struct Server {
     _proc: Proc,
     port: u16,
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
 }
 
 fn start(memory: &str) -> Server {

@@ -1,20 +1,72 @@
 //! Snapshots through the `snapvm` binary: `--snapshot-at`, SIGUSR1,
 //! `--restore` (counter and KV guests), and refusals of damaged snapshots.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use snapvm_tests::paths::snapvm_bin;
-use snapvm_tests::process::{run, Finished, Proc};
+use snapvm_tests::process::{free_port, run, Finished, Proc};
 
 const T: Duration = Duration::from_secs(60);
 const LISTENING: &str = "kv: listening on vsock port 6379";
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+/// A KV guest with `--snapshot-dir base` (SIGUSR1 snapshots into
+/// `base-N`), listening on a free port.
+fn start_kv_with_snapshot_dir(base: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dir = base.to_str().expect("utf-8 path");
+    let mut vm = Proc::spawn(
+        &snapvm_bin(),
+        &[
+            "run",
+            "--memory",
+            "512M",
+            "--kv-listen",
+            &listen,
+            "--snapshot-dir",
+            dir,
+            "--log-level",
+            "info",
+        ],
+    );
+    vm.wait_for_stdout(LISTENING, T);
+    (vm, port)
+}
+
+/// `snapvm run --restore dir` on a free port, its console in `serial`.
+fn restore_kv(dir: &Path, serial: &Path, verify: bool) -> (Proc, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["run", "--restore", dir.to_str().expect("utf-8 path")];
+    if verify {
+        args.push("--verify");
+    }
+    args.extend([
+        "--kv-listen",
+        &listen,
+        "--serial",
+        serial.to_str().expect("utf-8 path"),
+    ]);
+    (Proc::spawn(&snapvm_bin(), &args), port)
+}
+
+/// The first answer of a restored KV guest to `args`, retried until it
+/// listens (within `T`).
+fn first_reply(restored: &Proc, port: u16, args: &[&str]) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = redis(port, args) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < T,
+            "restored KV never answered\nstderr:\n{}",
+            restored.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until `dir/metrics.json` exists: the snapshot is persisted.
@@ -146,23 +198,7 @@ fn redis(port: u16, args: &[&str]) -> Option<String> {
 fn kv_snapshot_by_sigusr1_restores_the_data_as_of_the_fork() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("kv");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut vm = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--memory",
-            "512M",
-            "--kv-listen",
-            &listen,
-            "--snapshot-dir",
-            base.to_str().unwrap(),
-            "--log-level",
-            "info",
-        ],
-    );
-    vm.wait_for_stdout(LISTENING, T);
+    let (vm, port) = start_kv_with_snapshot_dir(&base);
     assert_eq!(redis(port, &["SET", "a", "1"]).as_deref(), Some("OK"));
     assert_eq!(redis(port, &["SET", "b", "2"]).as_deref(), Some("OK"));
     // SAFETY: kill(2) on our own child's pid has no memory-safety concerns.
@@ -176,33 +212,8 @@ fn kv_snapshot_by_sigusr1_restores_the_data_as_of_the_fork() {
     assert_eq!(redis(port, &["FLUSHALL"]).as_deref(), Some("OK"));
     assert_eq!(redis(port, &["DBSIZE"]).as_deref(), Some("0"));
 
-    let port2 = free_port();
-    let listen2 = format!("127.0.0.1:{port2}");
-    let serial = tmp.path().join("serial-restored.txt");
-    let restored = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--restore",
-            dir.to_str().unwrap(),
-            "--kv-listen",
-            &listen2,
-            "--serial",
-            serial.to_str().unwrap(),
-        ],
-    );
-    let start = Instant::now();
-    let a = loop {
-        if let Some(v) = redis(port2, &["GET", "a"]) {
-            break v;
-        }
-        assert!(
-            start.elapsed() < T,
-            "restored KV never answered\nstderr:\n{}",
-            restored.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (restored, port2) = restore_kv(&dir, &tmp.path().join("serial-restored.txt"), false);
+    let a = first_reply(&restored, port2, &["GET", "a"]);
     assert_eq!(a, "1");
     assert_eq!(redis(port2, &["GET", "b"]).as_deref(), Some("2"));
     assert_eq!(redis(port2, &["EXISTS", "c"]).as_deref(), Some("0"));
@@ -296,23 +307,7 @@ fn snapshot_flag_errors() {
 fn kv_snapshot_under_load_restores_a_consistent_store() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("load");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut vm = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--memory",
-            "512M",
-            "--kv-listen",
-            &listen,
-            "--snapshot-dir",
-            base.to_str().unwrap(),
-            "--log-level",
-            "info",
-        ],
-    );
-    vm.wait_for_stdout(LISTENING, T);
+    let (vm, port) = start_kv_with_snapshot_dir(&base);
     let mut bench = Command::new("redis-benchmark")
         .args(["-p", &port.to_string(), "-t", "set", "-n", "100000"])
         .args(["-r", "50000", "-d", "200", "-c", "4", "-q"])
@@ -338,34 +333,8 @@ fn kv_snapshot_under_load_restores_a_consistent_store() {
     let after: u64 = redis(port, &["DBSIZE"]).unwrap().parse().unwrap();
     assert!(bench.wait().expect("redis-benchmark").success());
 
-    let port2 = free_port();
-    let listen2 = format!("127.0.0.1:{port2}");
-    let serial = tmp.path().join("serial-restored.txt");
-    let restored = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--restore",
-            dir.to_str().unwrap(),
-            "--verify",
-            "--kv-listen",
-            &listen2,
-            "--serial",
-            serial.to_str().unwrap(),
-        ],
-    );
-    let start = Instant::now();
-    let n: u64 = loop {
-        if let Some(v) = redis(port2, &["DBSIZE"]) {
-            break v.parse().unwrap();
-        }
-        assert!(
-            start.elapsed() < T,
-            "restored KV never answered\nstderr:\n{}",
-            restored.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (restored, port2) = restore_kv(&dir, &tmp.path().join("serial-restored.txt"), true);
+    let n: u64 = first_reply(&restored, port2, &["DBSIZE"]).parse().unwrap();
     assert!(
         before <= n && n <= after,
         "restored {n} keys, not within {before}..={after}"
