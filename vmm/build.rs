@@ -30,6 +30,7 @@ fn main() {
         "guest/Cargo.toml",
         "guest/linker.ld",
         "Cargo.lock",
+        "Cargo.toml",
     ] {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
@@ -55,6 +56,12 @@ fn main() {
             "snapvm-guest",
             "--bin",
             "snapvm-guest",
+            "--features",
+            "kernel",
+            // The workspace profiles unwind (host code catches engine
+            // panics); the freestanding kernel cannot.
+            "--config",
+            "profile.release.panic=\"abort\"",
         ])
         .arg("--target-dir")
         .arg(&guest_target);

@@ -100,7 +100,7 @@ use crate::chunk_table::ChunkTable;
 use crate::error::{Error, Phase};
 use crate::eventfd::EventFd;
 use crate::fault_handler;
-use crate::inject::FaultInjection;
+use crate::inject::{EnvInjection, FaultInjection};
 use crate::memory::{copy_unit, DestPool, Destination, Pagemap};
 use crate::metrics::{new_histogram, Counters, Metrics, Progress, SyncMetrics};
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
@@ -222,7 +222,11 @@ impl Engine {
     /// Creates an engine and checks that this process can use userfaultfd
     /// write-protect (root, kernel support), so a VM learns at start-up, not
     /// at its first snapshot, that snapshots cannot work.
-    pub fn new(config: Config) -> Result<Engine, Error> {
+    pub fn new(mut config: Config) -> Result<Engine, Error> {
+        // Test hook: SNAPVM_INJECT reaches engines inside a real snapvm.
+        if let Some(injection) = EnvInjection::next_engine().map_err(Error::InvalidInjection)? {
+            config.injection = injection;
+        }
         if config.workers == 0 {
             return Err(Error::InvalidConfig("workers must be at least 1"));
         }
@@ -258,6 +262,17 @@ impl Engine {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Destination memory for a snapshot of `layout` (pooled or fresh).
+    fn destination(&self, layout: &Layout) -> Result<Destination, Error> {
+        let mut dest = Destination::from_pool(
+            &self.pool,
+            layout.total_bytes(),
+            self.config.keep_destination,
+        )?;
+        dest.inject_populate_failure(self.config.injection.fail_populate_at);
+        Ok(dest)
     }
 
     /// Makes destination memory for a snapshot of `bytes` of guest RAM ready
@@ -313,11 +328,7 @@ impl Engine {
         let mut m = SyncMetrics::default();
 
         let t = Instant::now();
-        let dest = Arc::new(Destination::from_pool(
-            &self.pool,
-            layout.total_bytes(),
-            self.config.keep_destination,
-        )?);
+        let dest = Arc::new(self.destination(&layout)?);
         m.dest_alloc = t.elapsed();
         let pagemap = Pagemap::open()?;
         let uffd = Uffd::new(UFFD_FEATURES).map_err(|source| Error::Uffd {
@@ -432,7 +443,7 @@ impl Engine {
         let sh = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("snap-supervisor".into())
-            .spawn(move || supervisor::run(sh, plan));
+            .spawn(move || supervisor::run_guarded(sh, plan));
         match spawned {
             Ok(h) => *lock(&self.supervisor) = Some(Pending::Running(h)),
             Err(source) => {
@@ -546,11 +557,7 @@ impl Engine {
     fn begin_stop_the_world(&self, layout: Layout, t_total: Instant) -> Result<SyncMetrics, Error> {
         let mut m = SyncMetrics::default();
         let t = Instant::now();
-        let dest = Arc::new(Destination::from_pool(
-            &self.pool,
-            layout.total_bytes(),
-            self.config.keep_destination,
-        )?);
+        let dest = Arc::new(self.destination(&layout)?);
         m.dest_alloc = t.elapsed();
         let pagemap = Pagemap::open()?;
         let n = layout.total_chunks();
@@ -573,20 +580,24 @@ impl Engine {
                 })
             } else {
                 let loc = layout.chunk(i);
-                // SAFETY: chunk i is this thread's alone (claimed through
-                // `next`); the caller keeps every writer paused during
-                // begin() and the regions mapped (begin's contract); the
-                // destination is sized to the layout.
-                unsafe {
-                    copy_unit(
-                        &pagemap,
-                        &dest,
-                        loc.host_addr,
-                        loc.dest_offset,
-                        PAGES_PER_CHUNK,
-                        Phase::Sync,
-                    )
-                }
+                // A panic (a bug) fails this snapshot instead of the
+                // caller, which holds the VM paused.
+                crate::recover::catching(Phase::Sync, || {
+                    // SAFETY: chunk i is this thread's alone (claimed
+                    // through `next`); the caller keeps every writer paused
+                    // during begin() and the regions mapped (begin's
+                    // contract); the destination is sized to the layout.
+                    unsafe {
+                        copy_unit(
+                            &pagemap,
+                            &dest,
+                            loc.host_addr,
+                            loc.dest_offset,
+                            PAGES_PER_CHUNK,
+                            Phase::Sync,
+                        )
+                    }
+                })
             };
             match res {
                 Ok((z, b)) => {

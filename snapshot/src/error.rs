@@ -99,6 +99,20 @@ pub enum Error {
     Cancelled,
     #[error("a snapshot thread panicked: {0}")]
     ThreadPanicked(String),
+    /// A copier panicked (a bug); caught, and the snapshot rolled back.
+    #[error("{phase}: panicked ({what}); snapshot rolled back")]
+    Panicked { phase: Phase, what: String },
+    /// `SNAPVM_INJECT` could not be parsed (test hook).
+    #[error("invalid fault injection: {0}")]
+    InvalidInjection(String),
+}
+
+/// The message of a caught panic payload.
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl Error {

@@ -37,11 +37,12 @@
 //! copy-on-write fault). See engine.rs for why not WP_UNPOPULATED.
 
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::chunk_table::{ChunkState, Copier};
-use crate::error::{Error, Phase};
+use crate::error::{panic_message, Error, Phase};
 use crate::metrics::HandlerStats;
 use crate::region::PAGE_SIZE;
 use crate::shared::Shared;
@@ -140,7 +141,25 @@ impl Handler {
         let events = std::mem::take(&mut self.events);
         for ev in &events {
             if let Event::PageFault { address, kind } = *ev {
-                self.handle(address, kind);
+                let since = Instant::now();
+                // Copy panics are caught in copy_claimed; this is the last
+                // line for a bug elsewhere here. The handler must outlive
+                // it: a dead handler strands every faulting writer.
+                let handled =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| self.handle(address, kind)));
+                if let Err(p) = handled {
+                    self.shared.fail(Error::Panicked {
+                        phase: Phase::FaultPath,
+                        what: format!("fault handler: {}", panic_message(p)),
+                    });
+                    for r in self.shared.layout.regions() {
+                        let _ = self
+                            .shared
+                            .uffd
+                            .write_protect(r.host_addr, r.len, false, false);
+                    }
+                    self.resolve(address, kind, since);
+                }
             }
         }
         self.events = events;

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Phase};
@@ -189,6 +189,10 @@ pub struct Destination {
     written: AtomicBool,
     keep: bool,
     pool: Arc<DestPool>,
+    /// Test hook (`FaultInjection::fail_populate_at`): the n-th populate
+    /// fails with ENOMEM.
+    fail_populate_at: Option<usize>,
+    populates: AtomicUsize,
 }
 
 impl Destination {
@@ -210,7 +214,15 @@ impl Destination {
             written: AtomicBool::new(false),
             keep,
             pool: pool.clone(),
+            fail_populate_at: None,
+            populates: AtomicUsize::new(0),
         })
+    }
+
+    /// Makes the n-th (0-based) `populate` fail with ENOMEM, as a real
+    /// allocation failure would (test hook).
+    pub fn inject_populate_failure(&mut self, at: Option<usize>) {
+        self.fail_populate_at = at;
     }
 
     fn map(&self) -> &Mapping {
@@ -236,6 +248,17 @@ impl Destination {
     /// error instead of a SIGBUS/OOM kill inside memcpy. Nearly free on a
     /// prepared (already populated) destination.
     pub fn populate(&self, offset: u64, len: u64, phase: Phase) -> Result<(), Error> {
+        if let Some(at) = self.fail_populate_at {
+            if self.populates.fetch_add(1, Ordering::Relaxed) == at {
+                return Err(Error::Memory {
+                    phase,
+                    op: "populate destination (injected)",
+                    start: offset,
+                    len,
+                    source: io::Error::from_raw_os_error(libc::ENOMEM),
+                });
+            }
+        }
         self.written.store(true, Ordering::Relaxed);
         self.map().populate(offset, len, phase)
     }

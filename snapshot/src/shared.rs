@@ -14,6 +14,12 @@ use crate::metrics::Counters;
 use crate::region::{Layout, CHUNK_SIZE, PAGE_SIZE};
 use crate::uffd::Uffd;
 
+/// An injected failure: an error to return, or a panic to raise.
+enum Injected {
+    Fail(Error),
+    Panic(String),
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub layout: Layout,
@@ -84,24 +90,35 @@ impl Shared {
             .map_err(|source| Error::Uffd { phase, source })
     }
 
-    fn injected(&self, i: usize, copier: Copier) -> Option<Error> {
-        match copier {
-            Copier::Worker => {
-                let n = self.worker_copies.fetch_add(1, Ordering::Relaxed);
-                (self.injection.fail_worker_copy_at == Some(n)).then(|| Error::Injected {
-                    phase: Phase::Worker,
-                    what: format!("worker failure at copy {n} (chunk {i})"),
-                })
-            }
-            Copier::FaultPath => {
-                let n = self.fault_copies.fetch_add(1, Ordering::Relaxed);
-                (self.injection.fail_fault_path_at == Some(n)).then(|| Error::Injected {
-                    phase: Phase::FaultPath,
-                    what: format!("fault-path failure at copy {n} (chunk {i})"),
-                })
-            }
-            _ => None,
+    fn injected(&self, i: usize, copier: Copier) -> Option<Injected> {
+        let (n, fail, panic, phase, who) = match copier {
+            Copier::Worker => (
+                self.worker_copies.fetch_add(1, Ordering::Relaxed),
+                self.injection.fail_worker_copy_at,
+                self.injection.panic_worker_copy_at,
+                Phase::Worker,
+                "worker",
+            ),
+            Copier::FaultPath => (
+                self.fault_copies.fetch_add(1, Ordering::Relaxed),
+                self.injection.fail_fault_path_at,
+                self.injection.panic_fault_path_at,
+                Phase::FaultPath,
+                "fault-path",
+            ),
+            Copier::Hook => return None,
+        };
+        if panic == Some(n) {
+            return Some(Injected::Panic(format!(
+                "injected {who} panic at copy {n} (chunk {i})"
+            )));
         }
+        (fail == Some(n)).then(|| {
+            Injected::Fail(Error::Injected {
+                phase,
+                what: format!("{who} failure at copy {n} (chunk {i})"),
+            })
+        })
     }
 
     /// Copies chunk `i`, which the caller has claimed, then lifts its
@@ -115,8 +132,12 @@ impl Shared {
             Copier::FaultPath | Copier::Hook => Phase::FaultPath,
         };
         let loc = self.layout.unit(i, self.unit);
-        let res = match self.injected(i, copier) {
-            Some(e) => Err(e),
+        // A panic while copying (a bug) must not leave the chunk Copying and
+        // protected forever: it becomes this chunk's error, and the snapshot
+        // rolls back like any other failure.
+        let res = crate::recover::catching(phase, || match self.injected(i, copier) {
+            Some(Injected::Fail(e)) => Err(e),
+            Some(Injected::Panic(what)) => std::panic::panic_any(what),
             // SAFETY: the chunk is claimed (no other copier) and
             // write-protected (no writer); source and destination chunks are
             // mapped for `unit` bytes (layout validated, dest sized to it).
@@ -130,7 +151,14 @@ impl Shared {
                     phase,
                 )
             },
-        };
+        })
+        .map_err(|e| match e {
+            Error::Panicked { phase, what } => Error::Panicked {
+                phase,
+                what: format!("copying unit {i}: {what}"),
+            },
+            e => e,
+        });
         let unprotect = self.unprotect_unit(i, phase);
         let res = res.and_then(|r| unprotect.map(|()| r));
         let nudge = match &res {

@@ -22,11 +22,29 @@ pub(crate) struct Plan {
     pub resumed: Instant,
 }
 
-fn panic_msg(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
+use crate::error::panic_message as panic_msg;
+
+/// `run`, with a panic of the supervisor itself (a bug) turned into a
+/// rollback: every protection lifted, registrations gone, the handler told
+/// to stop, so no writer stays blocked.
+pub(crate) fn run_guarded(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
+    let sh = shared.clone();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(shared, plan))) {
+        Ok(r) => r,
+        Err(p) => {
+            sh.fail(Error::Panicked {
+                phase: Phase::Worker,
+                what: format!("supervisor: {}", panic_msg(p)),
+            });
+            sh.table.fail_unclaimed();
+            for r in sh.layout.regions() {
+                let _ = sh.uffd.write_protect(r.host_addr, r.len, false, false);
+                let _ = sh.uffd.unregister(r.host_addr, r.len);
+            }
+            sh.handler_stop.signal();
+            Err(sh.take_error().unwrap_or(Error::Cancelled))
+        }
+    }
 }
 
 pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {

@@ -186,7 +186,7 @@ fn failing_writer_leaves_nothing_behind() {
         msg.starts_with("write ") && msg.ends_with("/memory.img: no space left on device"),
         "{msg}"
     );
-    assert!(msg.contains("snap.tmp-"), "{msg}");
+    assert!(msg.contains("snap.incomplete-"), "{msg}");
 
     // EIO while writing the state file (after all 8 data chunks), over an
     // existing snapshot that must survive.
@@ -244,7 +244,17 @@ fn truncated_state_file_refused() {
             target.join(STATE_FILE).display()
         )
     );
+    // Without state.bin (written last) beside an image: an interrupted write.
     fs::remove_file(target.join(STATE_FILE)).unwrap();
+    assert_eq!(
+        open_err(&target),
+        format!(
+            "{}: incomplete snapshot (memory.img without state.bin: its write was interrupted); it cannot be restored",
+            target.display()
+        )
+    );
+    // Neither file: not a snapshot directory at all.
+    fs::remove_file(target.join(MEMORY_FILE)).unwrap();
     assert_eq!(
         open_err(&target),
         format!(
@@ -450,4 +460,98 @@ fn all_strategies_produce_identical_files() {
         "stop-the-world differs from async-fork"
     );
     assert!(files[0] == files[2], "sync-wp differs from async-fork");
+}
+
+/// Snapshot directories are private whatever the umask: 0700, files 0600
+/// (guest memory is as sensitive as the guest). umask is process-wide, so
+/// it is restored at once and other tests only ever see a stricter one
+/// never a looser one for longer than this write.
+#[test]
+fn snapshot_dir_is_0700_and_files_0600_even_with_umask_0() {
+    let (snap, _) = take_snapshot();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("snap");
+    // SAFETY: umask(2) only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0) };
+    let res = write(&snap, &target, &WriteOptions::default());
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    res.expect("write");
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&target), 0o700);
+    for f in [MEMORY_FILE, STATE_FILE] {
+        assert_eq!(mode(&target.join(f)), 0o600, "{f}");
+    }
+}
+
+/// What a kill during persist leaves (the temp dir with memory.img and no
+/// state.bin) is refused as incomplete, by name, and the next write to the
+/// same target removes it once its writer is gone.
+#[test]
+fn interrupted_write_is_refused_and_cleaned_up_by_the_next_write() {
+    let (tmp, target, _) = written();
+    // A leftover as a killed writer (a pid that cannot exist) leaves it.
+    let dead = tmp
+        .path()
+        .join(format!("snap2{}4194305-0", snapshot::persist::TMP_INFIX));
+    fs::create_dir(&dead).unwrap();
+    fs::copy(target.join(MEMORY_FILE), dead.join(MEMORY_FILE)).unwrap();
+    assert_eq!(
+        open_err(&dead),
+        format!(
+            "{}: incomplete snapshot (memory.img without state.bin: its write was interrupted); it cannot be restored",
+            dead.display()
+        )
+    );
+    // A leftover of a live process (ours) is never touched.
+    let live = tmp.path().join(format!(
+        "snap2{}{}-99",
+        snapshot::persist::TMP_INFIX,
+        std::process::id()
+    ));
+    fs::create_dir(&live).unwrap();
+    // Another target's leftover is not ours to remove either.
+    let other = tmp
+        .path()
+        .join(format!("other{}4194305-0", snapshot::persist::TMP_INFIX));
+    fs::create_dir(&other).unwrap();
+
+    let (snap, _) = take_snapshot();
+    write(&snap, &tmp.path().join("snap2"), &WriteOptions::default()).expect("write");
+    let left = entries(tmp.path());
+    assert_eq!(
+        left,
+        vec![
+            other.file_name().unwrap().to_str().unwrap().to_string(),
+            "snap".to_string(),
+            "snap2".to_string(),
+            live.file_name().unwrap().to_str().unwrap().to_string(),
+        ]
+    );
+    SnapshotDir::open(&tmp.path().join("snap2"))
+        .unwrap()
+        .verify_chunks()
+        .unwrap();
+}
+
+/// Neither a symlink nor a file at the target is followed or replaced
+/// without `overwrite`, and a symlink is never replaced even with it.
+#[test]
+fn target_symlink_is_never_followed() {
+    let (snap, _) = take_snapshot();
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    let err = write(&snap, &link, &WriteOptions::default()).expect_err("exists");
+    assert!(matches!(err, PersistError::TargetExists(_)), "{err}");
+    let opts = WriteOptions {
+        overwrite: true,
+        ..WriteOptions::default()
+    };
+    let err = write(&snap, &link, &opts).expect_err("a symlink");
+    assert!(matches!(err, PersistError::TargetNotDirectory(_)), "{err}");
+    assert!(entries(&elsewhere).is_empty());
+    assert_eq!(entries(tmp.path()), vec!["elsewhere", "link"]);
 }

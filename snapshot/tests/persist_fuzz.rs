@@ -104,8 +104,17 @@ fn check(bytes: &[u8]) {
     }
 }
 
+/// 3000 per property, or `PROPTEST_CASES` (an explicit `with_cases`
+/// would otherwise ignore the variable).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(3000))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn random_bytes_never_panic(

@@ -4,3 +4,4 @@
 pub mod paths;
 pub mod process;
 pub mod qemu;
+pub mod redis_cli;

@@ -6,7 +6,17 @@ use std::path::PathBuf;
 /// `CARGO_BIN_EXE_*` is not available: take `SNAPVM_BIN`, else the binary
 /// next to the test executable's `deps/` directory (same profile).
 pub fn snapvm_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SNAPVM_BIN") {
+    workspace_bin("snapvm", "SNAPVM_BIN")
+}
+
+/// The `snapvm-bench` binary (issue #6's benchmark tool): `SNAPVM_BENCH_BIN`,
+/// else found like [`snapvm_bin`].
+pub fn snapvm_bench_bin() -> PathBuf {
+    workspace_bin("snapvm-bench", "SNAPVM_BENCH_BIN")
+}
+
+fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
@@ -14,10 +24,10 @@ pub fn snapvm_bin() -> PathBuf {
         .parent()
         .and_then(|deps| deps.parent())
         .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("snapvm");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
-        "{} does not exist: run `cargo build --workspace` before the tests (scripts/test does), or set SNAPVM_BIN",
+        "{} does not exist: run `cargo build --workspace` before the tests (scripts/test does), or set {env}",
         bin.display()
     );
     bin

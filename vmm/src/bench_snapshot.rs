@@ -22,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use snapshot::Strategy;
+use snapshot::{BackgroundPriority, Strategy};
 
 use crate::loader::{BootConfig, KernelImage};
 use crate::memory::PageBacking;
@@ -66,6 +66,8 @@ pub struct Params {
     pub populate_fraction: f64,
     pub warm: bool,
     pub baseline: Duration,
+    /// Persist-thread priorities tried for every mode but fork.
+    pub priorities: Vec<BackgroundPriority>,
 }
 
 /// One measured snapshot.
@@ -75,6 +77,7 @@ pub struct Row {
     pub backing: PageBacking,
     pub mode: Strategy,
     pub workers: usize,
+    pub priority: BackgroundPriority,
     pub warm: bool,
     /// Largest probe gap in a window of `baseline` without snapshot (µs).
     pub noise_us: f64,
@@ -159,11 +162,12 @@ impl Row {
     pub fn to_json(&self) -> String {
         let (faults, p50, p99, max) = self.faults();
         format!(
-            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"destination\":\"{}\",\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
+            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"destination\":\"{}\",\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
             self.memory_size,
             self.backing.name(),
             self.mode,
             self.workers,
+            self.priority.name(),
             if self.warm { "warm" } else { "cold" },
             self.noise_us,
             self.baseline.as_millis(),
@@ -192,17 +196,18 @@ impl Row {
 /// The Markdown table of `rows`.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| RAM | backing | mode | workers | dest | noise floor (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | persist (ms) | total (ms) | faults | fault p50 / p99 / max (µs) | peak RSS (MiB) |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| RAM | backing | mode | workers | priority | dest | noise floor (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | persist (ms) | total (ms) | faults | fault p50 / p99 / max (µs) | peak RSS (MiB) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows {
         let (faults, p50, p99, max) = r.faults();
         out.push_str(&format!(
-            "| {} GiB | {} | {} | {} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
+            "| {} GiB | {} | {} | {} | {} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
             r.memory_size as f64 / (1u64 << 30) as f64,
             r.backing.name(),
             r.mode,
             r.workers,
+            r.priority.name(),
             if r.warm { "warm" } else { "cold" },
             r.noise_us,
             r.guest_pause_us,
@@ -301,13 +306,21 @@ pub fn run(p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchEr
     result
 }
 
-fn plan(p: &Params) -> Vec<(Strategy, usize)> {
+fn plan(p: &Params) -> Vec<(Strategy, usize, BackgroundPriority)> {
     let mut out = Vec::new();
     for &mode in &p.modes {
-        match mode {
-            Strategy::AsyncFork => out.extend(p.workers.iter().map(|&w| (mode, w))),
-            Strategy::StopTheWorld => out.push((mode, STOP_THE_WORLD_WORKERS)),
-            _ => out.push((mode, 1)),
+        let workers: &[usize] = match mode {
+            Strategy::AsyncFork => &p.workers,
+            Strategy::StopTheWorld => &[STOP_THE_WORLD_WORKERS],
+            _ => &[1],
+        };
+        // The fork child is not ours to schedule.
+        let priorities: &[BackgroundPriority] = match mode {
+            Strategy::Fork => &[BackgroundPriority::Normal],
+            _ => &p.priorities,
+        };
+        for &w in workers {
+            out.extend(priorities.iter().map(|&pr| (mode, w, pr)));
         }
     }
     out
@@ -323,16 +336,17 @@ fn measure(vm: &Vm, p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>
         took.as_secs_f64()
     );
     let mut rows = Vec::new();
-    for (mode, workers) in plan(p) {
+    for (mode, workers, priority) in plan(p) {
         let runs: &[bool] = if p.warm && mode != Strategy::Fork {
             &[false, true]
         } else {
             &[false]
         };
         for &warm in runs {
-            let row = one(vm, p, mode, workers, warm)?;
+            let row = one(vm, p, (mode, workers, priority), warm)?;
             eprintln!(
-                "bench snapshot: {mode} x{workers} ({}): guest pause {:.0} us (noise {:.0} us), engine pause {:.0} us, total {:.0} ms",
+                "bench snapshot: {mode} x{workers} {} ({}): guest pause {:.0} us (noise {:.0} us), engine pause {:.0} us, total {:.0} ms",
+                priority.name(),
                 if warm { "warm" } else { "cold" },
                 row.guest_pause_us,
                 row.noise_us,
@@ -346,17 +360,25 @@ fn measure(vm: &Vm, p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>
     Ok(rows)
 }
 
-fn snapshot_dir(parent: &Path, mode: Strategy, workers: usize, warm: bool) -> PathBuf {
+fn snapshot_dir(parent: &Path, what: (Strategy, usize, BackgroundPriority), warm: bool) -> PathBuf {
+    let (mode, workers, priority) = what;
     parent.join(format!(
-        "snapvm-bench-{}-{mode}-x{workers}-{}",
+        "snapvm-bench-{}-{mode}-x{workers}-{}-{}",
         std::process::id(),
+        priority.name(),
         if warm { "warm" } else { "cold" }
     ))
 }
 
-fn one(vm: &Vm, p: &Params, mode: Strategy, workers: usize, warm: bool) -> Result<Row, BenchError> {
+fn one(
+    vm: &Vm,
+    p: &Params,
+    what: (Strategy, usize, BackgroundPriority),
+    warm: bool,
+) -> Result<Row, BenchError> {
     check_running(vm)?;
-    let dir = snapshot_dir(&p.dir, mode, workers, warm);
+    let (mode, workers, priority) = what;
+    let dir = snapshot_dir(&p.dir, what, warm);
     if dir.exists() {
         return Err(BenchError::DirExists(dir));
     }
@@ -377,6 +399,7 @@ fn one(vm: &Vm, p: &Params, mode: Strategy, workers: usize, warm: bool) -> Resul
         workers,
         // The first snapshot keeps its destination for the warm one.
         keep_memory: p.warm,
+        priority,
         ..SnapshotRequest::new(&dir)
     };
     let err = |source| BenchError::Snapshot {
@@ -418,6 +441,7 @@ fn one(vm: &Vm, p: &Params, mode: Strategy, workers: usize, warm: bool) -> Resul
         backing: p.backing,
         mode,
         workers,
+        priority,
         warm,
         noise_us,
         guest_pause_us,
@@ -447,11 +471,12 @@ mod tests {
             populate_fraction: 0.75,
             warm: false,
             baseline: Duration::from_secs(1),
+            priorities: vec![BackgroundPriority::Idle, BackgroundPriority::Normal],
         }
     }
 
     #[test]
-    fn plan_expands_workers_for_async_fork_only() {
+    fn plan_expands_workers_for_async_fork_and_priorities_but_for_fork() {
         let p = params(
             vec![
                 Strategy::AsyncFork,
@@ -461,15 +486,21 @@ mod tests {
             ],
             vec![1, 2, 4],
         );
+        use BackgroundPriority::{Idle, Normal};
         assert_eq!(
             plan(&p),
             vec![
-                (Strategy::AsyncFork, 1),
-                (Strategy::AsyncFork, 2),
-                (Strategy::AsyncFork, 4),
-                (Strategy::Fork, 1),
-                (Strategy::StopTheWorld, STOP_THE_WORLD_WORKERS),
-                (Strategy::SyncWp, 1),
+                (Strategy::AsyncFork, 1, Idle),
+                (Strategy::AsyncFork, 1, Normal),
+                (Strategy::AsyncFork, 2, Idle),
+                (Strategy::AsyncFork, 2, Normal),
+                (Strategy::AsyncFork, 4, Idle),
+                (Strategy::AsyncFork, 4, Normal),
+                (Strategy::Fork, 1, Normal),
+                (Strategy::StopTheWorld, STOP_THE_WORLD_WORKERS, Idle),
+                (Strategy::StopTheWorld, STOP_THE_WORLD_WORKERS, Normal),
+                (Strategy::SyncWp, 1, Idle),
+                (Strategy::SyncWp, 1, Normal),
             ]
         );
     }

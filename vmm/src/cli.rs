@@ -27,6 +27,88 @@ pub enum Command {
     Bench(BenchCommand),
     /// Write the bundled guest kernel (a PVH ELF) to PATH, e.g. to boot it under QEMU.
     GuestElf(GuestElfArgs),
+    /// Snapshots of a running snapvm, through its API socket.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Pause, resume or inspect a running snapvm's VM, through its API socket.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Load a snapshot into a snapvm started with only --api-sock.
+    Restore(RestoreArgs),
+}
+
+/// The API socket of the snapvm to talk to.
+#[derive(Debug, Args)]
+pub struct ApiSockArg {
+    /// The socket given to `snapvm run --api-sock`.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of the running VM into DIR; prints its status (JSON).
+    Create(SnapshotCreateArgs),
+    /// Every snapshot of this snapvm (JSON).
+    List(ApiSockArg),
+    /// One snapshot's state, progress and metrics (JSON).
+    Status(SnapshotIdArgs),
+    /// Cancel a snapshot still copying (the guest runs on untouched).
+    Cancel(SnapshotIdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotCreateArgs {
+    #[command(flatten)]
+    pub sock: ApiSockArg,
+    /// Snapshot directory to write (must not exist unless --overwrite).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// async-fork, stop-the-world, sync-wp or fork (default: async-fork).
+    #[arg(long, value_name = "MODE", value_parser = parse_strategy)]
+    pub mode: Option<snapshot::Strategy>,
+    /// Copier threads (default: the number of host cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: Option<u32>,
+    /// Wait until the snapshot is written (a progress bar on a terminal).
+    #[arg(long)]
+    pub wait: bool,
+    /// Replace an existing directory at DIR.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotIdArgs {
+    #[command(flatten)]
+    pub sock: ApiSockArg,
+    /// The snapshot id (as `snapshot create` or `snapshot list` print it).
+    pub id: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Hold every vCPU.
+    Pause(ApiSockArg),
+    /// Let the vCPUs run again (or start a loaded VM).
+    Resume(ApiSockArg),
+    /// Instance id, VM state and version (JSON).
+    Status(ApiSockArg),
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub sock: ApiSockArg,
+    /// The snapshot directory to load.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Leave the loaded VM paused (resume it with `snapvm vm resume`).
+    #[arg(long)]
+    pub no_resume: bool,
+    /// Check every memory chunk's checksum before loading.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Debug, Args)]
@@ -55,16 +137,17 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Guest RAM: 512M, 4G, 1024K or plain bytes; rounded up to 2 MiB.
-    #[arg(long, default_value = "512M")]
-    pub memory: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
+    /// Guest RAM: 512M, 4G, 1024K or plain bytes; rounded up to 2 MiB
+    /// [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
     /// Back guest RAM with transparent huge pages (`on`, MADV_HUGEPAGE) or
-    /// with 4 KiB pages only (`off`, MADV_NOHUGEPAGE).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_hugepages)]
-    pub hugepages: PageBacking,
+    /// with 4 KiB pages only (`off`, MADV_NOHUGEPAGE) [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_hugepages)]
+    pub hugepages: Option<PageBacking>,
     /// Where COM1 output goes: `stdout` or a file path.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
@@ -91,10 +174,18 @@ pub struct RunArgs {
     /// Copier threads for the snapshot (default: the number of host cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub snapshot_workers: Option<u32>,
-    /// Keep the snapshot's destination memory (one guest-sized buffer)
-    /// between snapshots, so the next snapshot copies at memory speed.
+    /// Hold one guest-sized buffer for snapshots: prepared in the
+    /// background at start and kept between snapshots, so every snapshot
+    /// (the first too) copies at memory speed instead of first-touching
+    /// fresh memory.
     #[arg(long)]
     pub snapshot_keep_memory: bool,
+    /// Scheduling of the thread that writes the snapshot to disk: idle
+    /// (only spare CPU time; the guest always wins a contended core) or
+    /// normal. The copiers always run at normal priority (vCPU write
+    /// faults can wait on them).
+    #[arg(long, value_name = "idle|normal", default_value = "idle")]
+    pub snapshot_priority: snapshot::BackgroundPriority,
     /// Restore the VM from this snapshot directory instead of booting a
     /// kernel (memory, vCPUs and devices come from the snapshot).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
@@ -102,9 +193,59 @@ pub struct RunArgs {
     /// With --restore: check every memory chunk's checksum first.
     #[arg(long)]
     pub verify: bool,
+    /// Serve the HTTP API on this Unix socket (created 0600, removed on
+    /// exit). Without --kernel, --cmdline or --restore nothing boots:
+    /// snapvm waits for `PUT /snapshot/load`.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
 }
 
+/// Default of `--memory`.
+pub const DEFAULT_MEMORY: &str = "512M";
+
 impl RunArgs {
+    pub fn memory(&self) -> &str {
+        self.memory.as_deref().unwrap_or(DEFAULT_MEMORY)
+    }
+
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus.unwrap_or(1)
+    }
+
+    pub fn hugepages(&self) -> PageBacking {
+        self.hugepages.unwrap_or(PageBacking::Huge)
+    }
+
+    /// `--api-sock` with nothing to boot (no --kernel, --cmdline, --initrd
+    /// or --restore): snapvm waits for `PUT /snapshot/load`.
+    pub fn waits_for_load(&self) -> bool {
+        self.api_sock.is_some()
+            && self.kernel.is_none()
+            && self.cmdline.is_none()
+            && self.initrd.is_none()
+            && self.restore.is_none()
+    }
+
+    /// In the waiting mode, flags that shape a booted VM mean nothing (the
+    /// snapshot brings its own machine): refuse them rather than ignore.
+    fn validate_wait_for_load(&self) -> Result<(), String> {
+        if !self.waits_for_load() {
+            return Ok(());
+        }
+        let given = [
+            ("--memory", self.memory.is_some()),
+            ("--vcpus", self.vcpus.is_some()),
+            ("--hugepages", self.hugepages.is_some()),
+            ("--snapshot-dir", self.snapshot_dir.is_some()),
+        ];
+        match given.iter().find(|(_, g)| *g) {
+            Some((flag, _)) => Err(format!(
+                "{flag} has no effect: `snapvm run --api-sock` without --kernel, --cmdline or --restore boots nothing and waits for PUT /snapshot/load (pass --cmdline mode=kv to boot the bundled KV guest)"
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Checks the snapshot and restore flags that clap cannot (with a
     /// message naming the flags).
     pub fn validate_snapshot_flags(&self) -> Result<(), String> {
@@ -119,8 +260,13 @@ impl RunArgs {
         if self.verify && self.restore.is_none() {
             return Err("--verify needs --restore".into());
         }
-        Ok(())
+        self.validate_wait_for_load()
     }
+}
+
+/// Parses a comma-separated `--priorities` list.
+pub fn parse_priorities(s: &str) -> Result<Vec<snapshot::BackgroundPriority>, String> {
+    s.split(',').map(str::parse).collect()
 }
 
 /// Parses a `--snapshot-mode` value.
@@ -232,6 +378,10 @@ pub struct BenchSnapshotArgs {
     /// Guest RAM page backing: on (THP) or off (4 KiB).
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_hugepages)]
     pub hugepages: PageBacking,
+    /// Comma-separated scheduling of the persist thread to compare (idle,
+    /// normal); fork runs once.
+    #[arg(long, default_value = "idle", value_parser = parse_priorities)]
+    pub priorities: ::std::vec::Vec<snapshot::BackgroundPriority>,
     /// Where snapshot directories are written (each is deleted after use).
     #[arg(long, default_value = "/var/tmp")]
     pub dir: PathBuf,
@@ -448,12 +598,12 @@ mod tests {
         let Command::Run(a) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(a.hugepages, PageBacking::Huge);
+        assert_eq!(a.hugepages(), PageBacking::Huge);
         let cli = Cli::try_parse_from(["snapvm", "run", "--hugepages", "off"]).unwrap();
         let Command::Run(a) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(a.hugepages, PageBacking::Small);
+        assert_eq!(a.hugepages(), PageBacking::Small);
         assert!(Cli::try_parse_from(["snapvm", "run", "--hugepages", "x"]).is_err());
     }
 
@@ -495,6 +645,59 @@ mod tests {
         assert!(parse_strategies("async-fork,nope").is_err());
         assert!(parse_worker_list("0").is_err());
         assert!(parse_fraction("1.5").is_err());
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut argv = vec!["snapvm", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => a,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn api_sock_alone_waits_for_load() {
+        assert!(run_args(&["--api-sock", "/s"]).waits_for_load());
+        assert!(!run_args(&["--api-sock", "/s", "--cmdline", "mode=kv"]).waits_for_load());
+        assert!(!run_args(&["--api-sock", "/s", "--restore", "/d"]).waits_for_load());
+        assert!(!run_args(&[]).waits_for_load());
+        let e = run_args(&["--api-sock", "/s", "--memory", "1G"])
+            .validate_snapshot_flags()
+            .unwrap_err();
+        assert!(e.starts_with("--memory has no effect"), "{e}");
+        assert!(
+            run_args(&["--api-sock", "/s", "--kv-listen", "127.0.0.1:1"])
+                .validate_snapshot_flags()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn client_commands() {
+        let cli = Cli::try_parse_from([
+            "snapvm",
+            "snapshot",
+            "create",
+            "--api-sock",
+            "/s",
+            "--dir",
+            "/d",
+            "--mode",
+            "fork",
+            "--wait",
+        ])
+        .unwrap();
+        let Command::Snapshot(SnapshotCommand::Create(a)) = cli.command else {
+            panic!("not snapshot create")
+        };
+        assert_eq!(a.mode, Some(snapshot::Strategy::Fork));
+        assert!(a.wait && !a.overwrite);
+        assert!(Cli::try_parse_from(["snapvm", "snapshot", "status", "--api-sock", "/s"]).is_err());
+        assert!(Cli::try_parse_from(["snapvm", "vm", "pause"]).is_err());
+        assert!(
+            Cli::try_parse_from(["snapvm", "restore", "--api-sock", "/s", "--dir", "/d"]).is_ok()
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! [`vm::Vm::start`], [`vm::Vm::pause`] / [`vm::Vm::resume`],
 //! [`vm::Vm::probe`], [`vm::Vm::wait`]).
 
+pub mod api;
 pub mod bench_pause;
 pub mod bench_snapshot;
 pub mod boot;

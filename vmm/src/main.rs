@@ -6,7 +6,10 @@
 
 use std::process::ExitCode;
 
+use std::sync::mpsc::Receiver;
+
 use clap::Parser;
+use vmm::api::{self, ApiCall, ApiServer, Loader, Owner, VmSource};
 use vmm::cli::{self, BenchCommand, Cli, Command, RunArgs};
 use vmm::devices::virtio::{
     self,
@@ -16,7 +19,22 @@ use vmm::loader::{BootConfig, KernelImage};
 use vmm::snapshotting::{restore_cli, trigger};
 use vmm::{Vm, VmConfig, VmExit};
 
+/// Panics unwind (so the snapshot engine can turn a panicking copier into
+/// a rolled-back snapshot), but anywhere else a panic means a bug in a
+/// thread the VM depends on: a vCPU or device thread that silently died
+/// would leave a hung VM. Print the panic, then abort the process.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        if !snapshot::recover::recovers_panics_here() {
+            std::process::abort();
+        }
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -42,7 +60,46 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Pause(args)) => bench_pause(args),
         Command::Bench(BenchCommand::Snapshot(args)) => bench_snapshot(args),
         Command::GuestElf(args) => guest_elf(args),
+        Command::Snapshot(c) => client_command(|| api::commands::snapshot(c)),
+        Command::Vm(c) => client_command(|| api::commands::vm(c)),
+        Command::Restore(args) => client_command(|| api::commands::restore(&args)),
     }
+}
+
+/// `snapvm snapshot|vm|restore`: one API call (or a few), status 1 and one
+/// line on failure.
+fn client_command(f: impl FnOnce() -> Result<(), api::commands::CommandError>) -> ExitCode {
+    if let Err(e) = init_logging("warn") {
+        return fail(e);
+    }
+    match f() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// The API server and the requests it forwards, when `--api-sock` is given.
+type Api = (ApiServer, Receiver<ApiCall>);
+
+/// Starts the API server first, before any VM thread exists, so a bad
+/// socket path fails fast and nothing else sees the socket's umask.
+fn start_api(args: &RunArgs) -> Result<Option<Api>, String> {
+    let Some(path) = &args.api_sock else {
+        return Ok(None);
+    };
+    api::install_stop_signals()
+        .map_err(|e| format!("cannot install the stop signal handlers: {e}"))?;
+    ApiServer::start(path).map(Some).map_err(|e| e.to_string())
+}
+
+/// The instance id `GET /` reports.
+fn instance_id() -> String {
+    format!("snapvm-{}", std::process::id())
+}
+
+fn snapshot_workers(args: &RunArgs) -> usize {
+    args.snapshot_workers
+        .map_or_else(cli::default_snapshot_workers, |n| n as usize)
 }
 
 fn guest_elf(args: cli::GuestElfArgs) -> ExitCode {
@@ -92,10 +149,20 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = args.validate_snapshot_flags() {
         return fail(e);
     }
-    if args.restore.is_some() {
-        return run_restored(args);
+    let api = match start_api(&args) {
+        Ok(api) => api,
+        Err(e) => return fail(e),
+    };
+    if args.waits_for_load() {
+        return match api {
+            Some(api) => run_waiting(&args, api),
+            None => fail("waiting for a snapshot load needs --api-sock"),
+        };
     }
-    let (memory_size, vcpus) = match machine_size(&args.memory, args.vcpus) {
+    if args.restore.is_some() {
+        return run_restored(args, api);
+    }
+    let (memory_size, vcpus) = match machine_size(args.memory(), args.vcpus()) {
         Ok(size) => size,
         Err(e) => return fail(e),
     };
@@ -137,7 +204,7 @@ fn run(args: RunArgs) -> ExitCode {
         vcpus,
         serial_out,
         serial_in: true,
-        backing: args.hugepages,
+        backing: args.hugepages(),
     };
     let mut vm = match Vm::new(config) {
         Ok(vm) => vm,
@@ -153,32 +220,81 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = vm.start() {
         return fail(e);
     }
-    run_to_exit(vm, &args)
+    let source = VmSource::Boot {
+        kernel: args
+            .kernel
+            .as_ref()
+            .map_or_else(|| "bundled".to_string(), |p| p.display().to_string()),
+        cmdline: args.cmdline.clone(),
+        hugepages: args.hugepages() == vmm::PageBacking::Huge,
+    };
+    run_to_exit(vm, &args, api, source)
 }
 
 /// Runs a started VM until it stops (taking the snapshots asked for with
-/// --snapshot-dir) and maps its exit to the process status.
-fn run_to_exit(mut vm: Vm, args: &RunArgs) -> ExitCode {
-    let exit = match &args.snapshot_dir {
+/// --snapshot-dir, serving the API when there is one) and maps its exit to
+/// the process status.
+fn run_to_exit(mut vm: Vm, args: &RunArgs, api: Option<Api>, source: VmSource) -> ExitCode {
+    let plan = match &args.snapshot_dir {
         Some(dir) => {
             if let Err(e) = trigger::install_sigusr1() {
                 return fail(format_args!("cannot install the SIGUSR1 handler: {e}"));
             }
-            let plan = trigger::TriggerPlan {
+            Some(trigger::TriggerPlan {
                 dir: dir.clone(),
                 at: args
                     .snapshot_at
                     .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
                 mode: args.snapshot_mode,
-                workers: args
-                    .snapshot_workers
-                    .map_or_else(cli::default_snapshot_workers, |n| n as usize),
+                workers: snapshot_workers(args),
                 keep_memory: args.snapshot_keep_memory,
-            };
-            trigger::run_until_exit(&mut vm, &plan)
+                priority: args.snapshot_priority,
+            })
         }
-        None => vm.wait(),
+        None => None,
     };
+    if args.snapshot_keep_memory && vm.memory().is_anonymous() {
+        prepare_snapshot_memory(&vm, args);
+    }
+    let exit = match (api, plan) {
+        (Some((server, calls)), plan) => {
+            let mut owner = Owner::with_vm(vm, source, instance_id(), snapshot_workers(args));
+            owner.set_snapshot_options(args.snapshot_keep_memory, args.snapshot_priority);
+            let mut trigger = plan.map(trigger::Trigger::new);
+            api::serve(&mut owner, &calls, trigger.as_mut());
+            let exit = owner.finish();
+            // Answers in flight go out, then the socket file is removed.
+            drop(server);
+            exit
+        }
+        (None, Some(plan)) => trigger::run_until_exit(&mut vm, &plan),
+        (None, None) => vm.wait(),
+    };
+    exit_status(exit)
+}
+
+/// `--snapshot-keep-memory`: populate the snapshot buffer now, in the
+/// background, so the first snapshot is as fast as the later ones. A
+/// failure only costs speed (logged).
+fn prepare_snapshot_memory(vm: &Vm, args: &RunArgs) {
+    if args.snapshot_mode == snapshot::Strategy::Fork {
+        tracing::warn!("--snapshot-keep-memory has nothing to keep for the fork baseline");
+        return;
+    }
+    match vm.prepare_snapshot_memory(
+        args.snapshot_mode,
+        snapshot_workers(args),
+        args.snapshot_priority,
+    ) {
+        Ok(_) => tracing::info!(
+            "preparing {} MiB of snapshot memory in the background",
+            vm.memory().size() >> 20
+        ),
+        Err(e) => tracing::warn!("cannot prepare snapshot memory: {e}"),
+    }
+}
+
+fn exit_status(exit: VmExit) -> ExitCode {
     tracing::info!("VM stopped: {exit:?}");
     match exit {
         VmExit::Error(msg) => fail(msg),
@@ -186,10 +302,37 @@ fn run_to_exit(mut vm: Vm, args: &RunArgs) -> ExitCode {
     }
 }
 
+/// `snapvm run --api-sock PATH` alone: no VM until `PUT /snapshot/load`
+/// restores one (with `--kv-listen`, `--serial` as for `--restore`).
+fn run_waiting(args: &RunArgs, api: Api) -> ExitCode {
+    let (server, calls) = api;
+    let kv_addr = args.kv_listen.as_deref().map(ListenAddr::parse);
+    let kv_listener = match &kv_addr {
+        Some(addr) => match HostListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => return fail(format_args!("cannot listen on {addr}: {e}")),
+        },
+        None => None,
+    };
+    let loader = Loader {
+        serial: args.serial.clone(),
+        serial_in: true,
+        kv_addr,
+        kv_listener,
+    };
+    tracing::info!("no VM: waiting for PUT /snapshot/load");
+    let mut owner = Owner::waiting(loader, instance_id(), snapshot_workers(args));
+    owner.set_snapshot_options(args.snapshot_keep_memory, args.snapshot_priority);
+    api::serve(&mut owner, &calls, None);
+    let exit = owner.finish();
+    drop(server);
+    exit_status(exit)
+}
+
 /// `snapvm run --restore DIR`: the guest continues where it was at the
 /// snapshot. Only an explicit --kv-listen is bound for a restored vsock
 /// device.
-fn run_restored(args: RunArgs) -> ExitCode {
+fn run_restored(args: RunArgs, api: Option<Api>) -> ExitCode {
     let t_restore = std::time::Instant::now();
     let Some(dir) = args.restore.clone() else {
         return fail("--restore needs a directory");
@@ -221,7 +364,7 @@ fn run_restored(args: RunArgs) -> ExitCode {
         dir.display(),
         t_restore.elapsed().as_secs_f64() * 1e3
     );
-    run_to_exit(vm, &args)
+    run_to_exit(vm, &args, api, VmSource::Snapshot { path: dir })
 }
 
 fn bench_pause(args: cli::BenchPauseArgs) -> ExitCode {
@@ -268,6 +411,7 @@ fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
         populate_fraction: args.populate_fraction,
         warm: args.warm,
         baseline: std::time::Duration::from_millis(args.baseline_ms.max(1)),
+        priorities: args.priorities,
     };
     let result = vmm::bench_snapshot::run(&params, &mut |row| {
         println!("{}", row.to_json());

@@ -509,10 +509,27 @@ impl Vm {
         exit
     }
 
+    /// A handle that can stop this VM from another thread (e.g. when a
+    /// background check finds its restored memory corrupt).
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.control.clone())
+    }
+
     /// Stops the VM (if it still runs) and waits for it.
     pub fn shutdown(&mut self) -> VmExit {
         self.control.request_stop(VmExit::Shutdown);
         self.wait()
+    }
+}
+
+/// Stops a VM from another thread: the first recorded exit wins and the
+/// VM's owner sees it from `Vm::wait` / `Vm::exit_reason`.
+#[derive(Debug, Clone)]
+pub struct VmStopper(Arc<VcpuControl>);
+
+impl VmStopper {
+    pub fn stop(&self, exit: VmExit) {
+        self.0.request_stop(exit);
     }
 }
 

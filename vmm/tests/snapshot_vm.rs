@@ -9,7 +9,7 @@ use common::{require_kvm, wait_for_heartbeats_above, Console};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use snapshot::{FaultInjection, Strategy};
+use snapshot::{BackgroundPriority, FaultInjection, Strategy};
 use vmm::loader::{BootConfig, KernelImage};
 use vmm::snapshotting::{
     restore_cli, snapshot_checksums, SnapshotError, SnapshotRequest, SnapshotState, METRICS_FILE,
@@ -344,6 +344,53 @@ fn kept_memory_is_reused_and_stays_bit_exact() {
             m.summary()
         );
     }
+}
+
+#[test]
+fn prepared_memory_serves_the_first_snapshot_bit_exact() {
+    let vm = boot("mode=scribble", 1, 256 << 20);
+    wait_for_heartbeats_above(&vm, &[0]);
+    let tmp = TempDir::new("p");
+    let preparing = vm
+        .prepare_snapshot_memory(Strategy::AsyncFork, 2, BackgroundPriority::Idle)
+        .expect("prepare");
+    // The slot is held while preparing: a snapshot now is refused, not queued.
+    let early = vm.snapshot(SnapshotRequest {
+        keep_memory: true,
+        ..request(&tmp.path("early"), Strategy::AsyncFork, 2)
+    });
+    if let Err(e) = &early {
+        assert_eq!(e.to_string(), "snapshot in progress");
+    } else {
+        // Preparation of 256 MiB can finish before the request on a fast host.
+        early.unwrap().wait().expect("snapshot after preparation");
+    }
+    preparing.join().unwrap().expect("prepared");
+    assert_eq!(vm.snapshot_kept_bytes(), 256 << 20);
+    let dir = tmp.path("first");
+    let h = vm
+        .snapshot(SnapshotRequest {
+            capture_checksums: true,
+            keep_memory: true,
+            ..request(&dir, Strategy::AsyncFork, 2)
+        })
+        .expect("snapshot");
+    h.wait().expect("snapshot done");
+    assert_eq!(
+        vm.snapshot_kept_bytes(),
+        256 << 20,
+        "the prepared buffer was used and kept"
+    );
+    let want = h.sync_checksums().unwrap().to_vec();
+    let got = snapshot_checksums(&dir).unwrap();
+    assert_eq!(want, got);
+    let err = vm
+        .prepare_snapshot_memory(Strategy::Fork, 1, BackgroundPriority::Idle)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid snapshot request: the fork baseline copies in a child process: there is no snapshot memory to prepare"
+    );
 }
 
 #[test]

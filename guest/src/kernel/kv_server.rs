@@ -16,7 +16,9 @@ pub const KV_PORT: u32 = 6379;
 /// never has more than this in flight towards an unprocessed connection.
 const BUF_ALLOC: u32 = 256 * 1024;
 /// Spin this long with nothing to do before sleeping in the VMM: keeps
-/// latency low under load, costs nothing when idle.
+/// latency low under load, costs nothing when idle. `kv_spin_us=N` on the
+/// command line overrides it (for measuring the trade-off: a spinning vCPU
+/// holds a host core the vsock thread and the clients may need).
 const SPIN_US: u64 = 200;
 /// Longest idle sleep. The device ends it as soon as it hands the guest
 /// anything (and a wake that races with the decision to sleep is kept, see
@@ -76,6 +78,8 @@ struct Server {
     streams: BTreeMap<u32, Stream>,
     /// Control packets that found no free TX buffer yet.
     pending: Vec<Header>,
+    /// Idle spin before sleeping (µs).
+    spin_us: u64,
 }
 
 pub fn run(cmdline: &super::cmdline::Cmdline, heap_bytes: u64) -> ! {
@@ -101,6 +105,13 @@ pub fn run(cmdline: &super::cmdline::Cmdline, heap_bytes: u64) -> ! {
         ..StoreConfig::default()
     });
     let tpus = (tsc::khz() / 1000).max(1);
+    let spin_us = match cmdline.get_u64("kv_spin_us", SPIN_US) {
+        Ok(v) => v,
+        Err(text) => {
+            println!("kv: kv_spin_us={text} is not a number; using {SPIN_US}");
+            SPIN_US
+        }
+    };
     println!(
         "kv: listening on vsock port {KV_PORT} (cid {}, maxmemory {} MiB)",
         dev.guest_cid,
@@ -112,6 +123,7 @@ pub fn run(cmdline: &super::cmdline::Cmdline, heap_bytes: u64) -> ! {
         clock: TscClock { tpus },
         streams: BTreeMap::new(),
         pending: Vec::new(),
+        spin_us,
     };
     server.main_loop()
 }
@@ -127,7 +139,7 @@ fn idle() -> ! {
 impl Server {
     fn main_loop(&mut self) -> ! {
         let mut heartbeat = Heartbeat::new(0);
-        let spin_ticks = SPIN_US * self.clock.tpus;
+        let spin_ticks = self.spin_us * self.clock.tpus;
         let mut last = rdtsc();
         let mut last_activity = last;
         loop {

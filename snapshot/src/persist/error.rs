@@ -80,6 +80,16 @@ pub enum PersistError {
     NoSuchRegion(usize),
     #[error("snapshot to persist is invalid: {0}")]
     InvalidSnapshot(String),
+    /// memory.img without state.bin: the write was interrupted (snapvm was
+    /// killed) before the snapshot was complete.
+    #[error(
+        "{}: incomplete snapshot (memory.img without state.bin: its write was interrupted); it cannot be restored",
+        .0.display()
+    )]
+    Incomplete(PathBuf),
+    /// `SNAPVM_INJECT` could not be parsed (test hook).
+    #[error("invalid fault injection: {0}")]
+    Injection(String),
 }
 
 impl PersistError {

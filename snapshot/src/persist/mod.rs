@@ -6,9 +6,10 @@
 pub mod error;
 pub mod format;
 pub mod reader;
+mod write_behind;
 pub mod writer;
 
 pub use error::PersistError;
 pub use format::{ChunkEntry, Header, RegionEntry, FORMAT_VERSION, MEMORY_FILE, STATE_FILE};
 pub use reader::{MappedRegion, SnapshotDir};
-pub use writer::{write_snapshot, WriteOptions, WriteProgress, WriteSummary};
+pub use writer::{write_snapshot, WriteOptions, WriteProgress, WriteSummary, TMP_INFIX};

@@ -31,9 +31,14 @@ impl SnapshotDir {
     pub fn open(dir: &Path) -> Result<SnapshotDir, PersistError> {
         let state_path = dir.join(STATE_FILE);
         let mut buf = Vec::new();
-        File::open(&state_path)
-            .and_then(|mut f| f.read_to_end(&mut buf))
-            .map_err(|e| PersistError::io(&state_path, "read", e))?;
+        if let Err(e) = File::open(&state_path).and_then(|mut f| f.read_to_end(&mut buf)) {
+            // state.bin is written last: an image without it is a write
+            // that never finished, not a damaged snapshot.
+            if e.kind() == std::io::ErrorKind::NotFound && dir.join(MEMORY_FILE).exists() {
+                return Err(PersistError::Incomplete(dir.into()));
+            }
+            return Err(PersistError::io(&state_path, "read", e));
+        }
         let (header, vm_state) =
             format::decode(&buf).map_err(|e| PersistError::decode(state_path.clone(), e))?;
         let mem_path = dir.join(MEMORY_FILE);

@@ -1,6 +1,6 @@
 //! Writing a finished `Snapshot` into a snapshot directory, atomically.
 //!
-//! Everything goes into `<target>.tmp-<pid>-<n>` beside the target: first
+//! Everything goes into `<target>.incomplete-<pid>-<n>` beside the target: first
 //! memory.img (sparse: set_len, then only non-zero chunks written), fsync,
 //! then state.bin (whose checksum covers the header, every chunk checksum and
 //! the VM state), fsync, fsync of the directory, and only then a rename into
@@ -9,8 +9,10 @@
 //! point leaves either no target or the complete one; a temp dir left by a
 //! crash is never mistaken for a snapshot (different name, and its state
 //! file is missing or fails its checksum). On error the temp dir is removed.
+//! A temp dir that outlived its writer (snapvm was killed mid-write) is
+//! removed by the next write to the same target once that process is gone.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use super::error::PersistError;
 use super::format::{self, ChunkEntry, Header, RegionEntry, MEMORY_FILE, STATE_FILE};
+use super::write_behind::{self, WriteBehind};
+use crate::inject::EnvInjection;
 use crate::snapshot::Snapshot;
 
 /// How to write.
@@ -57,6 +61,45 @@ pub struct WriteSummary {
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Between the target's name and `<pid>-<n>` in its temp dir's name: says
+/// what a leftover is to whoever lists the directory.
+pub const TMP_INFIX: &str = ".incomplete-";
+
+/// Removes `<name>.incomplete-<pid>-<n>` dirs in `parent` whose writer
+/// process is gone (killed mid-write): they can never complete. Dirs of a
+/// live process (this one included) are left alone. Best effort.
+fn remove_stale_temps(parent: &Path, name: &OsStr) {
+    let mut prefix = name.as_bytes().to_vec();
+    prefix.extend_from_slice(TMP_INFIX.as_bytes());
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.as_bytes().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        let pid = rest.split(|&b| b == b'-').next().unwrap_or_default();
+        let Some(pid) = std::str::from_utf8(pid)
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::warn!(
+                "removed {}: an incomplete snapshot left by snapvm process {pid}, which is gone",
+                path.display()
+            ),
+            Err(e) => tracing::warn!("cannot remove stale {}: {e}", path.display()),
+        }
+    }
+}
 
 /// Removes the temp directory unless disarmed.
 struct TmpGuard {
@@ -194,10 +237,14 @@ pub fn write_snapshot(
 
     let mut header = layout_header(snap);
     header.validate().map_err(PersistError::InvalidSnapshot)?;
+    let env = EnvInjection::next_persist()
+        .map_err(PersistError::Injection)?
+        .unwrap_or_default();
+    remove_stale_temps(parent, name);
 
     let mut tmp_name = name.to_os_string();
     tmp_name.push(format!(
-        ".tmp-{}-{}",
+        "{TMP_INFIX}{}-{}",
         std::process::id(),
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
@@ -212,7 +259,7 @@ pub fn write_snapshot(
     };
     let mut budget = Budget {
         written: 0,
-        fail: opts.fail_after_bytes,
+        fail: opts.fail_after_bytes.or(env.fail_after_bytes),
     };
 
     // memory.img: sparse, holes for zero chunks.
@@ -226,6 +273,7 @@ pub fn write_snapshot(
     let mut done = 0u64;
     let mut data_bytes = 0u64;
     let image = snap.image();
+    let mut behind = WriteBehind::new(&mem, write_behind::DEFAULT_WINDOW);
     for (i, pos) in header.clone().chunk_positions().enumerate() {
         if snap.chunk_is_zero(i) {
             continue;
@@ -240,7 +288,13 @@ pub fn write_snapshot(
             budget
                 .write_at(&mem, bytes, pos.file_offset)
                 .map_err(|e| PersistError::io(&mem_path, "write", e))?;
+            behind
+                .written(pos.file_offset, cs)
+                .map_err(|e| PersistError::io(&mem_path, "write back", e))?;
             data_bytes += cs;
+            if env.chunk_delay_ms > 0 {
+                std::thread::sleep(Duration::from_millis(env.chunk_delay_ms));
+            }
         }
         done += cs;
         progress(WriteProgress {

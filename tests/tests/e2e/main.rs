@@ -1,11 +1,14 @@
 //! End-to-end tests: each starts the real `snapvm` binary (and, where it
 //! says so, QEMU or a real Linux kernel) and checks what a user would see.
 
+mod api;
 mod bench_mode;
+mod bench_tool;
 mod cli_errors;
 mod guest_boot;
 mod kv;
 mod linux_boot;
 mod pause_resume;
 mod qemu_boot;
+mod reliability;
 mod snapshot;

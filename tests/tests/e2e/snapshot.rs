@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, run, Finished, Proc};
+use snapvm_tests::redis_cli::{first_reply, redis};
 
 const T: Duration = Duration::from_secs(60);
 const LISTENING: &str = "kv: listening on vsock port 6379";
@@ -50,23 +51,6 @@ fn restore_kv(dir: &Path, serial: &Path, verify: bool) -> (Proc, u16) {
         serial.to_str().expect("utf-8 path"),
     ]);
     (Proc::spawn(&snapvm_bin(), &args), port)
-}
-
-/// The first answer of a restored KV guest to `args`, retried until it
-/// listens (within `T`).
-fn first_reply(restored: &Proc, port: u16, args: &[&str]) -> String {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = redis(port, args) {
-            return v;
-        }
-        assert!(
-            start.elapsed() < T,
-            "restored KV never answered\nstderr:\n{}",
-            restored.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits until `dir/metrics.json` exists: the snapshot is persisted.
@@ -183,17 +167,6 @@ fn snapshot_at_then_restore_runs_the_guest_on() {
     );
 }
 
-fn redis(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("run redis-cli");
-    (out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Could not connect"))
-        .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_string())
-}
-
 #[test]
 fn kv_snapshot_by_sigusr1_restores_the_data_as_of_the_fork() {
     let tmp = tempfile::tempdir().unwrap();
@@ -213,7 +186,7 @@ fn kv_snapshot_by_sigusr1_restores_the_data_as_of_the_fork() {
     assert_eq!(redis(port, &["DBSIZE"]).as_deref(), Some("0"));
 
     let (restored, port2) = restore_kv(&dir, &tmp.path().join("serial-restored.txt"), false);
-    let a = first_reply(&restored, port2, &["GET", "a"]);
+    let a = first_reply(&restored, port2, &["GET", "a"], T);
     assert_eq!(a, "1");
     assert_eq!(redis(port2, &["GET", "b"]).as_deref(), Some("2"));
     assert_eq!(redis(port2, &["EXISTS", "c"]).as_deref(), Some("0"));
@@ -270,11 +243,103 @@ fn damaged_snapshots_are_refused_with_one_line() {
     img[(1 << 20) + 4096] ^= 0x01;
     std::fs::write(chunk.join("memory.img"), img).unwrap();
     assert_one_error_line(&restore(&chunk, true), &["chunk 0", "memory image"]);
+    // Without --verify the restore starts at once, the image is checked in
+    // the background, and the corrupt chunk stops the VM with one line.
+    assert_one_error_line(
+        &restore(&chunk, false),
+        &[
+            "restored snapshot",
+            "is corrupt",
+            "chunk 0",
+            "the VM was stopped",
+        ],
+    );
 
     assert_one_error_line(
         &restore(&tmp.path().join("missing"), false),
         &["missing", "state.bin"],
     );
+
+    // A state file cut short (a torn copy).
+    let short = copy("short");
+    let state = std::fs::read(short.join("state.bin")).unwrap();
+    let len = state.len();
+    std::fs::write(short.join("state.bin"), &state[..len - 100]).unwrap();
+    assert_one_error_line(
+        &restore(&short, false),
+        &[
+            "state.bin",
+            &format!(
+                "state file is truncated ({} bytes, expected {len})",
+                len - 100
+            ),
+        ],
+    );
+
+    // A format version this snapvm does not read (checked before the
+    // checksum, so the message names the version, not a checksum).
+    let version = copy("version");
+    let mut state = std::fs::read(version.join("state.bin")).unwrap();
+    state[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(version.join("state.bin"), state).unwrap();
+    assert_one_error_line(
+        &restore(&version, false),
+        &["unsupported snapshot format version 2 (this snapvm reads 1)"],
+    );
+
+    // A memory image larger than the state file says (128 MiB guest).
+    let grown = copy("grown");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(grown.join("memory.img"))
+        .unwrap();
+    f.set_len(256 << 20).unwrap();
+    drop(f);
+    assert_one_error_line(
+        &restore(&grown, false),
+        &["memory image is 268435456 bytes, the state file expects 134217728"],
+    );
+
+    // A bit flip in the VM state blob (checksum fixed up for the whole
+    // file, so only the blob's own checksum can catch it).
+    let blob = copy("blob");
+    let mut state = std::fs::read(blob.join("state.bin")).unwrap();
+    let at = state.len() - 4 - 10;
+    state[at] ^= 0x08;
+    let body = state.len() - 4;
+    let crc = crc32c(&state[..body]);
+    state[body..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(blob.join("state.bin"), state).unwrap();
+    assert_one_error_line(
+        &restore(&blob, false),
+        &["state.bin", "VM state checksum mismatch"],
+    );
+
+    // What a kill during persist leaves: memory.img without state.bin.
+    let torn = tmp.path().join("torn");
+    std::fs::create_dir(&torn).unwrap();
+    std::fs::copy(dir.join("memory.img"), torn.join("memory.img")).unwrap();
+    assert_one_error_line(
+        &restore(&torn, false),
+        &["incomplete snapshot (memory.img without state.bin: its write was interrupted); it cannot be restored"],
+    );
+}
+
+/// crc32c (Castagnoli), bitwise: the state file's checksum, for tests that
+/// forge a file whose outer checksum is right.
+fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 #[test]
@@ -301,6 +366,56 @@ fn snapshot_flag_errors() {
         T,
     );
     assert_one_error_line(&out, &["--cmdline"]);
+}
+
+#[test]
+fn priority_flag_errors() {
+    let out = run(&snapvm_bin(), &["run", "--snapshot-priority", "fast"], T);
+    assert_one_error_line(
+        &out,
+        &["unknown background priority 'fast' (expected idle or normal)"],
+    );
+}
+
+#[test]
+fn kept_memory_is_prepared_at_start_and_serves_every_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("kv");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut vm = Proc::spawn(
+        &snapvm_bin(),
+        &[
+            "run",
+            "--memory",
+            "256M",
+            "--kv-listen",
+            &listen,
+            "--snapshot-dir",
+            base.to_str().expect("utf-8 path"),
+            "--snapshot-keep-memory",
+            "--snapshot-priority",
+            "normal",
+            "--log-level",
+            "info",
+        ],
+    );
+    vm.wait_for_stdout(LISTENING, T);
+    let deadline = Instant::now() + T;
+    while !vm.stderr().contains("snapshot memory prepared: 256 MiB") {
+        assert!(Instant::now() < deadline, "never prepared: {}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, value) in ["first", "second"].iter().enumerate() {
+        assert_eq!(redis(port, &["SET", "k", value]).as_deref(), Some("OK"));
+        // SAFETY: kill(2) on our own child's pid has no memory-safety concerns.
+        assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGUSR1) }, 0);
+        let dir = base.with_file_name(format!("kv-{}", i + 1));
+        wait_for_snapshot(&vm, &dir);
+        let (restored, port2) = restore_kv(&dir, &tmp.path().join(format!("serial-{i}.txt")), true);
+        assert_eq!(first_reply(&restored, port2, &["GET", "k"], T), *value);
+    }
+    assert!(!vm.stderr().contains("cannot prepare"), "{}", vm.stderr());
 }
 
 #[test]
@@ -334,7 +449,9 @@ fn kv_snapshot_under_load_restores_a_consistent_store() {
     assert!(bench.wait().expect("redis-benchmark").success());
 
     let (restored, port2) = restore_kv(&dir, &tmp.path().join("serial-restored.txt"), true);
-    let n: u64 = first_reply(&restored, port2, &["DBSIZE"]).parse().unwrap();
+    let n: u64 = first_reply(&restored, port2, &["DBSIZE"], T)
+        .parse()
+        .unwrap();
     assert!(
         before <= n && n <= after,
         "restored {n} keys, not within {before}..={after}"

@@ -134,7 +134,13 @@ pub(super) fn spawn(
         ));
     }
     let mut tmp_name = name.to_os_string();
-    tmp_name.push(format!(".tmp-fork-{}", std::process::id()));
+    // Named like the engine's writer's temp dirs, so a leftover gets the
+    // same "incomplete snapshot" refusal and stale-dir cleanup.
+    tmp_name.push(format!(
+        "{}{}-fork",
+        snapshot::persist::TMP_INFIX,
+        std::process::id()
+    ));
     let tmp = parent.join(tmp_name);
     let c_tmp = cstring(&tmp)?;
     let c_dir = cstring(dir)?;

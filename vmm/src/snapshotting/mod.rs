@@ -20,6 +20,8 @@ mod fork;
 pub mod restore_cli;
 pub mod trigger;
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -27,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use snapshot::persist::WriteSummary;
 use snapshot::{
-    Config, Engine, FaultInjection, Metrics, Region, Strategy, SyncMetrics, WriteOptions,
-    CHUNK_SIZE,
+    BackgroundPriority, Config, Engine, FaultInjection, Metrics, Region, Strategy, SyncMetrics,
+    WriteOptions, CHUNK_SIZE,
 };
 
 use crate::vcpu_control::PauseError;
@@ -62,6 +64,14 @@ pub struct SnapshotRequest {
     /// memory (the engine docs measure the difference), at the price of a
     /// guest-sized buffer held between snapshots.
     pub keep_memory: bool,
+    /// Scheduling of the persist thread (`snapshot::priority`): idle by
+    /// default, so the guest's vCPUs win every contended core while the
+    /// image is written. The engine's copiers keep normal priority: a vCPU
+    /// write fault on a chunk a copier holds waits for that copier, and an
+    /// idle copier starved by other load turned such waits into
+    /// 0.3-1.4 s stalls (docs/BENCHMARKS.md). The fork baseline's child is
+    /// left as it is.
+    pub priority: BackgroundPriority,
 }
 
 impl SnapshotRequest {
@@ -75,6 +85,7 @@ impl SnapshotRequest {
             injection: FaultInjection::default(),
             capture_checksums: false,
             keep_memory: false,
+            priority: BackgroundPriority::default(),
         }
     }
 }
@@ -167,6 +178,8 @@ pub struct SyncPhase {
 pub struct SnapshotMetrics {
     pub strategy: Strategy,
     pub workers: usize,
+    /// Scheduling of the persist thread.
+    pub priority: BackgroundPriority,
     pub sync: SyncPhase,
     /// The engine's final numbers (copy time, chunks by path, faults).
     pub engine: Option<Metrics>,
@@ -178,10 +191,11 @@ pub struct SnapshotMetrics {
 }
 
 impl SnapshotMetrics {
-    fn new(strategy: Strategy, workers: usize) -> SnapshotMetrics {
+    fn new(strategy: Strategy, workers: usize, priority: BackgroundPriority) -> SnapshotMetrics {
         SnapshotMetrics {
             strategy,
             workers,
+            priority,
             sync: SyncPhase::default(),
             engine: None,
             copy_wait: Duration::ZERO,
@@ -198,9 +212,10 @@ impl SnapshotMetrics {
         let s = &self.sync;
         let e = &s.engine;
         let mut out = format!(
-            "{{\"strategy\":\"{}\",\"workers\":{},\"sync_us\":{{\"total\":{},\"pause\":{},\"state_capture\":{},\"checksums\":{},\"begin\":{},\"dest_alloc\":{},\"register\":{},\"write_protect\":{},\"table_init\":{},\"stw_copy\":{},\"spawn\":{},\"resume\":{}}},\"copy_wait_us\":{},\"total_us\":{}",
+            "{{\"strategy\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"sync_us\":{{\"total\":{},\"pause\":{},\"state_capture\":{},\"checksums\":{},\"begin\":{},\"dest_alloc\":{},\"register\":{},\"write_protect\":{},\"table_init\":{},\"stw_copy\":{},\"spawn\":{},\"resume\":{}}},\"copy_wait_us\":{},\"total_us\":{}",
             self.strategy,
             self.workers,
+            self.priority.name(),
             us(s.total),
             us(s.pause),
             us(s.state_capture),
@@ -664,7 +679,7 @@ impl Vm {
             sync.engine.write_protect,
             sync.resume,
         );
-        let mut metrics = SnapshotMetrics::new(req.mode, workers);
+        let mut metrics = SnapshotMetrics::new(req.mode, workers, req.priority);
         metrics.sync = sync;
         let handle = SnapshotHandle {
             t: Arc::new(Tracker {
@@ -685,10 +700,19 @@ impl Vm {
         };
         let h = handle.clone();
         let overwrite = req.overwrite;
+        let priority = req.priority;
         let resumed = Instant::now();
         let spawned = std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
+                // This thread only waits for the copy, then persists: the
+                // persist competes with the vCPUs as the copiers do.
+                if let Err(e) = snapshot::priority::apply_to_current_thread(priority) {
+                    tracing::warn!(
+                        "snapshot writer keeps normal priority: cannot set {}: {e}",
+                        priority.name()
+                    );
+                }
                 background(&h, work, &blob, overwrite, resumed, t_request, guard);
                 drop(ram);
             });
@@ -707,6 +731,75 @@ impl Vm {
                 Err(SnapshotError::Spawn(e))
             }
         }
+    }
+
+    /// Prepares, on a background thread, the destination memory of the
+    /// next `keep_memory` snapshot with this mode and worker count, and
+    /// keeps it: even the first snapshot then copies at memory speed
+    /// instead of first-touching fresh memory (seconds per GiB on this
+    /// host, docs/BENCHMARKS.md), which also keeps its write faults short.
+    /// The price is one guest-sized buffer held from now on.
+    ///
+    /// A snapshot requested while this runs is refused as "snapshot in
+    /// progress". If the memory cannot be had, the failure is logged and
+    /// snapshots populate their destination as they copy, as without it.
+    pub fn prepare_snapshot_memory(
+        &self,
+        mode: Strategy,
+        workers: usize,
+        priority: BackgroundPriority,
+    ) -> Result<std::thread::JoinHandle<Result<(), snapshot::Error>>, SnapshotError> {
+        if mode == Strategy::Fork {
+            return Err(SnapshotError::Invalid(
+                "the fork baseline copies in a child process: there is no snapshot memory to prepare"
+                    .into(),
+            ));
+        }
+        if !self.memory().is_anonymous() {
+            return Err(SnapshotError::Invalid(
+                "guest memory is mapped from a snapshot image (a restored VM); \
+                 snapshots need snapvm's anonymous memory"
+                    .into(),
+            ));
+        }
+        if workers == 0 {
+            return Err(SnapshotError::Invalid("workers must be at least 1".into()));
+        }
+        let slot = self.snapshot_slot().clone();
+        if !slot.try_claim() {
+            return Err(SnapshotError::InProgress);
+        }
+        let guard = SlotGuard(slot.clone());
+        let workers = if mode == Strategy::SyncWp { 1 } else { workers };
+        let engine = slot.engine(Config {
+            workers,
+            strategy: mode,
+            keep_destination: true,
+            ..Config::default()
+        })?;
+        let bytes = self.memory().size();
+        std::thread::Builder::new()
+            .name("snapshot-prepare".into())
+            .spawn(move || {
+                let _guard = guard;
+                if let Err(e) = snapshot::priority::apply_to_current_thread(priority) {
+                    tracing::warn!("snapshot memory preparation keeps normal priority: {e}");
+                }
+                let t = Instant::now();
+                let r = engine.prepare_destination(bytes);
+                match &r {
+                    Ok(()) => tracing::info!(
+                        "snapshot memory prepared: {} MiB in {:.1} s",
+                        bytes >> 20,
+                        t.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => tracing::warn!(
+                        "cannot prepare snapshot memory ({e}); snapshots will populate it as they copy"
+                    ),
+                }
+                r
+            })
+            .map_err(SnapshotError::Spawn)
     }
 
     /// Bytes of snapshot destination memory held for the next snapshot
@@ -832,7 +925,18 @@ fn finish(
     let json = inner.metrics.to_json();
     drop(inner);
     let dir = &h.t.dir;
-    if let Err(e) = std::fs::write(dir.join(METRICS_FILE), json + "\n") {
+    // 0600 like the snapshot's own files, and renamed into place so that
+    // whoever waits for it (scripts poll for it) never reads it half written.
+    let tmp = dir.join(format!(".{METRICS_FILE}.tmp"));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all((json + "\n").as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(METRICS_FILE)));
+    if let Err(e) = written {
         tracing::warn!(
             "snapshot {}: cannot write {METRICS_FILE}: {e}",
             dir.display()

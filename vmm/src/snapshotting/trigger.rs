@@ -1,4 +1,4 @@
-//! Snapshot triggers for `snapvm run` (until the HTTP API lands):
+//! Snapshot triggers for `snapvm run` (beside the HTTP API, `crate::api`):
 //! `--snapshot-at SECONDS` takes one snapshot into `--snapshot-dir DIR`
 //! itself; every SIGUSR1 takes one into `DIR-1`, `DIR-2`, ... (numbered in
 //! arrival order, never overwriting: an existing target fails that
@@ -28,6 +28,8 @@ pub struct TriggerPlan {
     pub workers: usize,
     /// [`SnapshotRequest::keep_memory`].
     pub keep_memory: bool,
+    /// [`SnapshotRequest::priority`].
+    pub priority: snapshot::BackgroundPriority,
 }
 
 static SIGUSR1_SEEN: AtomicBool = AtomicBool::new(false);
@@ -58,6 +60,7 @@ fn take(vm: &Vm, plan: &TriggerPlan, dir: PathBuf, why: &str) -> Option<Snapshot
         mode: plan.mode,
         workers: plan.workers,
         keep_memory: plan.keep_memory,
+        priority: plan.priority,
         ..SnapshotRequest::new(dir.clone())
     };
     tracing::info!(
@@ -78,48 +81,87 @@ fn take(vm: &Vm, plan: &TriggerPlan, dir: PathBuf, why: &str) -> Option<Snapshot
     }
 }
 
-/// Runs the VM until it stops, taking the planned snapshots; waits for a
-/// snapshot still in flight before returning.
-pub fn run_until_exit(vm: &mut Vm, plan: &TriggerPlan) -> VmExit {
-    let start = Instant::now();
-    let mut at = plan.at;
-    let mut signals = 0u32;
-    let mut inflight: Option<SnapshotHandle> = None;
-    let mut last_log = Instant::now();
-    while vm.exit_reason().is_none() {
-        if let Some(d) = at {
-            if start.elapsed() >= d {
-                at = None;
-                if let Some(h) = take(vm, plan, plan.dir.clone(), "--snapshot-at") {
-                    inflight = Some(h);
-                }
+/// The `--snapshot-at` / SIGUSR1 trigger, polled by the loop that owns the
+/// VM (this module's [`run_until_exit`], or the API's owner loop).
+pub struct Trigger {
+    plan: TriggerPlan,
+    start: Instant,
+    at: Option<Duration>,
+    signals: u32,
+    inflight: Option<SnapshotHandle>,
+    last_log: Instant,
+}
+
+impl Trigger {
+    /// Starts the `--snapshot-at` clock now.
+    pub fn new(plan: TriggerPlan) -> Trigger {
+        Trigger {
+            at: plan.at,
+            plan,
+            start: Instant::now(),
+            signals: 0,
+            inflight: None,
+            last_log: Instant::now(),
+        }
+    }
+
+    pub fn plan(&self) -> &TriggerPlan {
+        &self.plan
+    }
+
+    /// Takes the snapshot that is due, if any (returning its handle), and
+    /// logs the progress of the one in flight once a second.
+    pub fn poll(&mut self, vm: &Vm) -> Option<SnapshotHandle> {
+        let mut started = None;
+        if let Some(d) = self.at {
+            if self.start.elapsed() >= d {
+                self.at = None;
+                started = take(vm, &self.plan, self.plan.dir.clone(), "--snapshot-at");
             }
         }
         if SIGUSR1_SEEN.swap(false, Ordering::SeqCst) {
-            signals += 1;
-            let mut name = plan.dir.clone().into_os_string();
-            name.push(format!("-{signals}"));
-            if let Some(h) = take(vm, plan, PathBuf::from(name), "SIGUSR1") {
-                inflight = Some(h);
+            self.signals += 1;
+            let mut name = self.plan.dir.clone().into_os_string();
+            name.push(format!("-{}", self.signals));
+            if let Some(h) = take(vm, &self.plan, PathBuf::from(name), "SIGUSR1") {
+                started = Some(h);
             }
         }
-        if let Some(h) = &inflight {
+        if let Some(h) = &started {
+            self.inflight = Some(h.clone());
+        }
+        if let Some(h) = &self.inflight {
             if h.state().is_finished() {
-                inflight = None;
-            } else if last_log.elapsed() >= Duration::from_secs(1) {
-                last_log = Instant::now();
+                self.inflight = None;
+            } else if self.last_log.elapsed() >= Duration::from_secs(1) {
+                self.last_log = Instant::now();
                 log_progress(h);
             }
         }
+        started
+    }
+
+    /// Waits for the snapshot still in flight (the VM has stopped).
+    pub fn finish(&mut self) {
+        if let Some(h) = self.inflight.take() {
+            tracing::info!(
+                "VM stopped; waiting for snapshot {} to finish",
+                h.dir().display()
+            );
+            let _ = h.wait();
+        }
+    }
+}
+
+/// Runs the VM until it stops, taking the planned snapshots; waits for a
+/// snapshot still in flight before returning.
+pub fn run_until_exit(vm: &mut Vm, plan: &TriggerPlan) -> VmExit {
+    let mut trigger = Trigger::new(plan.clone());
+    while vm.exit_reason().is_none() {
+        trigger.poll(vm);
         std::thread::sleep(Duration::from_millis(10));
     }
-    if let Some(h) = inflight {
-        tracing::info!(
-            "VM stopped; waiting for snapshot {} to finish",
-            h.dir().display()
-        );
-        let _ = h.wait();
-    }
+    trigger.finish();
     vm.wait()
 }
 

@@ -1,0 +1,332 @@
+//! The same guest ELF in `mode=bench` (the guest drives its own store and
+//! prints one JSON line per window on the serial port) under snapvm, with
+//! each snapshot mode, and under QEMU microvm, with background-snapshot and
+//! with a stop-and-save migration. The comparison is what the guest itself
+//! observed in the windows that overlap the snapshot.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::{BenchError, Result};
+use crate::kv_run::{self, ns};
+use crate::proc::Proc;
+use crate::qmp::Qmp;
+use crate::stats::Window;
+
+#[derive(Debug, Clone)]
+pub struct GuestBenchConfig {
+    pub snapvm: PathBuf,
+    pub qemu: String,
+    pub guest_elf: PathBuf,
+    pub work_dir: PathBuf,
+    pub memory_mib: u64,
+    pub keys: u64,
+    pub value_size: usize,
+    pub write_ratio: f64,
+    pub window_ms: u64,
+    pub warmup: Duration,
+    pub baseline: Duration,
+    pub tail: Duration,
+    pub snapshot_timeout: Duration,
+}
+
+/// One JSON line of the guest's `mode=bench` output.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+pub struct GuestWindow {
+    pub t_ms: u64,
+    pub ops: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub max_stall_us: f64,
+}
+
+/// The guest windows overlapping a host window, folded.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct GuestSummary {
+    pub windows: usize,
+    pub ops_per_s: f64,
+    /// Largest per-window quantile (quantiles cannot be merged exactly).
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub max_stall_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestBenchRun {
+    pub vmm: String,
+    pub mode: String,
+    pub memory_mib: u64,
+    pub baseline: GuestSummary,
+    pub snapshot: GuestSummary,
+    pub snapshot_window: Window,
+    /// Guest windows with the host time their line arrived (their end), in
+    /// seconds since the populate finished.
+    pub series: Vec<(f64, GuestWindow)>,
+    pub sync_pause_us: Option<f64>,
+    pub snapshot_total_us: Option<f64>,
+    pub details: serde_json::Value,
+}
+
+/// What a VMM-specific trigger reports back.
+struct Snapped {
+    start: Instant,
+    done: Instant,
+    sync_pause_us: Option<f64>,
+    total_us: Option<f64>,
+    details: serde_json::Value,
+}
+
+fn cmdline(c: &GuestBenchConfig) -> String {
+    format!(
+        "mode=bench keys={} value_size={} write_ratio={} dist=uniform duration_s=0 window_ms={}",
+        c.keys, c.value_size, c.write_ratio, c.window_ms
+    )
+}
+
+/// Folds the guest windows that overlap `w`. Each window is placed at the
+/// host time its line arrived (its end): the guest prints it the moment the
+/// window closes, and host time stays right across a pause, which the
+/// guest's TSC-based `t_ms` does not under every hypervisor.
+fn fold(windows: &[(u64, GuestWindow)], window_ms: u64, w: Window) -> GuestSummary {
+    let mut s = GuestSummary::default();
+    let mut ops = 0u64;
+    let mut span_ms = 0u64;
+    for (end, g) in windows {
+        let start = end.saturating_sub(window_ms * 1_000_000);
+        if *end < w.start_ns || start > w.end_ns {
+            continue;
+        }
+        s.windows += 1;
+        ops += g.ops;
+        span_ms += window_ms;
+        s.p99_us = s.p99_us.max(g.p99_us);
+        s.p999_us = s.p999_us.max(g.p999_us);
+        s.max_us = s.max_us.max(g.max_us);
+        s.max_stall_us = s.max_stall_us.max(g.max_stall_us);
+    }
+    if span_ms > 0 {
+        s.ops_per_s = ops as f64 * 1000.0 / span_ms as f64;
+    }
+    s
+}
+
+/// Boots, waits for the populate, records a baseline, snapshots with
+/// `snap`, records the tail and folds the guest's windows.
+fn measure(
+    c: &GuestBenchConfig,
+    vm: &mut Proc,
+    vmm: &str,
+    mode: &str,
+    snap: impl FnOnce(&mut Proc) -> Result<Snapped>,
+) -> Result<GuestBenchRun> {
+    let populated = vm.wait_line("bench: populated", Duration::from_secs(600))?;
+    let epoch = populated.at;
+    std::thread::sleep(c.warmup);
+    let b0 = Instant::now();
+    std::thread::sleep(c.baseline);
+    let b1 = Instant::now();
+    let s = snap(vm)?;
+    std::thread::sleep(c.tail);
+    vm.check_alive()?;
+    let windows: Vec<(u64, GuestWindow)> = vm
+        .stdout_lines()
+        .iter()
+        .filter(|l| l.text.starts_with('{') && l.at >= epoch)
+        .filter_map(|l| Some((ns(epoch, l.at), serde_json::from_str(&l.text).ok()?)))
+        .collect();
+    if windows.is_empty() {
+        return Err(BenchError::Invalid(format!(
+            "{vmm} {mode}: the guest printed no bench windows\n{}",
+            vm.tail()
+        )));
+    }
+    let baseline = Window {
+        start_ns: ns(epoch, b0),
+        end_ns: ns(epoch, b1),
+    };
+    let snapshot = Window {
+        start_ns: ns(epoch, s.start),
+        end_ns: ns(epoch, s.done),
+    };
+    Ok(GuestBenchRun {
+        vmm: vmm.into(),
+        mode: mode.into(),
+        memory_mib: c.memory_mib,
+        baseline: fold(&windows, c.window_ms, baseline),
+        snapshot: fold(&windows, c.window_ms, snapshot),
+        snapshot_window: snapshot,
+        series: windows
+            .iter()
+            .map(|(end, w)| (*end as f64 / 1e9, *w))
+            .collect(),
+        sync_pause_us: s.sync_pause_us,
+        snapshot_total_us: s.total_us,
+        details: s.details,
+    })
+}
+
+/// `mode=bench` under snapvm with one snapshot mode.
+pub fn snapvm(c: &GuestBenchConfig, mode: &str, workers: usize) -> Result<GuestBenchRun> {
+    let base = c.work_dir.join(format!("gsnap-{mode}-{workers}"));
+    let target = kv_run::signal_target(&base, 1);
+    kv_run::remove_snapshot(&target);
+    let mut vm = Proc::spawn(
+        Command::new(&c.snapvm).args([
+            "run",
+            "--memory",
+            &format!("{}M", c.memory_mib),
+            "--cmdline",
+            &cmdline(c),
+            "--snapshot-dir",
+            &base.to_string_lossy(),
+            "--snapshot-mode",
+            mode,
+            "--snapshot-workers",
+            &workers.to_string(),
+        ]),
+        "build it with `cargo build --release -p vmm` or pass --snapvm",
+    )?;
+    let timeout = c.snapshot_timeout;
+    let r = measure(c, &mut vm, "snapvm", &kv_run::label(mode, workers), |vm| {
+        let start = Instant::now();
+        vm.signal(libc::SIGUSR1)?;
+        let w = kv_run::wait_snapshot(vm, &target, timeout)?;
+        Ok(Snapped {
+            start,
+            done: w.done,
+            sync_pause_us: kv_run::metric(&w.metrics, &["sync_us", "total"]),
+            total_us: kv_run::metric(&w.metrics, &["total_us"]),
+            details: w.metrics,
+        })
+    });
+    vm.stop(Duration::from_secs(5));
+    kv_run::remove_snapshot(&target);
+    r
+}
+
+/// How QEMU saves the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuSave {
+    /// `background-snapshot` capability, then migrate (guest keeps running).
+    Background,
+    /// `stop`, migrate, `cont`.
+    StopAndSave,
+}
+
+impl QemuSave {
+    pub fn name(self) -> &'static str {
+        match self {
+            QemuSave::Background => "background-snapshot",
+            QemuSave::StopAndSave => "stop-and-save",
+        }
+    }
+}
+
+/// `mode=bench` under QEMU microvm, saved once with `how`.
+pub fn qemu(c: &GuestBenchConfig, how: QemuSave) -> Result<GuestBenchRun> {
+    let sock = c.work_dir.join(format!("qmp-{}.sock", std::process::id()));
+    let file = c.work_dir.join(format!("qemu-{}.mig", how.name()));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&file);
+    // `-cpu host` is left out: QEMU 7.2 aborts with it on this nested host.
+    let mut vm = Proc::spawn(
+        Command::new(&c.qemu).args([
+            "-M",
+            "microvm",
+            "-accel",
+            "kvm",
+            "-m",
+            &format!("{}M", c.memory_mib),
+            "-nographic",
+            "-nodefaults",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+            &c.guest_elf.to_string_lossy(),
+            "-append",
+            &cmdline(c),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ]),
+        "install it with `apt-get install qemu-system-x86` (scripts/bench does)",
+    )?;
+    let mut qmp = Qmp::connect(&sock, Duration::from_secs(30))?;
+    let timeout = c.snapshot_timeout;
+    let uri = format!("exec:cat > {}", file.display());
+    let r = measure(c, &mut vm, "qemu", how.name(), |_vm| {
+        if how == QemuSave::Background {
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [
+                    {"capability": "background-snapshot", "state": true}
+                ]})),
+            )?;
+        }
+        let start = Instant::now();
+        if how == QemuSave::StopAndSave {
+            qmp.execute("stop", None)?;
+        }
+        qmp.execute("migrate", Some(json!({ "uri": uri })))?;
+        let info = qmp.wait_migration(timeout)?;
+        if how == QemuSave::StopAndSave {
+            qmp.execute("cont", None)?;
+        }
+        let done = Instant::now();
+        let total_us = info
+            .get("total-time")
+            .and_then(serde_json::Value::as_f64)
+            .map(|ms| ms * 1000.0);
+        let downtime_us = info
+            .get("downtime")
+            .and_then(serde_json::Value::as_f64)
+            .map(|ms| ms * 1000.0);
+        let pause = match how {
+            QemuSave::StopAndSave => Some(done.duration_since(start).as_secs_f64() * 1e6),
+            QemuSave::Background => downtime_us,
+        };
+        Ok(Snapped {
+            start,
+            done,
+            sync_pause_us: pause,
+            total_us: total_us.or(Some(done.duration_since(start).as_secs_f64() * 1e6)),
+            details: info,
+        })
+    });
+    drop(qmp);
+    vm.stop(Duration::from_secs(5));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&file);
+    r
+}
+
+/// Writes the bundled guest ELF with `snapvm guest-elf`.
+pub fn write_guest_elf(snapvm: &Path, path: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let out = Command::new(snapvm)
+        .arg("guest-elf")
+        .arg(path)
+        .output()
+        .map_err(|source| BenchError::Spawn {
+            program: snapvm.display().to_string(),
+            hint: "build it with `cargo build --release -p vmm` or pass --snapvm",
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(BenchError::Exited {
+            what: format!("{} guest-elf", snapvm.display()),
+            status: out.status.to_string(),
+            tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(())
+}

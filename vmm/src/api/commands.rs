@@ -1,0 +1,198 @@
+//! The client commands of the `snapvm` binary: `snapvm snapshot
+//! create|list|status|cancel`, `snapvm vm pause|resume|status` and
+//! `snapvm restore`. Each talks to a running snapvm over its API socket
+//! and prints the JSON it gets back (pretty) on stdout.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper::Method;
+use serde_json::json;
+
+use super::client::{ApiClient, ClientError};
+use super::model::{InstanceInfo, SnapshotList, SnapshotStatus};
+use crate::cli::{RestoreArgs, SnapshotCommand, SnapshotCreateArgs, VmCommand};
+
+/// How often `snapshot create --wait` asks for progress.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Why a client command failed (one line).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot resolve {}: {source}", .path.display())]
+    Path {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("snapshot {id} failed: {reason}")]
+    SnapshotFailed { id: String, reason: String },
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => tracing::error!("cannot print the reply: {e}"),
+    }
+}
+
+/// The server resolves paths itself: send absolute ones.
+fn absolute(path: &Path) -> Result<PathBuf, CommandError> {
+    std::path::absolute(path).map_err(|source| CommandError::Path {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub fn snapshot(cmd: SnapshotCommand) -> Result<(), CommandError> {
+    match cmd {
+        SnapshotCommand::Create(args) => create(&args),
+        SnapshotCommand::List(a) => {
+            let list: SnapshotList = ApiClient::new(&a.api_sock)?
+                .call(Method::GET, "/snapshots", None)?
+                .ok_json()?;
+            print_json(&list);
+            Ok(())
+        }
+        SnapshotCommand::Status(a) => {
+            let s = status(&ApiClient::new(&a.sock.api_sock)?, &a.id)?;
+            print_json(&s);
+            Ok(())
+        }
+        SnapshotCommand::Cancel(a) => {
+            let s: SnapshotStatus = ApiClient::new(&a.sock.api_sock)?
+                .call(
+                    Method::DELETE,
+                    &format!("/snapshot/{}", encode_id(&a.id)),
+                    None,
+                )?
+                .ok_json()?;
+            print_json(&s);
+            Ok(())
+        }
+    }
+}
+
+/// Ids are small integers; anything else is sent escaped so it cannot
+/// change the route.
+fn encode_id(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn status(client: &ApiClient, id: &str) -> Result<SnapshotStatus, CommandError> {
+    Ok(client
+        .call(Method::GET, &format!("/snapshot/{}", encode_id(id)), None)?
+        .ok_json()?)
+}
+
+fn create(args: &SnapshotCreateArgs) -> Result<(), CommandError> {
+    let client = ApiClient::new(&args.sock.api_sock)?;
+    let mut body = json!({
+        "snapshot_path": absolute(&args.dir)?.display().to_string(),
+        "overwrite": args.overwrite,
+    });
+    if let Some(m) = args.mode {
+        body["mode"] = m.to_string().into();
+    }
+    if let Some(w) = args.workers {
+        body["workers"] = w.into();
+    }
+    let created: SnapshotStatus = client
+        .call(Method::PUT, "/snapshot/create", Some(&body))?
+        .ok_json()?;
+    if !args.wait {
+        print_json(&created);
+        return Ok(());
+    }
+    let done = wait(&client, &created.id)?;
+    print_json(&done);
+    match done.state.as_str() {
+        "failed" => Err(CommandError::SnapshotFailed {
+            id: done.id,
+            reason: done.reason.unwrap_or_default(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Polls until the snapshot ends, with a progress bar when stderr is a
+/// terminal.
+fn wait(client: &ApiClient, id: &str) -> Result<SnapshotStatus, CommandError> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    loop {
+        let s = status(client, id)?;
+        if let Some(bar) = &bar {
+            let p = &s.progress;
+            match s.state.as_str() {
+                "copying" => {
+                    bar.set_message("copying");
+                    bar.set_length(p.chunks_total);
+                    bar.set_position(p.chunks_done);
+                }
+                "persisting" => {
+                    bar.set_message("persisting");
+                    bar.set_length(p.bytes_to_write);
+                    bar.set_position(p.bytes_written);
+                }
+                _ => {}
+            }
+        }
+        if matches!(s.state.as_str(), "done" | "failed") {
+            if let Some(bar) = bar {
+                bar.finish_with_message(s.state.clone());
+            }
+            return Ok(s);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+pub fn vm(cmd: VmCommand) -> Result<(), CommandError> {
+    let (sock, state) = match &cmd {
+        VmCommand::Pause(a) => (&a.api_sock, Some("Paused")),
+        VmCommand::Resume(a) => (&a.api_sock, Some("Resumed")),
+        VmCommand::Status(a) => (&a.api_sock, None),
+    };
+    let client = ApiClient::new(sock)?;
+    match state {
+        Some(state) => client
+            .call(Method::PATCH, "/vm", Some(&json!({ "state": state })))?
+            .check()
+            .map_err(Into::into),
+        None => {
+            let info: InstanceInfo = client.call(Method::GET, "/", None)?.ok_json()?;
+            print_json(&info);
+            Ok(())
+        }
+    }
+}
+
+pub fn restore(args: &RestoreArgs) -> Result<(), CommandError> {
+    let body = json!({
+        "snapshot_path": absolute(&args.dir)?.display().to_string(),
+        "resume_vm": !args.no_resume,
+        "verify": args.verify,
+    });
+    ApiClient::new(&args.sock.api_sock)?
+        .call(Method::PUT, "/snapshot/load", Some(&body))?
+        .check()?;
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! `GET /metrics`: the Prometheus text exposition format (0.0.4), rendered
+//! with the `prometheus` crate from the owner's counters at scrape time.
+
+use std::time::Duration;
+
+use prometheus::{Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::snapshotting::{SnapshotHandle, SnapshotState};
+
+/// Totals over the snapshots that ended.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub done: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// The guest's stall in the sync phase of the latest snapshot.
+    pub last_pause: Option<Duration>,
+    pub wp_faults: u64,
+    pub missing_faults: u64,
+    pub bytes_copied: u64,
+}
+
+impl Counters {
+    /// Counts one finished snapshot.
+    pub fn record(&mut self, state: &SnapshotState, cancelled: bool, h: &SnapshotHandle) {
+        match state {
+            SnapshotState::Done => self.done += 1,
+            SnapshotState::Failed(_) if cancelled => self.cancelled += 1,
+            _ => self.failed += 1,
+        }
+        if let Some(m) = &h.metrics().engine {
+            self.wp_faults += m.wp_faults;
+            self.missing_faults += m.missing_faults;
+            self.bytes_copied += m.bytes_copied;
+        }
+    }
+}
+
+/// VM states reported as `snapvm_vm_state{state=...}` (1 for the current).
+const STATES: [&str; 4] = ["Not started", "Running", "Paused", "Stopped"];
+
+pub fn render(vm_state: &str, in_flight: usize, c: &Counters) -> Result<String, prometheus::Error> {
+    let reg = Registry::new();
+    let state = IntGaugeVec::new(
+        Opts::new(
+            "snapvm_vm_state",
+            "1 for the VM's current state, 0 for the others",
+        ),
+        &["state"],
+    )?;
+    reg.register(Box::new(state.clone()))?;
+    for s in STATES {
+        state
+            .with_label_values(&[&label(s)])
+            .set(i64::from(s == vm_state));
+    }
+    let outcomes = IntCounterVec::new(
+        Opts::new("snapvm_snapshots_total", "Snapshots that ended, by outcome"),
+        &["outcome"],
+    )?;
+    reg.register(Box::new(outcomes.clone()))?;
+    outcomes.with_label_values(&["done"]).inc_by(c.done);
+    outcomes.with_label_values(&["failed"]).inc_by(c.failed);
+    outcomes
+        .with_label_values(&["cancelled"])
+        .inc_by(c.cancelled);
+    let inflight = IntGauge::new(
+        "snapvm_snapshots_in_flight",
+        "Snapshots copying or persisting",
+    )?;
+    reg.register(Box::new(inflight.clone()))?;
+    inflight.set(in_flight as i64);
+    let pause = Gauge::new(
+        "snapvm_last_snapshot_pause_seconds",
+        "The guest's stall in the sync phase of the latest snapshot (0: none yet)",
+    )?;
+    reg.register(Box::new(pause.clone()))?;
+    pause.set(c.last_pause.map_or(0.0, |d| d.as_secs_f64()));
+    let faults = IntCounterVec::new(
+        Opts::new(
+            "snapvm_snapshot_faults_total",
+            "userfaultfd faults handled by ended snapshots, by kind",
+        ),
+        &["kind"],
+    )?;
+    reg.register(Box::new(faults.clone()))?;
+    faults
+        .with_label_values(&["write_protect"])
+        .inc_by(c.wp_faults);
+    faults
+        .with_label_values(&["missing"])
+        .inc_by(c.missing_faults);
+    let bytes = IntCounterVec::new(
+        Opts::new(
+            "snapvm_snapshot_bytes_copied_total",
+            "Guest memory bytes copied by ended snapshots",
+        ),
+        &[],
+    )?;
+    reg.register(Box::new(bytes.clone()))?;
+    bytes.with_label_values(&[]).inc_by(c.bytes_copied);
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new().encode(&reg.gather(), &mut out)?;
+    String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
+/// `Not started` → `not_started`.
+fn label(state: &str) -> String {
+    state.to_ascii_lowercase().replace(' ', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format() {
+        let c = Counters {
+            done: 2,
+            failed: 1,
+            cancelled: 1,
+            last_pause: Some(Duration::from_micros(1500)),
+            wp_faults: 7,
+            missing_faults: 3,
+            bytes_copied: 4096,
+        };
+        let text = render("Running", 1, &c).unwrap();
+        for line in [
+            "# TYPE snapvm_vm_state gauge",
+            "snapvm_vm_state{state=\"running\"} 1",
+            "snapvm_vm_state{state=\"not_started\"} 0",
+            "# TYPE snapvm_snapshots_total counter",
+            "snapvm_snapshots_total{outcome=\"done\"} 2",
+            "snapvm_snapshots_total{outcome=\"failed\"} 1",
+            "snapvm_snapshots_total{outcome=\"cancelled\"} 1",
+            "snapvm_snapshots_in_flight 1",
+            "snapvm_last_snapshot_pause_seconds 0.0015",
+            "snapvm_snapshot_faults_total{kind=\"write_protect\"} 7",
+            "snapvm_snapshot_faults_total{kind=\"missing\"} 3",
+            "snapvm_snapshot_bytes_copied_total 4096",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+        }
+    }
+}
