@@ -80,9 +80,12 @@ fn fault_case(injection: FaultInjection, expect: Expect, writers_during_copy: bo
             Ok(_) => {
                 if writers_during_copy {
                     ws.resume();
+                    // A write to a protected, populated chunk: the fault
+                    // path. Not in the worker cases: a fault-path copy
+                    // would race the worker for the injected failure (a
+                    // populate counted by both) and fail in the wrong phase.
+                    mem.write(3 * CHUNK + 64, 1);
                 }
-                // A write to a protected, populated chunk: the fault path.
-                mem.write(3 * CHUNK + 64, 1);
                 if cancel {
                     eng.cancel().expect("cancel");
                 }
