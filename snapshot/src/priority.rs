@@ -16,13 +16,19 @@
 
 use std::io;
 
-/// How the background copy and persist threads are scheduled.
+/// How the persist (and memory preparation) threads are scheduled.
+///
+/// Normal by default: `SCHED_IDLE` gets almost nothing while every core is
+/// busy, so a guest whose vCPUs saturate the host would leave its snapshot
+/// unpersisted indefinitely (seen in CI: snapshots of guests spinning on
+/// every core took minutes instead of seconds). Idle is for hosts with a
+/// spare core, where it keeps the writer off the vCPUs' cores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackgroundPriority {
-    /// `SCHED_IDLE`: yields to every normal thread (the default).
-    #[default]
+    /// `SCHED_IDLE`: runs only on CPU time no normal thread wants.
     Idle,
-    /// The creating thread's own policy (for comparison runs).
+    /// The creating thread's own policy (the default).
+    #[default]
     Normal,
 }
 

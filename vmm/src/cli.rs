@@ -180,11 +180,12 @@ pub struct RunArgs {
     /// fresh memory.
     #[arg(long)]
     pub snapshot_keep_memory: bool,
-    /// Scheduling of the thread that writes the snapshot to disk: idle
-    /// (only spare CPU time; the guest always wins a contended core) or
-    /// normal. The copiers always run at normal priority (vCPU write
+    /// Scheduling of the thread that writes the snapshot to disk: normal,
+    /// or idle (only spare CPU time: the guest wins every contended core,
+    /// but a guest that keeps every core busy delays the write without
+    /// bound). The copiers always run at normal priority (vCPU write
     /// faults can wait on them).
-    #[arg(long, value_name = "idle|normal", default_value = "idle")]
+    #[arg(long, value_name = "idle|normal", default_value = "normal")]
     pub snapshot_priority: snapshot::BackgroundPriority,
     /// Restore the VM from this snapshot directory instead of booting a
     /// kernel (memory, vCPUs and devices come from the snapshot).
@@ -380,7 +381,7 @@ pub struct BenchSnapshotArgs {
     pub hugepages: PageBacking,
     /// Comma-separated scheduling of the persist thread to compare (idle,
     /// normal); fork runs once.
-    #[arg(long, default_value = "idle", value_parser = parse_priorities)]
+    #[arg(long, default_value = "normal", value_parser = parse_priorities)]
     pub priorities: ::std::vec::Vec<snapshot::BackgroundPriority>,
     /// Where snapshot directories are written (each is deleted after use).
     #[arg(long, default_value = "/var/tmp")]

@@ -64,9 +64,10 @@ pub struct SnapshotRequest {
     /// memory (the engine docs measure the difference), at the price of a
     /// guest-sized buffer held between snapshots.
     pub keep_memory: bool,
-    /// Scheduling of the persist thread (`snapshot::priority`): idle by
-    /// default, so the guest's vCPUs win every contended core while the
-    /// image is written. The engine's copiers keep normal priority: a vCPU
+    /// Scheduling of the persist thread (`snapshot::priority`): normal by
+    /// default; idle lets the guest's vCPUs win every contended core while
+    /// the image is written, but starves the writer on a host whose cores
+    /// the guest saturates. The engine's copiers keep normal priority: a vCPU
     /// write fault on a chunk a copier holds waits for that copier, and an
     /// idle copier starved by other load turned such waits into
     /// 0.3-1.4 s stalls (docs/BENCHMARKS.md). The fork baseline's child is
