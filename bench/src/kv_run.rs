@@ -220,27 +220,28 @@ pub fn run(
     let target = signal_target(&snap_base, 1);
     remove_snapshot(&target);
     let mut cmd = Command::new(&c.snapvm);
+    cmd.args([
+        "run",
+        "--memory",
+        &format!("{memory_mib}M"),
+        "--hugepages",
+        if hugepages { "on" } else { "off" },
+        "--kv-listen",
+        &addr.to_string(),
+        "--snapshot-dir",
+        &snap_base.to_string_lossy(),
+        "--snapshot-mode",
+        mode,
+        "--snapshot-workers",
+        &workers.to_string(),
+        "--log-level",
+        "info",
+    ]);
     if c.keep_memory && mode != "fork" {
         cmd.arg("--snapshot-keep-memory");
     }
     let mut vm = Proc::spawn(
-        cmd.args([
-            "run",
-            "--memory",
-            &format!("{memory_mib}M"),
-            "--hugepages",
-            if hugepages { "on" } else { "off" },
-            "--kv-listen",
-            &addr.to_string(),
-            "--snapshot-dir",
-            &snap_base.to_string_lossy(),
-            "--snapshot-mode",
-            mode,
-            "--snapshot-workers",
-            &workers.to_string(),
-            "--log-level",
-            "info",
-        ]),
+        &mut cmd,
         "build it with `cargo build --release -p vmm` or pass --snapvm",
     )?;
     let result = drive(

@@ -15,11 +15,12 @@ pub const KV_PORT: u32 = 6379;
 /// Our receive buffer per connection, advertised as buf_alloc: the host
 /// never has more than this in flight towards an unprocessed connection.
 const BUF_ALLOC: u32 = 256 * 1024;
-/// Spin this long with nothing to do before sleeping in the VMM: keeps
-/// latency low under load, costs nothing when idle. `kv_spin_us=N` on the
-/// command line overrides it (for measuring the trade-off: a spinning vCPU
-/// holds a host core the vsock thread and the clients may need).
-const SPIN_US: u64 = 200;
+/// Spin this long with nothing to do before sleeping in the VMM. Short:
+/// a spinning vCPU holds a host core that the vsock thread and the clients
+/// need on a 2-core host; measured with redis-benchmark -c 50 (docs/
+/// BENCHMARKS.md), 20 µs gave 20-40 % more throughput and ~0.25 ms lower
+/// p50 than 200 µs. `kv_spin_us=N` on the command line overrides it.
+const SPIN_US: u64 = 20;
 /// Longest idle sleep. The device ends it as soon as it hands the guest
 /// anything (and a wake that races with the decision to sleep is kept, see
 /// `VcpuControl::idle_wait`), so this only bounds how often an idle guest
