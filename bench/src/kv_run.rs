@@ -204,6 +204,26 @@ pub fn ns(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_nanos() as u64
 }
 
+/// Fills a store (guest or native Redis) to `c.fill` of `memory_mib` with
+/// `DEBUG POPULATE`; returns the key count and the seconds it took.
+pub fn populate(ctl: &mut Client, c: &Common, memory_mib: u64) -> Result<(u64, f64)> {
+    let keys = c.keys_for(memory_mib << 20);
+    let t = Instant::now();
+    ctl.ok(
+        &[
+            "DEBUG",
+            "POPULATE",
+            &keys.to_string(),
+            "key",
+            &c.value_size.to_string(),
+        ],
+        Duration::from_secs(600),
+    )?;
+    let populate_s = t.elapsed().as_secs_f64();
+    tracing::info!("  populated {keys} keys in {populate_s:.1} s");
+    Ok((keys, populate_s))
+}
+
 pub fn run(
     c: &Common,
     memory_mib: u64,
@@ -277,20 +297,7 @@ fn drive(
         std::thread::sleep(Duration::from_millis(100));
         ctl = Client::connect(addr, Duration::from_secs(10))?;
     }
-    let keys = c.keys_for(memory_mib << 20);
-    let t = Instant::now();
-    ctl.ok(
-        &[
-            "DEBUG",
-            "POPULATE",
-            &keys.to_string(),
-            "key",
-            &c.value_size.to_string(),
-        ],
-        Duration::from_secs(600),
-    )?;
-    let populate_s = t.elapsed().as_secs_f64();
-    tracing::info!("  populated {keys} keys in {populate_s:.1} s");
+    let (keys, populate_s) = populate(&mut ctl, c, memory_mib)?;
     if c.keep_memory && mode != "fork" {
         vm.wait_stderr_line("snapshot memory prepared", Duration::from_secs(600))?;
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BenchError, Result};
-use crate::kv_run::{ns, Common, Windows};
+use crate::kv_run::{self, ns, Common, Windows};
 use crate::load::{Load, LoadConfig};
 use crate::proc::{self, Proc};
 use crate::resp::{self, Client};
@@ -75,24 +75,11 @@ fn drive(c: &Common, mut server: Proc, addr: SocketAddr, memory_mib: u64) -> Res
                 .map(|(_, v)| v)
         })
         .unwrap_or_default();
-    let keys = c.keys_for(memory_mib << 20);
-    let t = Instant::now();
-    ctl.ok(
-        &[
-            "DEBUG",
-            "POPULATE",
-            &keys.to_string(),
-            "key",
-            &c.value_size.to_string(),
-        ],
-        Duration::from_secs(600),
-    )?;
-    let populate_s = t.elapsed().as_secs_f64();
+    let (keys, populate_s) = kv_run::populate(&mut ctl, c, memory_mib)?;
     let used_memory = ctl
         .info("memory")
         .ok()
         .and_then(|i| resp::info_f64(&i, "used_memory"));
-    tracing::info!("  populated {keys} keys in {populate_s:.1} s");
 
     let epoch = Instant::now();
     let load = Load::start(
