@@ -39,6 +39,18 @@ pub struct Common {
 }
 
 impl Common {
+    /// The configured open-loop load against `addr` over `keys` keys.
+    pub fn load_config(&self, addr: SocketAddr, keys: u64) -> LoadConfig {
+        LoadConfig {
+            addr,
+            rate: self.rate,
+            conns: self.conns,
+            write_ratio: self.write_ratio,
+            keys,
+            value_size: self.value_size,
+        }
+    }
+
     /// Keys that fill `fill` of `memory` bytes.
     pub fn keys_for(&self, memory: u64) -> u64 {
         let per_key = 116 + self.value_size as u64;
@@ -303,17 +315,7 @@ fn drive(
     }
 
     let epoch = Instant::now();
-    let load = Load::start(
-        &LoadConfig {
-            addr,
-            rate: c.rate,
-            conns: c.conns,
-            write_ratio: c.write_ratio,
-            keys,
-            value_size: c.value_size,
-        },
-        epoch,
-    )?;
+    let load = Load::start(&c.load_config(addr, keys), epoch)?;
     std::thread::sleep(c.warmup);
     let _ = ctl.ok(&["PROBE", "RESET"], Duration::from_secs(10));
     let b0 = Instant::now();

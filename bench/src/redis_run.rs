@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{BenchError, Result};
 use crate::kv_run::{self, ns, Common, Windows};
-use crate::load::{Load, LoadConfig};
+use crate::load::Load;
 use crate::proc::{self, Proc};
 use crate::resp::{self, Client};
 use crate::stats::{self, Window};
@@ -82,17 +82,7 @@ fn drive(c: &Common, mut server: Proc, addr: SocketAddr, memory_mib: u64) -> Res
         .and_then(|i| resp::info_f64(&i, "used_memory"));
 
     let epoch = Instant::now();
-    let load = Load::start(
-        &LoadConfig {
-            addr,
-            rate: c.rate,
-            conns: c.conns,
-            write_ratio: c.write_ratio,
-            keys,
-            value_size: c.value_size,
-        },
-        epoch,
-    )?;
+    let load = Load::start(&c.load_config(addr, keys), epoch)?;
     std::thread::sleep(c.warmup);
     let b0 = Instant::now();
     std::thread::sleep(c.baseline);

@@ -557,27 +557,14 @@ impl Vm {
     /// continue in the background (follow them with the handle). A second
     /// request while one is in flight gets [`SnapshotError::InProgress`].
     pub fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotHandle, SnapshotError> {
-        if !self.memory().is_anonymous() {
-            return Err(SnapshotError::Invalid(
-                "guest memory is mapped from a snapshot image (a restored VM); \
-                 snapshots need snapvm's anonymous memory"
-                    .into(),
-            ));
-        }
-        if req.workers == 0 {
-            return Err(SnapshotError::Invalid("workers must be at least 1".into()));
-        }
+        self.check_snapshottable(req.workers)?;
         let slot = self.snapshot_slot().clone();
         if !slot.try_claim() {
             return Err(SnapshotError::InProgress);
         }
         let guard = SlotGuard(slot);
         let t_request = Instant::now();
-        let workers = if matches!(req.mode, Strategy::SyncWp | Strategy::Fork) {
-            1
-        } else {
-            req.workers
-        };
+        let workers = copier_count(req.mode, req.workers);
         let engine = if req.mode == Strategy::Fork {
             None
         } else {
@@ -756,22 +743,13 @@ impl Vm {
                     .into(),
             ));
         }
-        if !self.memory().is_anonymous() {
-            return Err(SnapshotError::Invalid(
-                "guest memory is mapped from a snapshot image (a restored VM); \
-                 snapshots need snapvm's anonymous memory"
-                    .into(),
-            ));
-        }
-        if workers == 0 {
-            return Err(SnapshotError::Invalid("workers must be at least 1".into()));
-        }
+        self.check_snapshottable(workers)?;
         let slot = self.snapshot_slot().clone();
         if !slot.try_claim() {
             return Err(SnapshotError::InProgress);
         }
         let guard = SlotGuard(slot.clone());
-        let workers = if mode == Strategy::SyncWp { 1 } else { workers };
+        let workers = copier_count(mode, workers);
         let engine = slot.engine(Config {
             workers,
             strategy: mode,
@@ -803,6 +781,21 @@ impl Vm {
             .map_err(SnapshotError::Spawn)
     }
 
+    /// What every snapshot (and its memory preparation) needs of the VM.
+    fn check_snapshottable(&self, workers: usize) -> Result<(), SnapshotError> {
+        if !self.memory().is_anonymous() {
+            return Err(SnapshotError::Invalid(
+                "guest memory is mapped from a snapshot image (a restored VM); \
+                 snapshots need snapvm's anonymous memory"
+                    .into(),
+            ));
+        }
+        if workers == 0 {
+            return Err(SnapshotError::Invalid("workers must be at least 1".into()));
+        }
+        Ok(())
+    }
+
     /// Bytes of snapshot destination memory held for the next snapshot
     /// ([`SnapshotRequest::keep_memory`]).
     pub fn snapshot_kept_bytes(&self) -> u64 {
@@ -812,6 +805,16 @@ impl Vm {
     /// Whether a snapshot of this VM is in flight.
     pub fn snapshot_in_progress(&self) -> bool {
         self.snapshot_slot().in_progress()
+    }
+}
+
+/// Copier threads a mode really uses: sync-wp copies with one (like QEMU),
+/// fork with one child process; the others with what was asked.
+fn copier_count(mode: Strategy, requested: usize) -> usize {
+    if matches!(mode, Strategy::SyncWp | Strategy::Fork) {
+        1
+    } else {
+        requested
     }
 }
 
