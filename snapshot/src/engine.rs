@@ -103,6 +103,7 @@ use crate::fault_handler;
 use crate::inject::{EnvInjection, FaultInjection};
 use crate::memory::{copy_unit, DestPool, Destination, Pagemap};
 use crate::metrics::{new_histogram, Counters, Metrics, Progress, SyncMetrics};
+use crate::priority::CopierNice;
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
@@ -410,6 +411,7 @@ impl Engine {
             error: Mutex::new(None),
             handler_nudge: nudge,
             handler_stop: stop,
+            copier_nice: CopierNice::new(),
         });
 
         let t = Instant::now();

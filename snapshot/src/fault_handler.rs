@@ -192,12 +192,15 @@ impl Handler {
             return;
         }
         match sh.table.mark_waiter(chunk) {
-            ChunkState::Copying => self.parked.push(Parked {
-                chunk,
-                address,
-                kind,
-                since,
-            }),
+            ChunkState::Copying => {
+                sh.copier_nice.boost();
+                self.parked.push(Parked {
+                    chunk,
+                    address,
+                    kind,
+                    since,
+                });
+            }
             ChunkState::Failed => {
                 // Failed chunks may still carry protection (rollback lifts
                 // it region-wide, maybe not yet): lift it now.

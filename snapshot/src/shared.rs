@@ -11,6 +11,7 @@ use crate::eventfd::EventFd;
 use crate::inject::FaultInjection;
 use crate::memory::{copy_unit, Destination, Pagemap};
 use crate::metrics::Counters;
+use crate::priority::CopierNice;
 use crate::region::{Layout, CHUNK_SIZE, PAGE_SIZE};
 use crate::uffd::Uffd;
 
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub handler_nudge: EventFd,
     /// Supervisor → handler: registrations are gone, drain and exit.
     pub handler_stop: EventFd,
+    /// The copiers' priority (lowered; lifted while a vCPU waits on one).
+    pub copier_nice: CopierNice,
 }
 
 impl Shared {
@@ -202,6 +205,7 @@ impl Shared {
             return;
         }
         if self.table.state(i) == ChunkState::Copying {
+            self.copier_nice.boost();
             self.table.wait_settled(i);
         }
     }
