@@ -38,6 +38,7 @@
 
 use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -167,6 +168,14 @@ impl Handler {
 
     fn handle(&mut self, address: u64, kind: FaultKind) {
         let since = Instant::now();
+        if self.shared.armed.load(Ordering::Acquire) {
+            // Before the fork instant: not a snapshot fault, nothing to copy.
+            if let Some(chunk) = self.shared.unit_of_host(address) {
+                self.shared.let_through_while_armed(chunk);
+            }
+            self.settle(address, kind);
+            return;
+        }
         match kind {
             FaultKind::WriteProtect => self.stats.wp_faults += 1,
             FaultKind::Missing { .. } => self.stats.missing_faults += 1,
@@ -238,6 +247,13 @@ impl Handler {
 
     /// Lets the faulting thread go once its chunk is no longer protected.
     fn resolve(&mut self, address: u64, kind: FaultKind, since: Instant) {
+        self.settle(address, kind);
+        let ns = since.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        let _ = self.stats.latency_ns.record(ns.max(1));
+    }
+
+    /// Wakes the faulting thread, or maps the zero page it first-touched.
+    fn settle(&self, address: u64, kind: FaultKind) {
         let uffd = &self.shared.uffd;
         let page = address & !(PAGE_SIZE - 1);
         let done = match kind {
@@ -259,7 +275,5 @@ impl Handler {
             // thread); a wake is harmless in every case.
             let _ = uffd.wake(page, PAGE_SIZE);
         }
-        let ns = since.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        let _ = self.stats.latency_ns.record(ns.max(1));
     }
 }

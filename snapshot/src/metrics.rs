@@ -24,6 +24,12 @@ pub struct SyncMetrics {
     pub spawn: Duration,
     /// Everything `begin()` did, end to end.
     pub total: Duration,
+    /// `arm()` (before the pause, writers running): destination, register
+    /// and write-protect of every region. Not part of the pause.
+    pub arm: Duration,
+    /// After `arm()`: chunks written between their protection and the
+    /// pause, protected again in `begin()` (its `write_protect`).
+    pub reprotected_chunks: u64,
 }
 
 /// Final numbers of a snapshot.

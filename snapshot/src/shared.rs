@@ -49,6 +49,11 @@ pub(crate) struct Shared {
     pub handler_stop: EventFd,
     /// The copiers' priority (lowered; lifted while a vCPU waits on one).
     pub copier_nice: CopierNice,
+    /// Between `Engine::arm` and the pause: the fork instant has not come,
+    /// so a write fault just lifts its chunk's protection and notes it.
+    pub armed: AtomicBool,
+    /// Chunks whose protection a write lifted while armed.
+    pub written_while_armed: Mutex<Vec<usize>>,
 }
 
 impl Shared {
@@ -122,6 +127,60 @@ impl Shared {
                 what: format!("{who} failure at copy {n} (chunk {i})"),
             })
         })
+    }
+
+    /// While armed: lets a write to chunk `i` through. The chunk is noted
+    /// before its protection goes, so once the writers are paused (every
+    /// fault answered) the list holds every chunk written since `arm`.
+    pub fn let_through_while_armed(&self, i: usize) {
+        match self.written_while_armed.lock() {
+            Ok(mut g) => g.push(i),
+            Err(p) => p.into_inner().push(i),
+        }
+        if let Err(e) = self.unprotect_unit(i, Phase::Sync) {
+            // The writer must not stay blocked: lift everything and fail;
+            // `begin` sees the abort and rolls back.
+            self.fail(e);
+            for r in self.layout.regions() {
+                let _ = self.uffd.write_protect(r.host_addr, r.len, false, false);
+            }
+        }
+    }
+
+    /// In the pause after `arm`: protects again the chunks written since
+    /// (adjacent ones in one call). Returns how many.
+    pub fn reprotect_written_while_armed(&self) -> Result<u64, Error> {
+        let mut chunks = match self.written_while_armed.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        chunks.sort_unstable();
+        chunks.dedup();
+        let mut run: Option<(u64, u64)> = None;
+        for &i in &chunks {
+            let at = self.layout.unit(i, self.unit).host_addr;
+            run = match run {
+                Some((start, len)) if start + len == at => Some((start, len + self.unit)),
+                Some((start, len)) => {
+                    self.protect(start, len)?;
+                    Some((at, self.unit))
+                }
+                None => Some((at, self.unit)),
+            };
+        }
+        if let Some((start, len)) = run {
+            self.protect(start, len)?;
+        }
+        Ok(chunks.len() as u64)
+    }
+
+    fn protect(&self, start: u64, len: u64) -> Result<(), Error> {
+        self.uffd
+            .write_protect(start, len, true, false)
+            .map_err(|source| Error::Uffd {
+                phase: Phase::Sync,
+                source,
+            })
     }
 
     /// Copies chunk `i`, which the caller has claimed, then lifts its

@@ -606,3 +606,115 @@ fn prepared_destination_survives_sync_failure() {
         );
     }
 }
+
+/// `arm` with the writers running, then the pause: writes between the two
+/// are let through and their chunks protected again in `begin`, so the
+/// snapshot is still the memory at `begin()`, bit for bit.
+#[test]
+fn armed_snapshot_bit_exact_under_load() {
+    for workers in [1, 2] {
+        let mem = Mem::new(24, 8, 32, 70 + workers as u64);
+        let ws = Writers::start(&mem, 3);
+        ws.anywhere.store(true, Ordering::SeqCst);
+        ws.run_for(20_000);
+        let eng = engine(workers, FaultInjection::default());
+        // SAFETY: `mem` outlives the snapshot (wait() below).
+        unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+        assert!(eng.in_progress(), "armed counts as in flight");
+        ws.run_for(50_000);
+        ws.pause();
+        let reference = mem.reference();
+        // SAFETY: as above.
+        let sync = unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+        assert!(sync.reprotected_chunks > 0, "writes while armed: {sync:?}");
+        assert!(sync.reprotected_chunks <= 64, "{sync:?}");
+        assert!(sync.arm > std::time::Duration::ZERO, "{sync:?}");
+        ws.resume();
+        ws.run_for(50_000);
+        let snap = eng.wait().expect("snapshot");
+        ws.run_for(10_000);
+        ws.stop_and_check();
+        compare(&snap, &reference);
+        assert_eq!(mem.wp_pages(), 0, "protection left behind");
+        assert!(!eng.in_progress());
+    }
+}
+
+#[test]
+fn arm_twice_is_refused_and_disarm_leaves_nothing() {
+    let mem = Mem::new(8, 4, 8, 9);
+    let ws = Writers::start(&mem, 2);
+    ws.anywhere.store(true, Ordering::SeqCst);
+    let eng = engine(2, FaultInjection::default());
+    // SAFETY: `mem` outlives the engine's use of it (disarm / wait below).
+    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    // SAFETY: as above.
+    let err = unsafe { eng.arm(&[mem.region()]) }.expect_err("second arm");
+    assert!(matches!(err, Error::SnapshotInProgress), "{err}");
+    ws.run_for(20_000);
+    eng.disarm();
+    assert!(!eng.in_progress());
+    assert_eq!(mem.wp_pages(), 0, "disarm lifts every protection");
+    ws.run_for(20_000);
+
+    // The next snapshot, armed or not, is exact.
+    ws.pause();
+    let reference = mem.reference();
+    // SAFETY: as above.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    ws.resume();
+    let snap = eng.wait().expect("snapshot");
+    compare(&snap, &reference);
+    ws.stop_and_check();
+    assert_eq!(mem.wp_pages(), 0);
+}
+
+#[test]
+fn armed_begin_with_other_regions_takes_the_full_path() {
+    let mem = Mem::new(4, 2, 4, 11);
+    let other = Mem::new(4, 0, 4, 12);
+    let eng = engine(1, FaultInjection::default());
+    // SAFETY: both outlive the engine's use of them.
+    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    let reference = other.reference();
+    // SAFETY: as above.
+    let sync = unsafe { eng.begin(&[other.region()]) }.expect("begin");
+    assert_eq!(sync.reprotected_chunks, 0);
+    assert_eq!(mem.wp_pages(), 0, "the armed regions were released");
+    let snap = eng.wait().expect("snapshot");
+    compare(&snap, &reference);
+}
+
+#[test]
+fn armed_sync_failure_rolls_back_and_next_succeeds() {
+    let mem = Mem::new(8, 4, 8, 13);
+    let ws = Writers::start(&mem, 2);
+    let eng = engine(
+        2,
+        FaultInjection {
+            fail_sync: true,
+            ..FaultInjection::default()
+        },
+    );
+    // SAFETY: `mem` outlives the engine's use of it.
+    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    ws.run_for(20_000);
+    ws.pause();
+    // SAFETY: as above.
+    let err = unsafe { eng.begin(&[mem.region()]) }.expect_err("injected");
+    assert!(
+        matches!(
+            err,
+            Error::Injected {
+                phase: Phase::Sync,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!eng.in_progress());
+    assert_eq!(mem.wp_pages(), 0);
+    ws.resume();
+    ws.run_for(20_000);
+    ws.stop_and_check();
+}

@@ -213,7 +213,7 @@ impl SnapshotMetrics {
         let s = &self.sync;
         let e = &s.engine;
         let mut out = format!(
-            "{{\"strategy\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"sync_us\":{{\"total\":{},\"pause\":{},\"state_capture\":{},\"checksums\":{},\"begin\":{},\"dest_alloc\":{},\"register\":{},\"write_protect\":{},\"table_init\":{},\"stw_copy\":{},\"spawn\":{},\"resume\":{}}},\"copy_wait_us\":{},\"total_us\":{}",
+            "{{\"strategy\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"sync_us\":{{\"total\":{},\"pause\":{},\"state_capture\":{},\"checksums\":{},\"begin\":{},\"dest_alloc\":{},\"register\":{},\"write_protect\":{},\"table_init\":{},\"stw_copy\":{},\"spawn\":{},\"resume\":{},\"arm\":{}}},\"reprotected_chunks\":{},\"copy_wait_us\":{},\"total_us\":{}",
             self.strategy,
             self.workers,
             self.priority.name(),
@@ -229,6 +229,8 @@ impl SnapshotMetrics {
             us(e.copy),
             us(e.spawn),
             us(s.resume),
+            us(e.arm),
+            e.reprotected_chunks,
             us(self.copy_wait),
             us(self.total),
         );
@@ -272,7 +274,7 @@ impl SnapshotMetrics {
     pub fn summary(&self) -> String {
         let s = &self.sync;
         let mut out = format!(
-            "{} x{}: pause {:?} (pause {:?}, state {:?}, begin {:?} [write-protect {:?}], resume {:?})",
+            "{} x{}: pause {:?} (pause {:?}, state {:?}, begin {:?} [write-protect {:?}, {} chunks armed-then-written], resume {:?}; armed beforehand in {:?})",
             self.strategy,
             self.workers,
             s.total,
@@ -280,7 +282,9 @@ impl SnapshotMetrics {
             s.state_capture,
             s.begin,
             s.engine.write_protect,
-            s.resume
+            s.engine.reprotected_chunks,
+            s.resume,
+            s.engine.arm
         );
         if let Some(m) = &self.engine {
             out.push_str(&format!(
@@ -404,6 +408,16 @@ struct TrackerInner {
     metrics: SnapshotMetrics,
     bytes_written: u64,
     bytes_to_write: u64,
+}
+
+/// Releases an `Engine::arm` that no `begin` consumed (an error between
+/// the two); after `begin` it finds nothing to do.
+struct DisarmOnDrop<'a>(&'a snapshot::Engine);
+
+impl Drop for DisarmOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.disarm();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -584,6 +598,20 @@ impl Vm {
         // The background thread keeps guest RAM mapped until the engine is
         // done with it, even if the VM goes away first.
         let ram = self.memory().clone();
+
+        // Everything in the sync phase that grows with memory (register,
+        // write-protect) happens here while the guest still runs; the pause
+        // then re-protects only what was written in between. Failing to arm
+        // only costs pause time: begin() takes the full path.
+        let _disarm = engine.as_ref().map(|e| DisarmOnDrop(e.as_ref()));
+        if let Some(engine) = &engine {
+            // SAFETY: as for `begin` below (same regions, same mapping kept
+            // alive by `ram`, which lives at least until this function
+            // returns; a disarm on every early return releases it).
+            if let Err(e) = unsafe { engine.arm(&regions) } {
+                tracing::warn!("snapshot: write-protecting ahead of the pause failed ({e}); protecting in the pause instead");
+            }
+        }
 
         // --- Sync phase: the guest is stalled from here to resume().
         let mut sync = SyncPhase::default();
