@@ -535,6 +535,11 @@ impl VmStopper {
 
 /// Internals for the snapshot state code ([`crate::vmstate`]).
 impl Vm {
+    /// The /dev/kvm handle the VM was made with (no new open in the pause).
+    pub(crate) fn kvm_sys(&self) -> &Kvm {
+        &self.kvm
+    }
+
     /// Devices, vCPU control and whether there is an in-kernel irqchip.
     pub(crate) fn state_parts(&self) -> (&IoBus, &VcpuControl, bool) {
         (&self.bus, &self.control, self.irqchip)

@@ -163,8 +163,8 @@ impl Vm {
             None => None,
         };
         let statuses = control.statuses();
-        let kvm_sys = kvm_device::open_kvm().map_err(VmError::from)?;
-        let msr_list = kvm_sys
+        let msr_list = self
+            .kvm_sys()
             .get_msr_index_list()
             .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
         let mut vcpus = Vec::with_capacity(self.vcpu_count());
