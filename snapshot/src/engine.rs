@@ -364,8 +364,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Undoes `arm` when no `begin` follows: protections lifted, handler
-    /// stopped, destination kept for the next snapshot. No-op otherwise.
+    /// Undoes `arm` when no `begin` follows: protections and registrations
+    /// gone, handler stopped, the untouched destination back in the pool
+    /// (with `keep_destination`) or unmapped. No-op when not armed.
     pub fn disarm(&self) {
         if let Some(a) = lock(&self.armed).take() {
             tear_down(&a.shared, a.handler);
