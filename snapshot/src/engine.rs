@@ -115,7 +115,6 @@ use crate::fault_handler;
 use crate::inject::{EnvInjection, FaultInjection};
 use crate::memory::{copy_unit, DestPool, Destination, Pagemap};
 use crate::metrics::{new_histogram, Counters, HandlerStats, Metrics, Progress, SyncMetrics};
-use crate::priority::CopierNice;
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
@@ -553,7 +552,6 @@ impl Engine {
             error: Mutex::new(None),
             handler_nudge: nudge,
             handler_stop: stop,
-            copier_nice: CopierNice::new(),
             armed: AtomicBool::new(armed),
             written_while_armed: Mutex::new(Vec::new()),
         });

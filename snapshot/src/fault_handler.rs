@@ -201,15 +201,12 @@ impl Handler {
             return;
         }
         match sh.table.mark_waiter(chunk) {
-            ChunkState::Copying => {
-                sh.copier_nice.boost();
-                self.parked.push(Parked {
-                    chunk,
-                    address,
-                    kind,
-                    since,
-                });
-            }
+            ChunkState::Copying => self.parked.push(Parked {
+                chunk,
+                address,
+                kind,
+                since,
+            }),
             ChunkState::Failed => {
                 // Failed chunks may still carry protection (rollback lifts
                 // it region-wide, maybe not yet): lift it now.

@@ -38,6 +38,7 @@ mod worker;
 pub use engine::{Config, Engine, Strategy};
 pub use error::{Error, Phase, UffdError};
 pub use inject::FaultInjection;
+pub use memory::Pagemap;
 pub use metrics::{Metrics, Progress, SyncMetrics};
 pub use persist::{write_snapshot, PersistError, SnapshotDir, WriteOptions, WriteProgress};
 pub use priority::BackgroundPriority;

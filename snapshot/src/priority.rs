@@ -10,9 +10,7 @@
 //! Not for the engine's copiers or its fault handler: a vCPU blocked on a
 //! write fault waits for them (for a copier that holds the chunk), so an
 //! idle copier starved by other load becomes the vCPU's stall — priority
-//! inversion, measured at 0.3–1.4 s under load. The copiers instead run at
-//! a high nice value and are lifted back while a vCPU waits on one
-//! ([`CopierNice`]); the fault handler keeps the VMM's priority.
+//! inversion, measured at 0.3–1.4 s under load.
 //!
 //! Threads inherit their creator's policy.
 
@@ -73,101 +71,6 @@ pub fn apply_to_current_thread(priority: BackgroundPriority) -> io::Result<()> {
     Ok(())
 }
 
-/// How far below the VMM's own threads the engine's copiers run.
-///
-/// A copier and a vCPU sharing a core at equal priority split it: measured
-/// at 8 GiB on 2 cores, the guest then waited out copiers' time slices
-/// (runnable but not running for 2–7 ms) and the fault handler's wake-ups
-/// (fault p99 3.0–3.5 ms). At nice +19 the vCPUs and the fault handler win
-/// every contended core (fault p99 0.5–1.6 ms) and the copy still ran at
-/// 8.5–10.5 GiB/s, because a copier gets any core the guest leaves idle.
-pub const COPIER_NICE_DELTA: i32 = 19;
-
-fn thread_nice(tid: libc::pid_t) -> io::Result<i32> {
-    // SAFETY: clears this thread's errno before a call whose -1 return is
-    // also a valid nice value.
-    unsafe { *libc::__errno_location() = 0 };
-    // SAFETY: PRIO_PROCESS with a thread id (0 = the caller); no pointers.
-    let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
-    // SAFETY: reads this thread's errno.
-    if now == -1 && unsafe { *libc::__errno_location() } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(now)
-}
-
-fn set_thread_nice(tid: libc::pid_t, nice: i32) -> io::Result<()> {
-    // SAFETY: PRIO_PROCESS with a thread id (0 = the caller); no pointers.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The copiers' priority: lowered while they copy in the background, lifted
-/// back to the VMM's own while a vCPU waits on a chunk one of them holds —
-/// priority inheritance by hand, so a low-priority copier never becomes the
-/// vCPU's stall (idle copiers did: 0.3–1.4 s fault waits under load).
-/// Lifting needs CAP_SYS_NICE (or RLIMIT_NICE); without it the copier
-/// still runs whenever the waiting vCPU's core is otherwise idle.
-#[derive(Debug)]
-pub(crate) struct CopierNice {
-    base: i32,
-    tids: std::sync::Mutex<Vec<libc::pid_t>>,
-    boosts: std::sync::atomic::AtomicU64,
-}
-
-impl CopierNice {
-    /// Takes the calling thread's nice value as the level to lift back to.
-    pub(crate) fn new() -> CopierNice {
-        CopierNice {
-            base: thread_nice(0).unwrap_or(0),
-            tids: std::sync::Mutex::new(Vec::new()),
-            boosts: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn tids(&self) -> std::sync::MutexGuard<'_, Vec<libc::pid_t>> {
-        match self.tids.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    /// Called by a copier thread before it copies: registers it and lowers
-    /// it. Returns the boost generation it has seen.
-    pub(crate) fn enter(&self) -> u64 {
-        // SAFETY: gettid has no arguments and cannot fail.
-        let tid = unsafe { libc::gettid() };
-        self.tids().push(tid);
-        let seen = self.boosts.load(std::sync::atomic::Ordering::Acquire);
-        let _ = set_thread_nice(0, (self.base + COPIER_NICE_DELTA).min(19));
-        seen
-    }
-
-    /// Called by a copier between chunks: lowers it again after a boost.
-    pub(crate) fn settle(&self, seen: &mut u64) {
-        let now = self.boosts.load(std::sync::atomic::Ordering::Acquire);
-        if now != *seen {
-            *seen = now;
-            let _ = set_thread_nice(0, (self.base + COPIER_NICE_DELTA).min(19));
-        }
-    }
-
-    /// A vCPU waits on a copier: lift every copier to the base level until
-    /// it finishes its chunk.
-    pub(crate) fn boost(&self) {
-        self.boosts
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        for &tid in self.tids().iter() {
-            if let Err(e) = set_thread_nice(tid, self.base) {
-                tracing::debug!("cannot lift copier {tid} to nice {}: {e}", self.base);
-            }
-        }
-    }
-}
-
 /// The calling thread's scheduling policy (for tests).
 pub fn current_policy() -> io::Result<i32> {
     // SAFETY: pid 0 names the calling thread; no pointers are passed.
@@ -212,43 +115,5 @@ mod tests {
             "fast".parse::<BackgroundPriority>(),
             Err("unknown background priority 'fast' (expected idle or normal)".to_string())
         );
-    }
-
-    #[test]
-    fn copiers_run_lowered_and_are_lifted_back_while_waited_on() {
-        let nice = CopierNice::new();
-        let base = thread_nice(0).expect("nice");
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        std::thread::scope(|s| {
-            let nice = &nice;
-            let copier = s.spawn(move || {
-                let mut seen = nice.enter();
-                let lowered = thread_nice(0).expect("nice");
-                // SAFETY: no arguments.
-                tid_tx.send(unsafe { libc::gettid() }).expect("send");
-                go_rx.recv().expect("boosted");
-                let boosted = thread_nice(0).expect("nice");
-                nice.settle(&mut seen);
-                (lowered, boosted, thread_nice(0).expect("nice"))
-            });
-            let _tid = tid_rx.recv().expect("tid");
-            nice.boost();
-            go_tx.send(()).expect("go");
-            let (lowered, boosted, again) = copier.join().expect("copier");
-            let low = (base + COPIER_NICE_DELTA).min(19);
-            assert_eq!(lowered, low);
-            // Lifting back needs CAP_SYS_NICE; CI runs as root.
-            if nix_is_root() {
-                assert_eq!(boosted, base, "lifted while waited on");
-            }
-            assert_eq!(again, low, "lowered again after the chunk");
-        });
-        assert_eq!(thread_nice(0).expect("nice"), base, "caller untouched");
-    }
-
-    fn nix_is_root() -> bool {
-        // SAFETY: no arguments.
-        unsafe { libc::geteuid() == 0 }
     }
 }

@@ -11,7 +11,6 @@ use crate::eventfd::EventFd;
 use crate::inject::FaultInjection;
 use crate::memory::{copy_unit, Destination, Pagemap};
 use crate::metrics::Counters;
-use crate::priority::CopierNice;
 use crate::region::{Layout, CHUNK_SIZE, PAGE_SIZE};
 use crate::uffd::Uffd;
 
@@ -47,8 +46,6 @@ pub(crate) struct Shared {
     pub handler_nudge: EventFd,
     /// Supervisor → handler: registrations are gone, drain and exit.
     pub handler_stop: EventFd,
-    /// The copiers' priority (lowered; lifted while a vCPU waits on one).
-    pub copier_nice: CopierNice,
     /// Between `Engine::arm` and the pause: the fork instant has not come,
     /// so a write fault just lifts its chunk's protection and notes it.
     pub armed: AtomicBool,
@@ -264,7 +261,6 @@ impl Shared {
             return;
         }
         if self.table.state(i) == ChunkState::Copying {
-            self.copier_nice.boost();
             self.table.wait_settled(i);
         }
     }

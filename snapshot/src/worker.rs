@@ -17,7 +17,6 @@ pub(crate) fn run(shared: Arc<Shared>) {
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
     }
-    let mut seen = shared.copier_nice.enter();
     while !shared.is_aborted() {
         let Some(i) = shared.table.claim_next() else {
             break;
@@ -27,6 +26,5 @@ pub(crate) fn run(shared: Arc<Shared>) {
         if !shared.copy_claimed(i, Copier::Worker) {
             break;
         }
-        shared.copier_nice.settle(&mut seen);
     }
 }

@@ -158,6 +158,12 @@ pub fn checksum(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
 
+/// `checksum` of a chunk fed in pieces: `checksum_append(checksum(a), b)
+/// == checksum(a ++ b)`, starting from 0.
+pub fn checksum_append(crc: u32, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, bytes)
+}
+
 /// Serialises a state file. The header must be valid (`Header::validate`).
 pub fn encode(header: &Header, blob: &[u8]) -> Vec<u8> {
     let c = header.chunks.len();
@@ -356,6 +362,14 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Vec<u8>), DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checksum_in_pieces_equals_checksum_of_the_whole() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (a, b) = data.split_at(4096);
+        assert_eq!(checksum_append(checksum_append(0, a), b), checksum(&data));
+        assert_eq!(checksum_append(checksum(a), b), checksum(&data));
+    }
 
     fn sample() -> Header {
         Header {
