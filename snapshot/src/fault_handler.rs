@@ -59,6 +59,11 @@ struct Parked {
 }
 
 pub(crate) fn run(shared: Arc<Shared>) -> HandlerStats {
+    if let Err(e) =
+        crate::priority::adjust_current_thread(crate::priority::FAULT_HANDLER_NICE_DELTA)
+    {
+        tracing::debug!("fault handler keeps the VMM's priority: {e}");
+    }
     let mut h = Handler {
         shared,
         stats: HandlerStats::new(),
