@@ -53,6 +53,22 @@ fn secs(w: &Window) -> (f64, f64) {
     (w.start_ns as f64 / 1e9, w.end_ns as f64 / 1e9)
 }
 
+/// The series legend, drawn the same way on every plot.
+fn draw_legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>) -> std::result::Result<(), String>
+where
+    DB: DrawingBackend + 'a,
+    CT: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 12))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|x| x.to_string())
+}
+
 fn err(path: &Path) -> impl Fn(String) -> BenchError + '_ {
     move |message| BenchError::Plot {
         path: path.to_path_buf(),
@@ -133,14 +149,7 @@ fn grid(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
             .map_err(|x| e(x.to_string()))?
             .label(p.p99_label)
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLUE));
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 12))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(|x| e(x.to_string()))?;
+        draw_legend(&mut chart).map_err(&e)?;
     }
     root.present().map_err(|x| e(x.to_string()))
 }
@@ -198,14 +207,7 @@ fn lines(
             )
             .map_err(|x| e(x.to_string()))?;
     }
-    chart
-        .configure_series_labels()
-        .label_font((FONT, 12))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
+    draw_legend(&mut chart).map_err(&e)?;
     root.present().map_err(|x| e(x.to_string()))
 }
 

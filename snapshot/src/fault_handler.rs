@@ -158,12 +158,7 @@ impl Handler {
                         phase: Phase::FaultPath,
                         what: format!("fault handler: {}", panic_message(p)),
                     });
-                    for r in self.shared.layout.regions() {
-                        let _ = self
-                            .shared
-                            .uffd
-                            .write_protect(r.host_addr, r.len, false, false);
-                    }
+                    self.shared.lift_all_protection();
                     self.resolve(address, kind, since);
                 }
             }

@@ -138,9 +138,15 @@ impl Shared {
             // The writer must not stay blocked: lift everything and fail;
             // `begin` sees the abort and rolls back.
             self.fail(e);
-            for r in self.layout.regions() {
-                let _ = self.uffd.write_protect(r.host_addr, r.len, false, false);
-            }
+            self.lift_all_protection();
+        }
+    }
+
+    /// Rollback's last resort: every region unprotected (one ioctl each,
+    /// waking blocked writers), errors ignored.
+    pub fn lift_all_protection(&self) {
+        for r in self.layout.regions() {
+            let _ = self.uffd.write_protect(r.host_addr, r.len, false, false);
         }
     }
 

@@ -95,9 +95,7 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
         // Rollback: nobody starts a new copy, then every remaining
         // protection goes (one ioctl per region), waking blocked writers.
         table.fail_unclaimed();
-        for r in shared.layout.regions() {
-            let _ = shared.uffd.write_protect(r.host_addr, r.len, false, false);
-        }
+        shared.lift_all_protection();
     } else {
         shared.all_copied.store(true, Ordering::Release);
     }
