@@ -22,7 +22,10 @@ pub use self::vcpu::VcpuState;
 
 /// Version of [`VmState`]'s layout; bump on any change to these structs.
 /// 2: the virtio-vsock device state.
-pub const VMSTATE_VERSION: u32 = 2;
+/// 3: the vsock device wakes a sleeping guest only past the `used_event` it
+///    set (`process_queues`); a version-2 guest never sets it, so it would
+///    sleep through its replies' arrival (same layout, new contract).
+pub const VMSTATE_VERSION: u32 = 3;
 
 /// First bytes of an encoded state blob.
 pub const VMSTATE_MAGIC: [u8; 8] = *b"SVMSTATE";

@@ -175,6 +175,25 @@ impl VirtQueue {
         }
     }
 
+    /// Asks the device to wake us when it next returns a buffer, by
+    /// setting used_event (EVENT_IDX) to the next used index we will read.
+    /// The caller must fence (SeqCst) and look at [`VirtQueue::has_used`]
+    /// again before it sleeps: the device may have returned one just
+    /// before it saw the request. Left as is once awake, the mark is
+    /// passed and the device does not wake a polling guest again.
+    pub fn request_wake(&mut self) {
+        // SAFETY: used_event follows the avail ring's `size` elements,
+        // inside its allocation.
+        unsafe { write_volatile(self.avail.add(2 + usize::from(self.size)), self.last_used) };
+    }
+
+    /// Whether the device has returned a buffer we have not taken yet.
+    pub fn has_used(&self) -> bool {
+        // SAFETY: used.idx is the second u16 of the used ring.
+        let idx = unsafe { read_volatile(self.used.add(2).cast::<u16>()) };
+        idx != self.last_used
+    }
+
     /// The next buffer the device is done with: (id, bytes written).
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
         // SAFETY: used.idx is the second u16 of the used ring.

@@ -6,6 +6,8 @@ pub use snapvm_guest::vsock_wire::{
     OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
 };
 
+use core::sync::atomic::{fence, Ordering};
+
 use super::mmio::{self, Mmio};
 use super::queue::{NoMemory, VirtQueue};
 
@@ -182,6 +184,29 @@ impl Vsock {
         buf[HDR_LEN..HDR_LEN + payload.len()].copy_from_slice(payload);
         self.tx.push(id, HDR_LEN + payload.len());
         true
+    }
+
+    /// Asks the device to wake us (see `VirtQueue::request_wake`) when a
+    /// packet or an event arrives, or a TX buffer comes back while none
+    /// is free; returns false if one already has, so the caller must not
+    /// sleep. Call after [`Vsock::flush`].
+    pub fn request_wake(&mut self) -> bool {
+        self.rx.request_wake();
+        if let Some(ev) = &mut self.ev {
+            ev.request_wake();
+        }
+        let tx_starved = self.tx_free.is_empty();
+        if tx_starved {
+            self.tx.request_wake();
+        }
+        // Our used_event stores before the device's used.idx loads, as the
+        // device orders its used.idx store before its used_event load: one
+        // of the two sides sees the other (spec 2.7.10).
+        fence(Ordering::SeqCst);
+        let arrived = self.rx.has_used()
+            || self.ev.as_ref().is_some_and(VirtQueue::has_used)
+            || (tx_starved && self.tx.has_used());
+        !arrived
     }
 
     /// Publishes queued TX packets and recycled RX buffers, notifying the

@@ -145,6 +145,9 @@ impl Backend {
         {
             c.readable = true;
         }
+        if events.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+            c.hang_up_seen = true;
+        }
         if events.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
             c.writable = true;
             if c.flush().is_err() {

@@ -31,6 +31,9 @@ pub struct HostConn {
     pub readable: bool,
     /// The host side hit EOF or an error; the guest must be told once.
     pub host_closed: bool,
+    /// Epoll reported a hang-up or error: read to EOF, since the FIN
+    /// behind a short read raises no further edge.
+    pub hang_up_seen: bool,
     // Guest -> host.
     pub pending_out: Vec<u8>,
     pub writable: bool,
@@ -58,6 +61,7 @@ impl HostConn {
             rx_cnt: Wrapping(0),
             readable: true,
             host_closed: false,
+            hang_up_seen: false,
             pending_out: Vec::new(),
             writable: true,
             fwd_cnt: Wrapping(0),
@@ -117,8 +121,15 @@ impl HostConn {
         (self.fwd_cnt - self.last_fwd_sent).0 >= BUF_ALLOC / 2
     }
 
-    /// Reads at most `max` bytes; Ok(0) with `readable` cleared means
-    /// nothing to read now, Ok(0) with `host_closed` set means EOF.
+    /// Reads at most `buf.len()` bytes; Ok(0) with `readable` cleared
+    /// means nothing to read now, Ok(0) with `host_closed` set means EOF.
+    ///
+    /// A short read also clears `readable`: a stream socket returns less
+    /// than asked only when its receive queue ran dry (epoll(7)), and data
+    /// arriving after that raises a new edge. Without this every request
+    /// cost a second recv that only returned EAGAIN (half of the device
+    /// thread's recv calls under redis-benchmark). Not after a hang-up:
+    /// the EOF waiting behind the data raises no new edge.
     pub fn read_host(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.stream.read(buf) {
@@ -127,7 +138,12 @@ impl HostConn {
                     self.readable = false;
                     return Ok(0);
                 }
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    if n < buf.len() && !self.hang_up_seen {
+                        self.readable = false;
+                    }
+                    return Ok(n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
                     return Ok(0);

@@ -515,8 +515,16 @@ impl Worker {
     }
 }
 
-/// One round of events, TX then RX; true if the guest has new used
-/// buffers. RX waits while a transport reset is owed or unacknowledged.
+/// One round of events, TX then RX; true if the guest asked to hear about
+/// the used buffers this round added.
+///
+/// The guest polls its rings and wants no interrupts, but before it
+/// sleeps in the VMM (`PORT_WAIT`) it sets `used_event` of the queues it
+/// waits on (VIRTIO_F_EVENT_IDX) and looks once more. Waking it only when
+/// a used index crosses that mark keeps the wake (a futex call here, and a
+/// stale wake-up that makes the guest's next sleep return at once) off
+/// the per-request path while the guest is awake and polling.
+/// RX waits while a transport reset is owed or unacknowledged.
 pub fn process_queues(
     backend: &mut Backend,
     mem: &GuestMemoryMmap,
@@ -526,12 +534,17 @@ pub fn process_queues(
     let [rxq, txq, evq, ..] = t.queues.as_mut_slice() else {
         return Ok(false);
     };
-    let mut used = reset.advance(mem, evq)?;
-    if txq.ready() {
-        used |= backend.process_tx(mem, txq)?;
+    let ev_used = reset.advance(mem, evq)?;
+    let tx_used = txq.ready() && backend.process_tx(mem, txq)?;
+    let rx_used = rxq.ready() && !reset.blocks_rx() && backend.process_rx(mem, rxq)?;
+    let mut wake = false;
+    for (q, used) in [(evq, ev_used), (txq, tx_used), (rxq, rx_used)] {
+        // Only after add_used: without EVENT_IDX this is always true.
+        if used {
+            wake |= q
+                .needs_notification(mem)
+                .map_err(|e| Broken(format!("used_event: {e}")))?;
+        }
     }
-    if rxq.ready() && !reset.blocks_rx() {
-        used |= backend.process_rx(mem, rxq)?;
-    }
-    Ok(used)
+    Ok(wake)
 }

@@ -165,15 +165,16 @@ fn rx_buffer_too_small_or_read_only_breaks_the_device() {
     assert!(b.process_rx(&mem, &mut rxq).is_err());
 }
 
-/// Device state capture and restore, and the transport reset a restored
-/// device owes the guest, on a hand-driven transport over host memory.
-mod snapshot {
+/// On a hand-driven transport over host memory: device state capture and
+/// restore, the transport reset a restored device owes the guest, when the
+/// guest is woken, and host sockets through a real epoll.
+mod driven {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::super::backend::{Backend, GUEST_CID};
     use super::super::device::{process_queues, VsockDevice};
     use super::super::host::HostStream;
-    use super::super::packet::{Header, HDR_LEN, OP_REQUEST};
+    use super::super::packet::{Header, HDR_LEN, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW};
     use super::super::state::{ResetEvent, VsockState, EVENT_LEN, EVENT_TRANSPORT_RESET};
     use crate::devices::virtio::mmio::{self, MmioEvent, MmioTransport};
 
@@ -445,5 +446,156 @@ mod snapshot {
         assert!(process_queues(&mut backend, &mem, &mut t, &mut reset).expect("round"));
         assert_eq!(reset, ResetEvent::Done);
         assert_eq!(used_idx(&mem, 0), 1);
+    }
+
+    /// A TX packet from the guest's KV port to host port `port`.
+    fn guest_sends(mem: &GuestMemoryMmap, slot: u16, op: u16, port: u32) {
+        let h = Header {
+            src_cid: GUEST_CID,
+            dst_cid: super::super::packet::HOST_CID,
+            src_port: super::super::backend::KV_PORT,
+            dst_port: port,
+            type_: super::super::packet::TYPE_STREAM,
+            op,
+            buf_alloc: 64 * 1024,
+            ..Header::default()
+        };
+        let i = slot % SIZES[1];
+        let addr = DATA + 0x1000 + 0x100 * u64::from(i);
+        mem.write_slice(&h.encode(), GuestAddress(addr))
+            .expect("tx packet");
+        let at = GuestAddress(desc_at(1) + 16 * u64::from(i));
+        mem.write_obj(addr, at).expect("desc addr");
+        mem.write_obj(HDR_LEN as u32, GuestAddress(at.0 + 8))
+            .expect("desc len");
+        mem.write_obj(0u16, GuestAddress(at.0 + 12))
+            .expect("desc flags");
+        mem.write_obj(i, GuestAddress(avail_at(1) + 4 + 2 * u64::from(i)))
+            .expect("ring");
+        set_avail_idx(mem, 1, slot + 1);
+    }
+
+    fn set_used_event(mem: &GuestMemoryMmap, q: usize, v: u16) {
+        mem.write_obj(v, GuestAddress(avail_at(q) + 4 + 2 * u64::from(SIZES[q])))
+            .expect("used_event");
+    }
+
+    /// RX packets `from..to` as (op, payload).
+    fn rx_packets(mem: &GuestMemoryMmap, from: u16, to: u16) -> Vec<(u16, Vec<u8>)> {
+        (from..to)
+            .map(|slot| {
+                let (id, len) = used_elem(mem, 0, slot);
+                let addr = DATA + 0x100 * u64::from(id);
+                let mut buf = vec![0u8; len as usize];
+                mem.read_slice(&mut buf, GuestAddress(addr)).expect("rx");
+                let mut h = [0u8; HDR_LEN];
+                h.copy_from_slice(&buf[..HDR_LEN]);
+                let hdr = Header::decode(&h);
+                (hdr.op, buf[HDR_LEN..].to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn guest_is_woken_only_past_the_used_event_it_set() {
+        use std::os::unix::net::UnixStream;
+        let mem = memory();
+        let mut t = driven_transport();
+        let mut reset = ResetEvent::Done;
+        let (mut backend, _peer) = backend_with_connection();
+        let (a, _b) = UnixStream::pair().expect("socketpair");
+        backend
+            .add_host_stream(HostStream::Unix(a))
+            .expect("second stream");
+        for i in 0..SIZES[0] {
+            post(&mem, 0, i, i, 0x100);
+        }
+        set_avail_idx(&mem, 0, SIZES[0]);
+        // A polling guest: its mark (5) is not reached by two requests.
+        set_used_event(&mem, 0, 5);
+        assert!(!process_queues(&mut backend, &mem, &mut t, &mut reset).expect("round"));
+        assert_eq!(used_idx(&mem, 0), 2, "the buffers are used all the same");
+        // About to sleep after taking both: the next buffer must wake it.
+        set_used_event(&mem, 0, 2);
+        let (c, _d) = UnixStream::pair().expect("socketpair");
+        backend.add_host_stream(HostStream::Unix(c)).expect("third");
+        assert!(process_queues(&mut backend, &mem, &mut t, &mut reset).expect("round"));
+        assert_eq!(used_idx(&mem, 0), 3);
+        // Awake again and polling: its old mark is behind, no more wakes.
+        let (e, _f) = UnixStream::pair().expect("socketpair");
+        backend
+            .add_host_stream(HostStream::Unix(e))
+            .expect("fourth");
+        assert!(!process_queues(&mut backend, &mem, &mut t, &mut reset).expect("round"));
+        assert_eq!(used_idx(&mem, 0), 4);
+    }
+
+    /// A host TCP client through a real epoll: data then EOF reach the
+    /// guest, whether the EOF comes with the data or after the device has
+    /// read it (short reads clear `readable`, so the EOF must raise a new
+    /// edge or be seen as a hang-up with the data).
+    #[test]
+    fn host_data_then_eof_reach_the_guest_through_epoll() {
+        use std::io::Write;
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::Arc;
+        use vmm_sys_util::epoll::{Epoll, EpollEvent};
+
+        for eof_with_data in [true, false] {
+            let mem = memory();
+            let mut t = driven_transport();
+            let mut reset = ResetEvent::Done;
+            let epoll = Arc::new(Epoll::new().expect("epoll"));
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let mut client =
+                TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            server.set_nonblocking(true).expect("nonblocking");
+            let mut backend = Backend::new(Some(epoll.clone()));
+            backend.set_next_port(5000);
+            let port = backend
+                .add_host_stream(HostStream::Tcp(server))
+                .expect("add stream");
+            let mut events = vec![EpollEvent::default(); 8];
+            let mut round =
+                |backend: &mut Backend, t: &mut MmioTransport, reset: &mut ResetEvent| {
+                    let n = epoll.wait(1000, &mut events).expect("epoll");
+                    for ev in &events[..n] {
+                        let p = ev
+                            .data()
+                            .saturating_sub(super::super::backend::TOKEN_CONN_BASE);
+                        backend.socket_event(p as u32, ev.event_set());
+                    }
+                    process_queues(backend, &mem, t, reset).expect("round");
+                    n
+                };
+            for i in 0..SIZES[0] {
+                post(&mem, 0, i, i, 0x100);
+            }
+            set_avail_idx(&mem, 0, SIZES[0]);
+            round(&mut backend, &mut t, &mut reset);
+            assert_eq!(rx_packets(&mem, 0, 1), vec![(OP_REQUEST, vec![])]);
+            guest_sends(&mem, 0, OP_RESPONSE, port);
+            process_queues(&mut backend, &mem, &mut t, &mut reset).expect("response");
+
+            client.write_all(b"PING\r\n").expect("send");
+            if eof_with_data {
+                drop(client);
+                round(&mut backend, &mut t, &mut reset);
+            } else {
+                round(&mut backend, &mut t, &mut reset);
+                assert_eq!(used_idx(&mem, 0), 2, "the data alone");
+                drop(client);
+                assert!(
+                    round(&mut backend, &mut t, &mut reset) > 0,
+                    "no edge for the EOF"
+                );
+            }
+            assert_eq!(
+                rx_packets(&mem, 1, used_idx(&mem, 0)),
+                vec![(OP_RW, b"PING\r\n".to_vec()), (OP_RST, vec![])],
+                "eof_with_data={eof_with_data}"
+            );
+        }
     }
 }
