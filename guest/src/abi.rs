@@ -106,7 +106,31 @@ pub struct ProbeSlot {
     pub max_gap_tsc: u64,
     /// TSC value of the last iteration.
     pub last_tsc: u64,
-    pub _reserved: [u64; 5],
+    /// Gaps logged so far: gap `n` is `ProbeBlock::gap_log[cpu][n %
+    /// GAP_LOG_LEN]`, written before this count moves past it.
+    pub gap_count: u64,
+    pub _reserved: [u64; 4],
+}
+
+impl ProbeSlot {
+    pub const EMPTY: ProbeSlot = ProbeSlot {
+        heartbeat: 0,
+        max_gap_tsc: 0,
+        last_tsc: 0,
+        gap_count: 0,
+        _reserved: [0; 4],
+    };
+}
+
+/// Gaps each vCPU keeps in its ring of [`ProbeBlock::gap_log`].
+pub const GAP_LOG_LEN: usize = 64;
+
+/// One logged main-loop gap: the iterations that ended and resumed it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GapRecord {
+    pub start_tsc: u64,
+    pub end_tsc: u64,
 }
 
 /// Shared memory block the guest registers through [`PORT_PROBE_ADDR`].
@@ -118,6 +142,27 @@ pub struct ProbeBlock {
     pub cpus: u64,
     /// TSC frequency in kHz the guest uses to convert ticks.
     pub tsc_khz: u64,
-    pub _reserved: [u64; 5],
+    /// Gaps at least this long (TSC ticks) go into `gap_log`, so a reader
+    /// can tell *when* a stall happened, e.g. whether it spans a snapshot's
+    /// pause (0: nothing is logged).
+    pub gap_log_min_tsc: u64,
+    pub _reserved: [u64; 4],
     pub slots: [ProbeSlot; MAX_CPUS],
+    pub gap_log: [[GapRecord; GAP_LOG_LEN]; MAX_CPUS],
+}
+
+impl ProbeBlock {
+    /// All zero: not registered yet (no magic).
+    pub const EMPTY: ProbeBlock = ProbeBlock {
+        magic: 0,
+        cpus: 0,
+        tsc_khz: 0,
+        gap_log_min_tsc: 0,
+        _reserved: [0; 4],
+        slots: [ProbeSlot::EMPTY; MAX_CPUS],
+        gap_log: [[GapRecord {
+            start_tsc: 0,
+            end_tsc: 0,
+        }; GAP_LOG_LEN]; MAX_CPUS],
+    };
 }

@@ -88,6 +88,13 @@ pub struct Row {
     pub copy_gap_us: f64,
     /// Largest probe gap while persisting (after the copy).
     pub persist_gap_us: f64,
+    /// The guest's own stall across the pause: its logged main-loop gap
+    /// that contains the guest-TSC instant captured in the pause, and how
+    /// much of it came before and after that instant (µs; None if no logged
+    /// gap did, e.g. the log lapped the reader).
+    pub fork_stall_us: Option<(f64, f64, f64)>,
+    /// Gap records the guest overwrote before they were read.
+    pub gaps_lost: u64,
     /// Length of the no-snapshot window.
     pub baseline: Duration,
     /// Request until persisted.
@@ -162,7 +169,7 @@ impl Row {
     pub fn to_json(&self) -> String {
         let (faults, p50, p99, max) = self.faults();
         format!(
-            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"destination\":\"{}\",\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
+            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"destination\":\"{}\",\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"guest_stall_at_fork_us\":{},\"guest_stall_at_fork_before_after_us\":{},\"gaps_lost\":{},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
             self.memory_size,
             self.backing.name(),
             self.mode,
@@ -174,6 +181,13 @@ impl Row {
             self.guest_pause_us,
             self.copy_gap_us,
             self.persist_gap_us,
+            self.fork_stall_us
+                .map_or_else(|| "null".to_string(), |v| format!("{:.1}", v.0)),
+            self.fork_stall_us.map_or_else(
+                || "null".to_string(),
+                |v| format!("[{:.1},{:.1}]", v.1, v.2)
+            ),
+            self.gaps_lost,
             us(self.engine_pause()),
             us(self.copy()),
             self.copy_gib_s(),
@@ -196,13 +210,13 @@ impl Row {
 /// The Markdown table of `rows`.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| RAM | backing | mode | workers | priority | dest | noise floor (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | persist (ms) | total (ms) | faults | fault p50 / p99 / max (µs) | peak RSS (MiB) |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| RAM | backing | mode | workers | priority | dest | noise floor (µs) | guest stall across the pause (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | persist (ms) | total (ms) | faults | fault p50 / p99 / max (µs) | peak RSS (MiB) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows {
         let (faults, p50, p99, max) = r.faults();
         out.push_str(&format!(
-            "| {} GiB | {} | {} | {} | {} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
+            "| {} GiB | {} | {} | {} | {} | {} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
             r.memory_size as f64 / (1u64 << 30) as f64,
             r.backing.name(),
             r.mode,
@@ -210,6 +224,8 @@ pub fn markdown(rows: &[Row]) -> String {
             r.priority.name(),
             if r.warm { "warm" } else { "cold" },
             r.noise_us,
+            r.fork_stall_us
+                .map_or_else(|| "–".to_string(), |v| format!("{:.0}", v.0)),
             r.guest_pause_us,
             r.copy_gap_us,
             r.persist_gap_us,
@@ -407,12 +423,17 @@ fn one(
         workers,
         source,
     };
+    let mut cursors = Vec::new();
+    // Everything logged before the request is not this snapshot's.
+    vm.probe_gaps(&mut cursors)?;
+    let mut gaps = crate::vm::ProbeGaps::default();
     let handle = vm.snapshot(req).map_err(err)?;
     // Split the window where the memory copy ends (the engine is done with
     // guest RAM, so the reset write is not part of the snapshot): stalls
     // of the sync phase and the copy vs. stalls while persisting.
     let mut copy_gap_us = None;
     let waited = loop {
+        gaps.extend(vm.probe_gaps(&mut cursors)?);
         if let Some(r) = handle.wait_timeout(Duration::from_millis(1)) {
             break r;
         }
@@ -436,6 +457,7 @@ fn one(
         }
     }
     let metrics = waited.map_err(err)?;
+    let fork_stall_us = metrics.sync.guest_tsc.and_then(|tsc| gaps.spanning_us(tsc));
     Ok(Row {
         memory_size: p.memory_size,
         backing: p.backing,
@@ -447,6 +469,8 @@ fn one(
         guest_pause_us,
         copy_gap_us,
         persist_gap_us,
+        fork_stall_us,
+        gaps_lost: gaps.lost,
         baseline: p.baseline,
         window,
         passes_per_s_baseline: baseline_rate,

@@ -10,7 +10,7 @@ use core::cell::UnsafeCell;
 use core::ptr::addr_of_mut;
 use core::sync::atomic::{fence, Ordering};
 
-use snapvm_guest::abi::{ProbeBlock, ProbeSlot, MAX_CPUS, PROBE_MAGIC};
+use snapvm_guest::abi::{GapRecord, ProbeBlock, ProbeSlot, GAP_LOG_LEN, MAX_CPUS, PROBE_MAGIC};
 
 use super::tsc::rdtsc;
 
@@ -20,20 +20,12 @@ struct Probe(UnsafeCell<ProbeBlock>);
 // go through volatile raw-pointer reads/writes, never references.
 unsafe impl Sync for Probe {}
 
-const EMPTY_SLOT: ProbeSlot = ProbeSlot {
-    heartbeat: 0,
-    max_gap_tsc: 0,
-    last_tsc: 0,
-    _reserved: [0; 5],
-};
+/// Smallest gap logged, in microseconds: above a loop iteration (a few µs
+/// to tens of µs), far below the stalls worth placing in time; the reader
+/// polls every millisecond, so the 64-entry ring cannot lap it.
+const GAP_LOG_MIN_US: u64 = 50;
 
-static PROBE: Probe = Probe(UnsafeCell::new(ProbeBlock {
-    magic: 0,
-    cpus: 0,
-    tsc_khz: 0,
-    _reserved: [0; 5],
-    slots: [EMPTY_SLOT; MAX_CPUS],
-}));
+static PROBE: Probe = Probe(UnsafeCell::new(ProbeBlock::EMPTY));
 
 /// Fills in the header (magic last, so a reader never sees a half-written
 /// block) and returns the block's physical address (< 4 GiB: it is in the
@@ -45,6 +37,7 @@ pub fn init(cpus: u32, tsc_khz: u64) -> u32 {
     unsafe {
         addr_of_mut!((*block).cpus).write_volatile(u64::from(cpus));
         addr_of_mut!((*block).tsc_khz).write_volatile(tsc_khz);
+        addr_of_mut!((*block).gap_log_min_tsc).write_volatile(GAP_LOG_MIN_US * tsc_khz / 1000);
         fence(Ordering::Release);
         addr_of_mut!((*block).magic).write_volatile(PROBE_MAGIC);
     }
@@ -54,6 +47,10 @@ pub fn init(cpus: u32, tsc_khz: u64) -> u32 {
 /// One CPU's writer for its slot.
 pub struct Heartbeat {
     slot: *mut ProbeSlot,
+    log: *mut [GapRecord; GAP_LOG_LEN],
+    /// Gaps at least this long are logged (0: none).
+    log_min: u64,
+    logged: u64,
     count: u64,
     last: u64,
 }
@@ -62,26 +59,39 @@ impl Heartbeat {
     /// `cpu` must be below `MAX_CPUS` and owned by the caller.
     pub fn new(cpu: usize) -> Self {
         let cpu = cpu.min(MAX_CPUS - 1);
-        // SAFETY: cpu < MAX_CPUS, so the slot is inside the static block;
-        // no reference is created.
-        let slot = unsafe { addr_of_mut!((*PROBE.0.get()).slots[cpu]) };
+        // SAFETY: cpu < MAX_CPUS, so the slot and the ring are inside the
+        // static block; no reference is created; the header was written
+        // by `init` before any CPU beats.
+        let (slot, log, log_min) = unsafe {
+            let block = PROBE.0.get();
+            (
+                addr_of_mut!((*block).slots[cpu]),
+                addr_of_mut!((*block).gap_log[cpu]),
+                addr_of_mut!((*block).gap_log_min_tsc).read_volatile(),
+            )
+        };
         let now = rdtsc();
         // SAFETY: the slot belongs to this CPU alone.
-        unsafe { addr_of_mut!((*slot).last_tsc).write_volatile(now) };
+        let logged = unsafe {
+            addr_of_mut!((*slot).last_tsc).write_volatile(now);
+            addr_of_mut!((*slot).gap_count).read_volatile()
+        };
         Self {
             slot,
+            log,
+            log_min,
+            logged,
             count: 0,
             last: now,
         }
     }
 
-    /// One main-loop iteration: count it and track the largest gap.
+    /// Tracks the gap that ended at `now` (largest so far, and the log).
     #[inline(always)]
-    pub fn beat(&mut self) {
-        let now = rdtsc();
-        let gap = now.wrapping_sub(self.last);
+    fn record_gap(&mut self, now: u64) {
+        let start = self.last;
+        let gap = now.wrapping_sub(start);
         self.last = now;
-        self.count += 1;
         // SAFETY: the slot belongs to this CPU (see `new`); volatile because
         // the VMM reads it and may reset max_gap_tsc concurrently.
         unsafe {
@@ -90,8 +100,32 @@ impl Heartbeat {
                 max_gap.write_volatile(gap);
             }
             addr_of_mut!((*self.slot).last_tsc).write_volatile(now);
-            addr_of_mut!((*self.slot).heartbeat).write_volatile(self.count);
         }
+        if self.log_min != 0 && gap >= self.log_min {
+            self.log_gap(start, now);
+        }
+    }
+
+    #[cold]
+    fn log_gap(&mut self, start_tsc: u64, end_tsc: u64) {
+        let i = (self.logged % GAP_LOG_LEN as u64) as usize;
+        // SAFETY: i < GAP_LOG_LEN, inside this CPU's ring, which only this
+        // CPU writes; the record is complete before the count says so.
+        unsafe {
+            addr_of_mut!((*self.log)[i]).write_volatile(GapRecord { start_tsc, end_tsc });
+            fence(Ordering::Release);
+            self.logged += 1;
+            addr_of_mut!((*self.slot).gap_count).write_volatile(self.logged);
+        }
+    }
+
+    /// One main-loop iteration: count it and track the largest gap.
+    #[inline(always)]
+    pub fn beat(&mut self) {
+        self.record_gap(rdtsc());
+        self.count += 1;
+        // SAFETY: the slot belongs to this CPU (see `new`).
+        unsafe { addr_of_mut!((*self.slot).heartbeat).write_volatile(self.count) };
     }
 
     /// A point inside a long iteration: tracks the largest gap like
@@ -99,17 +133,7 @@ impl Heartbeat {
     /// long (a pass over a big buffer) still measures stalls finely.
     #[inline(always)]
     pub fn tick(&mut self) {
-        let now = rdtsc();
-        let gap = now.wrapping_sub(self.last);
-        self.last = now;
-        // SAFETY: as in `beat`.
-        unsafe {
-            let max_gap = addr_of_mut!((*self.slot).max_gap_tsc);
-            if gap > max_gap.read_volatile() {
-                max_gap.write_volatile(gap);
-            }
-            addr_of_mut!((*self.slot).last_tsc).write_volatile(now);
-        }
+        self.record_gap(rdtsc());
     }
 
     /// Restarts the gap timer without counting a beat: for a pause the

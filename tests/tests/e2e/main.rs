@@ -12,3 +12,4 @@ mod pause_resume;
 mod qemu_boot;
 mod reliability;
 mod snapshot;
+mod snapshot_bench;

@@ -35,7 +35,7 @@ use snapshot::{
 
 use crate::vcpu_control::PauseError;
 use crate::vm::Vm;
-use crate::vmstate::VmStateError;
+use crate::vmstate::{VcpuState, VmStateError};
 
 /// File with the metrics of a finished snapshot, inside its directory.
 pub const METRICS_FILE: &str = "metrics.json";
@@ -172,6 +172,10 @@ pub struct SyncPhase {
     pub resume: Duration,
     /// From the pause request until `resume` returned: the guest's stall.
     pub total: Duration,
+    /// vCPU 0's TSC as captured in the pause: a guest-clock instant inside
+    /// it, to find the guest's own stall across the pause (`ProbeBlock`
+    /// gap log). None if the state has no TSC MSR.
+    pub guest_tsc: Option<u64>,
 }
 
 /// Everything measured about one snapshot.
@@ -663,7 +667,10 @@ impl Vm {
             r
         };
         let t = Instant::now();
-        let blob = match self.save_state().and_then(|s| s.encode()) {
+        let blob = match self.save_state().and_then(|s| {
+            sync.guest_tsc = s.vcpus.first().and_then(VcpuState::tsc);
+            s.encode()
+        }) {
             Ok(b) => b,
             Err(e) => {
                 resume(&mut sync)?;

@@ -37,6 +37,16 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
 }
 
+impl VcpuState {
+    /// The guest's TSC when the state was captured (IA32_TSC).
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .iter()
+            .find(|m| m.index == crate::msr::MSR_IA32_TSC)
+            .map(|m| m.data)
+    }
+}
+
 impl std::fmt::Debug for VcpuState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuState")
