@@ -187,6 +187,10 @@ pub struct Config {
     /// fresh memory, at the price of holding one guest-sized buffer between
     /// snapshots. `Engine::release_destination` gives it back.
     pub keep_destination: bool,
+    /// Bytes write-protected per step when armed ahead of the pause
+    /// ([`ARM_STEP`] by default; tests use small steps so that small
+    /// regions take several).
+    pub arm_step: u64,
 }
 
 impl Default for Config {
@@ -196,9 +200,24 @@ impl Default for Config {
             strategy: Strategy::AsyncFork,
             injection: FaultInjection::default(),
             keep_destination: false,
+            arm_step: ARM_STEP,
         }
     }
 }
+
+/// Armed ahead of the pause, guest RAM is write-protected this much at a
+/// time, with [`ARM_STEP_GAP`] between steps. On shadow-paging hosts (nested
+/// KVM here) a vCPU makes no progress while the protection of its memory
+/// changes, so one 8 GiB call stalled the guest for the whole 2-6 ms of it;
+/// in steps it runs in between, and the pause re-protects the few chunks it
+/// wrote (7-66 at 8 GiB). The guest's own stall across the pause, 8 GiB THP,
+/// 3 A/B runs each: part before the fork instant 1.8-5.2 ms -> 0.2-0.7 ms,
+/// whole stall 2.5-30 ms -> 0.8-3.7 ms; arming takes 9-18 ms instead of
+/// 2-6 (the snapshot starts that much later; the guest runs meanwhile).
+/// 64 MiB steps were worse (35-100 ms armed, up to 205 chunks to
+/// re-protect in the pause). docs/BENCHMARKS.md, 2026-12-02.
+pub const ARM_STEP: u64 = 256 << 20;
+const ARM_STEP_GAP: Duration = Duration::from_micros(100);
 
 /// Snapshots one VM's memory; one snapshot in flight at a time.
 #[derive(Debug)]
@@ -577,12 +596,24 @@ impl Engine {
         m.spawn = t.elapsed();
 
         let t = Instant::now();
+        // Whole chunks, so a step never splits a huge page's protection.
+        let step = (self.config.arm_step.max(1)).div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
         for r in shared.layout.regions() {
-            // Async-fork: one call per region. Sync-wp: one per page, as
-            // QEMU's background-snapshot pays it.
+            // Async-fork: one call per region, or per ARM_STEP when armed
+            // ahead of the pause. Sync-wp: one per page, as QEMU's
+            // background-snapshot pays it.
             let mut at = r.host_addr;
             while at < r.host_addr + r.len {
-                let len = if unit == PAGE_SIZE { PAGE_SIZE } else { r.len };
+                let len = if unit == PAGE_SIZE {
+                    PAGE_SIZE
+                } else if armed {
+                    if at > r.host_addr {
+                        std::thread::sleep(ARM_STEP_GAP);
+                    }
+                    step.min(r.host_addr + r.len - at)
+                } else {
+                    r.len
+                };
                 if let Err(e) = shared.uffd.write_protect(at, len, true, false) {
                     tear_down(&shared, handler);
                     return Err(sync_err(e));

@@ -617,7 +617,14 @@ fn armed_snapshot_bit_exact_under_load() {
         let ws = Writers::start(&mem, 3);
         ws.anywhere.store(true, Ordering::SeqCst);
         ws.run_for(20_000);
-        let eng = engine(workers, FaultInjection::default());
+        // Armed in 3-chunk steps (8 of them here), as 8 GiB is in 256 MiB
+        // ones: the writers run between steps.
+        let eng = Engine::new(snapshot::Config {
+            workers,
+            arm_step: 3 * CHUNK_SIZE,
+            ..snapshot::Config::default()
+        })
+        .expect("engine (needs root and userfaultfd)");
         // SAFETY: `mem` outlives the snapshot (wait() below).
         unsafe { eng.arm(&[mem.region()]) }.expect("arm");
         assert!(eng.in_progress(), "armed counts as in flight");
@@ -628,7 +635,11 @@ fn armed_snapshot_bit_exact_under_load() {
         let sync = unsafe { eng.begin(&[mem.region()]) }.expect("begin");
         assert!(sync.reprotected_chunks > 0, "writes while armed: {sync:?}");
         assert!(sync.reprotected_chunks <= 64, "{sync:?}");
-        assert!(sync.arm > std::time::Duration::ZERO, "{sync:?}");
+        // 8 steps, with a (sleep-guaranteed) 100 µs gap between each two.
+        assert!(
+            sync.arm >= std::time::Duration::from_micros(700),
+            "{sync:?}"
+        );
         ws.resume();
         ws.run_for(50_000);
         let snap = eng.wait().expect("snapshot");

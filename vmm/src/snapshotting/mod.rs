@@ -617,6 +617,7 @@ impl Vm {
                 strategy: req.mode,
                 injection: req.injection.clone(),
                 keep_destination: req.keep_memory,
+                ..Config::default()
             })?)
         };
         let regions: Vec<Region> = self
