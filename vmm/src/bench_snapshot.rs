@@ -95,6 +95,9 @@ pub struct Row {
     pub fork_stall_us: Option<(f64, f64, f64)>,
     /// Gap records the guest overwrote before they were read.
     pub gaps_lost: u64,
+    /// The longest logged gap of the window and where it started relative
+    /// to the fork instant (µs, negative: before it).
+    pub longest_gap_us: Option<(f64, f64)>,
     /// Length of the no-snapshot window.
     pub baseline: Duration,
     /// Request until persisted.
@@ -169,7 +172,7 @@ impl Row {
     pub fn to_json(&self) -> String {
         let (faults, p50, p99, max) = self.faults();
         format!(
-            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"destination\":\"{}\",\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"guest_stall_at_fork_us\":{},\"guest_stall_at_fork_before_after_us\":{},\"gaps_lost\":{},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
+            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"destination\":\"{}\",\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"guest_stall_at_fork_us\":{},\"guest_stall_at_fork_before_after_us\":{},\"gaps_lost\":{},\"guest_longest_gap_us\":{},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
             self.memory_size,
             self.backing.name(),
             self.mode,
@@ -188,6 +191,10 @@ impl Row {
                 |v| format!("[{:.1},{:.1}]", v.1, v.2)
             ),
             self.gaps_lost,
+            self.longest_gap_us.map_or_else(
+                || "null".to_string(),
+                |(len, at)| format!("{{\"len\":{len:.1},\"start_from_fork\":{at:.1}}}")
+            ),
             us(self.engine_pause()),
             us(self.copy()),
             self.copy_gib_s(),
@@ -427,7 +434,34 @@ fn one(
     // Everything logged before the request is not this snapshot's.
     vm.probe_gaps(&mut cursors)?;
     let mut gaps = crate::vm::ProbeGaps::default();
-    let handle = vm.snapshot(req).map_err(err)?;
+    // `Vm::snapshot` returns after arming and the pause (tens of ms, more
+    // on 4 KiB pages): read the guest's gap ring meanwhile, or it laps.
+    let sync_done = std::sync::atomic::AtomicBool::new(false);
+    let snapshotted = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut got = crate::vm::ProbeGaps::default();
+            while !sync_done.load(std::sync::atomic::Ordering::Acquire) {
+                if let Ok(g) = vm.probe_gaps(&mut cursors) {
+                    got.extend(g);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            got
+        });
+        let r = vm.snapshot(req);
+        sync_done.store(true, std::sync::atomic::Ordering::Release);
+        (r, reader.join())
+    });
+    let handle = match snapshotted {
+        (r, Ok(got)) => {
+            gaps.extend(got);
+            r.map_err(err)?
+        }
+        (r, Err(_)) => {
+            tracing::warn!("the gap reader panicked");
+            r.map_err(err)?
+        }
+    };
     // Split the window where the memory copy ends (the engine is done with
     // guest RAM, so the reset write is not part of the snapshot): stalls
     // of the sync phase and the copy vs. stalls while persisting.
@@ -458,6 +492,7 @@ fn one(
     }
     let metrics = waited.map_err(err)?;
     let fork_stall_us = metrics.sync.guest_tsc.and_then(|tsc| gaps.spanning_us(tsc));
+    let longest_gap_us = metrics.sync.guest_tsc.and_then(|tsc| gaps.longest_us(tsc));
     Ok(Row {
         memory_size: p.memory_size,
         backing: p.backing,
@@ -471,6 +506,7 @@ fn one(
         persist_gap_us,
         fork_stall_us,
         gaps_lost: gaps.lost,
+        longest_gap_us,
         baseline: p.baseline,
         window,
         passes_per_s_baseline: baseline_rate,

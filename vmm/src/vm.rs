@@ -102,6 +102,24 @@ impl ProbeGaps {
             })
     }
 
+    /// The longest logged gap and where it started relative to guest-TSC
+    /// instant `tsc` (µs; negative: before it).
+    pub fn longest_us(&self, tsc: u64) -> Option<(f64, f64)> {
+        if self.tsc_khz == 0 {
+            return None;
+        }
+        let us = |t: i128| t as f64 * 1000.0 / self.tsc_khz as f64;
+        self.records
+            .iter()
+            .max_by_key(|r| r.end_tsc.saturating_sub(r.start_tsc))
+            .map(|r| {
+                (
+                    us(i128::from(r.end_tsc.saturating_sub(r.start_tsc))),
+                    us(i128::from(r.start_tsc) - i128::from(tsc)),
+                )
+            })
+    }
+
     /// The records of a copy of the block from `cursors` on (see
     /// [`Vm::probe_gaps`]).
     pub fn read(block: &ProbeBlock, cursors: &mut Vec<u64>) -> ProbeGaps {
@@ -709,6 +727,7 @@ mod probe_gap_tests {
         assert_eq!(cursors, vec![0, 3]);
         assert_eq!(gaps.spanning_us(1_500), Some((2_500.0, 500.0, 2_000.0)));
         assert_eq!(gaps.spanning_us(3_700), None, "between two gaps");
+        assert_eq!(gaps.longest_us(3_700), Some((2_500.0, -2_700.0)));
         // Read again: nothing new.
         assert!(ProbeGaps::read(&b, &mut cursors).records.is_empty());
     }
