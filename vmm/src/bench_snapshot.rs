@@ -433,13 +433,13 @@ fn one(
     let mut cursors = Vec::new();
     // Everything logged before the request is not this snapshot's.
     vm.probe_gaps(&mut cursors)?;
-    let mut gaps = crate::vm::ProbeGaps::default();
+    let mut gaps = crate::probe_gaps::ProbeGaps::default();
     // `Vm::snapshot` returns after arming and the pause (tens of ms, more
     // on 4 KiB pages): read the guest's gap ring meanwhile, or it laps.
     let sync_done = std::sync::atomic::AtomicBool::new(false);
     let snapshotted = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
-            let mut got = crate::vm::ProbeGaps::default();
+            let mut got = crate::probe_gaps::ProbeGaps::default();
             while !sync_done.load(std::sync::atomic::Ordering::Acquire) {
                 if let Ok(g) = vm.probe_gaps(&mut cursors) {
                     got.extend(g);
