@@ -829,9 +829,6 @@ impl Engine {
     }
 }
 
-/// Sync-phase rollback: lift protection (waking nobody: writers are paused,
-/// but wake anyway to be safe) and unregister. Errors are ignored: closing
-/// the uffd, which the caller does next, clears all of it too.
 /// Rolls back a set-up (armed or begun, before the supervisor exists):
 /// protections and registrations gone, handler stopped and joined.
 fn tear_down(shared: &Shared, handler: JoinHandle<HandlerStats>) {
@@ -840,6 +837,9 @@ fn tear_down(shared: &Shared, handler: JoinHandle<HandlerStats>) {
     let _ = handler.join();
 }
 
+/// Sync-phase rollback: lift protection (waking any writer blocked on it)
+/// and unregister. Errors are ignored: closing the uffd, which the caller
+/// does next, clears all of it too.
 fn undo_sync(uffd: &Uffd, regions: &[Region]) {
     for r in regions {
         let _ = uffd.write_protect(r.host_addr, r.len, false, false);

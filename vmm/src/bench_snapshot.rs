@@ -452,16 +452,10 @@ fn one(
         sync_done.store(true, std::sync::atomic::Ordering::Release);
         (r, reader.join())
     });
-    let handle = match snapshotted {
-        (r, Ok(got)) => {
-            gaps.extend(got);
-            r.map_err(err)?
-        }
-        (r, Err(_)) => {
-            tracing::warn!("the gap reader panicked");
-            r.map_err(err)?
-        }
-    };
+    let (snapshotted, read) = snapshotted;
+    // (A panicking reader aborts the process: snapvm's panic hook.)
+    gaps.extend(read.unwrap_or_default());
+    let handle = snapshotted.map_err(err)?;
     // Split the window where the memory copy ends (the engine is done with
     // guest RAM, so the reset write is not part of the snapshot): stalls
     // of the sync phase and the copy vs. stalls while persisting.
