@@ -102,6 +102,10 @@
 //! chunk copy. Without preparation the first snapshot still pays the fresh
 //! memory (and a fault that lands on an uncopied chunk pays one cold 2 MiB
 //! populate, 5–10 ms): the VMM should prepare at boot, or keep.
+//!
+//! Without a prepared or kept destination, the fault path no longer pays
+//! that populate: it copies into a warm staging slot and a worker moves the
+//! chunk later (staging.rs). The workers still populate cold memory.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -118,6 +122,7 @@ use crate::metrics::{new_histogram, Counters, HandlerStats, Metrics, Progress, S
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
+use crate::staging::{StagingSlots, DEFAULT_STAGING_SLOTS};
 use crate::supervisor::{self, Plan};
 use crate::uffd::{feature, RegisterMode, Uffd};
 
@@ -191,6 +196,11 @@ pub struct Config {
     /// ([`ARM_STEP`] by default; tests use small steps so that small
     /// regions take several).
     pub arm_step: u64,
+    /// Warm 2 MiB slots the fault path copies into when the destination is
+    /// fresh (staging.rs), populated by the first `arm`. Share one between
+    /// a VM's successive engines so they are prepared once;
+    /// `StagingSlots::new(0)` disables staging.
+    pub staging: Arc<StagingSlots>,
 }
 
 impl Default for Config {
@@ -201,6 +211,7 @@ impl Default for Config {
             injection: FaultInjection::default(),
             keep_destination: false,
             arm_step: ARM_STEP,
+            staging: Arc::new(StagingSlots::new(DEFAULT_STAGING_SLOTS)),
         }
     }
 }
@@ -371,6 +382,9 @@ impl Engine {
         }
         let t = Instant::now();
         let layout = Layout::new(regions)?;
+        // The first time: ~5 ms per slot on fresh memory here, with the
+        // writers running and nothing protected yet.
+        self.config.staging.prepare(layout.total_chunks());
         let (shared, handler, mut m) = self.set_up(layout, CHUNK_SIZE, true)?;
         m.arm = t.elapsed();
         *lock(&self.armed) = Some(Armed {
@@ -555,6 +569,13 @@ impl Engine {
                 });
             }
         };
+        // Only a fresh destination needs them; with sync-wp the fault path
+        // copies 4 KiB units.
+        let staging = if unit == CHUNK_SIZE && dest.is_fresh() {
+            self.config.staging.lend()
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             layout,
             unit,
@@ -573,6 +594,7 @@ impl Engine {
             handler_stop: stop,
             armed: AtomicBool::new(armed),
             written_while_armed: Mutex::new(Vec::new()),
+            staging,
         });
 
         // The handler runs before anything is protected: with `armed` the
@@ -811,6 +833,7 @@ impl Engine {
             chunks_by_workers: n as u64,
             chunks_by_fault_path: 0,
             chunks_by_hook: 0,
+            chunks_staged: 0,
             zero_chunks: zero.iter().filter(|z| **z).count() as u64,
             bytes_copied: bytes.into_inner(),
             wp_faults: 0,

@@ -21,6 +21,12 @@
 //! and a chunk is copied at most once per snapshot, so chunk granularity
 //! bounds the total fault count by the chunk count. Hence: chunk.
 //!
+//! # Cold destination: copy into a warm staging slot
+//! Into a fresh destination the chunk copy would first populate 2 MiB the
+//! host has never backed (4–5 ms at p50 here). The writer does not wait for
+//! that: the chunk goes to one of the VM's warm staging slots and a worker
+//! moves it to the destination later (staging.rs, `Shared::copy_for_fault`).
+//!
 //! # Never blocking on others
 //! The handler never waits for another thread: if a worker (or a hook) is
 //! copying the faulting chunk, the fault is parked and the chunk gets a

@@ -31,6 +31,7 @@ pub mod recover;
 pub mod region;
 mod shared;
 mod snapshot;
+mod staging;
 mod supervisor;
 pub mod uffd;
 mod worker;
@@ -44,3 +45,4 @@ pub use persist::{write_snapshot, PersistError, SnapshotDir, WriteOptions, Write
 pub use priority::BackgroundPriority;
 pub use region::{Region, CHUNK_SIZE, PAGE_SIZE};
 pub use snapshot::Snapshot;
+pub use staging::{StagingSlots, DEFAULT_STAGING_SLOTS};

@@ -16,7 +16,7 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// An anonymous private mapping, 2 MiB aligned, THP-advised, unmapped on drop.
 #[derive(Debug)]
-struct Mapping {
+pub(crate) struct Mapping {
     base: *mut u8,
     len: usize,
     map_base: *mut libc::c_void,
@@ -34,7 +34,7 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(len: u64) -> Result<Mapping, Error> {
+    pub(crate) fn new(len: u64) -> Result<Mapping, Error> {
         let map_len = (len + CHUNK_SIZE) as usize;
         // SAFETY: anonymous private mapping at a kernel-chosen address.
         let p = unsafe {
@@ -70,7 +70,14 @@ impl Mapping {
         })
     }
 
-    fn populate(&self, offset: u64, len: u64, phase: Phase) -> Result<(), Error> {
+    /// Start of `[offset, ..)` inside the mapping.
+    pub(crate) fn ptr(&self, offset: u64) -> *mut u8 {
+        debug_assert!(offset <= self.len as u64);
+        // SAFETY: offset is within the mapping (callers index by chunk).
+        unsafe { self.base.add(offset as usize) }
+    }
+
+    pub(crate) fn populate(&self, offset: u64, len: u64, phase: Phase) -> Result<(), Error> {
         debug_assert!(offset + len <= self.len as u64);
         // SAFETY: range inside our mapping.
         let rc = unsafe {
@@ -185,6 +192,9 @@ pub struct Destination {
     map: Option<Mapping>,
     len: usize,
     stale: bool,
+    /// Mapped fresh for this snapshot (not taken from the pool): its first
+    /// touch of every chunk is slow (see staging.rs).
+    fresh: bool,
     /// A copier populated (and so wrote) some chunk.
     written: AtomicBool,
     keep: bool,
@@ -202,13 +212,14 @@ impl Destination {
     /// wrote to it (a sync-phase failure must not throw a prepared
     /// destination away); otherwise it is unmapped.
     pub fn from_pool(pool: &Arc<DestPool>, len: u64, keep: bool) -> Result<Destination, Error> {
-        let map = match pool.take() {
-            Some(m) if m.len as u64 >= len => m,
+        let (map, fresh) = match pool.take() {
+            Some(m) if m.len as u64 >= len => (m, false),
             // Too small (the VM grew since): give it back to the kernel.
-            Some(_) | None => Mapping::new(len)?,
+            Some(_) | None => (Mapping::new(len)?, true),
         };
         Ok(Destination {
             stale: map.dirty,
+            fresh,
             map: Some(map),
             len: len as usize,
             written: AtomicBool::new(false),
@@ -234,8 +245,13 @@ impl Destination {
 
     pub fn ptr(&self, offset: u64) -> *mut u8 {
         debug_assert!(offset <= self.len as u64);
-        // SAFETY: offset is within the mapping (callers index by chunk).
-        unsafe { self.map().base.add(offset as usize) }
+        self.map().ptr(offset)
+    }
+
+    /// Mapped for this snapshot rather than prepared or kept: nothing in it
+    /// is backed yet.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// Whether the memory may hold bytes of an earlier snapshot.
@@ -387,12 +403,31 @@ pub unsafe fn copy_unit(
         return Ok((true, 0));
     }
     dest.populate(dst_offset, pages as u64 * PAGE_SIZE, phase)?;
-    let dst = dest.ptr(dst_offset);
+    // SAFETY: forwarded from this function's contract; the destination
+    // unit is mapped for `pages` pages.
+    let copied = unsafe { copy_populated(&pop, src, dest.ptr(dst_offset), pages, dest.is_stale()) };
+    Ok((false, copied))
+}
+
+/// Copies the runs of pages marked in `pop` (of `pages`) from `src` to
+/// `dst`; with `zero_gaps` the unmarked pages of `dst` are zeroed (it may
+/// hold older bytes), else left as they are (they read as zero already).
+/// Returns the bytes copied.
+///
+/// # Safety
+/// As for [`copy_unit`], with `dst` the start of the unit's destination.
+pub(crate) unsafe fn copy_populated(
+    pop: &[bool; PAGES_PER_CHUNK],
+    src: u64,
+    dst: *mut u8,
+    pages: usize,
+    zero_gaps: bool,
+) -> u64 {
     let mut copied = 0u64;
     let mut i = 0;
     while i < pages {
         if !pop[i] {
-            if dest.is_stale() {
+            if zero_gaps {
                 // SAFETY: in bounds of the claimed unit (see below).
                 unsafe {
                     dst.add(i * PAGE_SIZE as usize)
@@ -415,5 +450,5 @@ pub unsafe fn copy_unit(
         };
         copied += n as u64;
     }
-    Ok((false, copied))
+    copied
 }

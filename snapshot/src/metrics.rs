@@ -25,7 +25,8 @@ pub struct SyncMetrics {
     /// Everything `begin()` did, end to end.
     pub total: Duration,
     /// `arm()` (before the pause, writers running): destination, register
-    /// and write-protect of every region. Not part of the pause.
+    /// and write-protect of every region (and, the first time, populating
+    /// the fault path's staging slots). Not part of the pause.
     pub arm: Duration,
     /// After `arm()`: chunks written between their protection and the
     /// pause, protected again in `begin()` (its `write_protect`).
@@ -48,6 +49,9 @@ pub struct Metrics {
     pub chunks_by_workers: u64,
     pub chunks_by_fault_path: u64,
     pub chunks_by_hook: u64,
+    /// Of the fault path's chunks, those copied into a warm staging slot
+    /// (cold destination) and moved to the destination by a worker later.
+    pub chunks_staged: u64,
     /// 2 MiB chunks with no populated page (holes; never copied).
     pub zero_chunks: u64,
     pub bytes_copied: u64,
@@ -86,6 +90,7 @@ impl std::fmt::Debug for Metrics {
             .field("chunks_by_workers", &self.chunks_by_workers)
             .field("chunks_by_fault_path", &self.chunks_by_fault_path)
             .field("chunks_by_hook", &self.chunks_by_hook)
+            .field("chunks_staged", &self.chunks_staged)
             .field("zero_chunks", &self.zero_chunks)
             .field("bytes_copied", &self.bytes_copied)
             .field("wp_faults", &self.wp_faults)
@@ -110,6 +115,7 @@ pub(crate) struct Counters {
     pub by_workers: AtomicU64,
     pub by_fault_path: AtomicU64,
     pub by_hook: AtomicU64,
+    pub staged: AtomicU64,
     pub zero_chunks: AtomicU64,
     pub bytes_copied: AtomicU64,
     pub dest_chunks: AtomicU64,

@@ -9,9 +9,10 @@ use crate::chunk_table::{ChunkState, ChunkTable, Copier};
 use crate::error::{Error, Phase};
 use crate::eventfd::EventFd;
 use crate::inject::FaultInjection;
-use crate::memory::{copy_unit, Destination, Pagemap};
+use crate::memory::{copy_populated, copy_unit, Destination, Pagemap};
 use crate::metrics::Counters;
-use crate::region::{Layout, CHUNK_SIZE, PAGE_SIZE};
+use crate::region::{ChunkLoc, Layout, CHUNK_SIZE, PAGE_SIZE};
+use crate::staging::Staging;
 use crate::uffd::Uffd;
 
 /// An injected failure: an error to return, or a panic to raise.
@@ -51,6 +52,9 @@ pub(crate) struct Shared {
     pub armed: AtomicBool,
     /// Chunks whose protection a write lifted while armed.
     pub written_while_armed: Mutex<Vec<usize>>,
+    /// Warm slots for fault-path copies when the destination is fresh
+    /// (staging.rs); None on a warm destination and for sync-wp.
+    pub staging: Option<Staging>,
 }
 
 impl Shared {
@@ -206,6 +210,8 @@ impl Shared {
             // SAFETY: the chunk is claimed (no other copier) and
             // write-protected (no writer); source and destination chunks are
             // mapped for `unit` bytes (layout validated, dest sized to it).
+            None if copier == Copier::FaultPath => unsafe { self.copy_for_fault(&loc, phase) },
+            // SAFETY: as above.
             None => unsafe {
                 copy_unit(
                     &self.pagemap,
@@ -251,6 +257,87 @@ impl Shared {
         }
         match res {
             Ok(_) => true,
+            Err(e) => {
+                self.fail(e);
+                false
+            }
+        }
+    }
+
+    /// The fault path's copy: into a free staging slot when there is one
+    /// (fresh destination: no populate on the writer's path), else straight
+    /// into the destination. A zero chunk needs neither (a fresh
+    /// destination reads as zero).
+    ///
+    /// # Safety
+    /// As for `copy_unit`: `loc`'s unit is claimed and write-protected.
+    unsafe fn copy_for_fault(&self, loc: &ChunkLoc, phase: Phase) -> Result<(bool, u64), Error> {
+        let pages = (self.unit / PAGE_SIZE) as usize;
+        let slot = self
+            .staging
+            .as_ref()
+            .and_then(|st| st.take_free().map(|slot| (st, slot)));
+        let Some((st, slot)) = slot else {
+            // SAFETY: forwarded from this function's contract.
+            return unsafe {
+                copy_unit(
+                    &self.pagemap,
+                    &self.dest,
+                    loc.host_addr,
+                    loc.dest_offset,
+                    pages,
+                    phase,
+                )
+            };
+        };
+        let pop = match self.pagemap.populated(loc.host_addr, pages, phase) {
+            Ok(p) => p,
+            Err(e) => {
+                st.give_back(slot);
+                return Err(e);
+            }
+        };
+        if !pop.iter().any(|&p| p) {
+            st.give_back(slot);
+            return Ok((true, 0));
+        }
+        // SAFETY: the source unit as per this function's contract; the slot
+        // is CHUNK_SIZE (= unit) bytes taken by this thread alone. Gaps are
+        // zeroed: the slot holds an earlier chunk's bytes.
+        let copied = unsafe { copy_populated(&pop, loc.host_addr, st.slot_ptr(slot), pages, true) };
+        st.fill(slot, loc.dest_offset);
+        Counters::add(&self.counters.staged, 1);
+        Ok((false, copied))
+    }
+
+    /// Moves one staged chunk to the destination (populating it there) and
+    /// frees its slot. Returns whether there was one to move. A failure
+    /// (the destination cannot be allocated) fails the snapshot.
+    pub fn drain_one(&self) -> bool {
+        let Some(st) = &self.staging else {
+            return false;
+        };
+        let Some(f) = st.take_filled() else {
+            return false;
+        };
+        let res = self.dest.populate(f.dest_offset, CHUNK_SIZE, Phase::Worker);
+        if res.is_ok() {
+            // SAFETY: the slot was filled by a settled fault-path copy and
+            // is this thread's (taken off the filled list); its destination
+            // chunk is written by nobody else (the chunk is Copied, so no
+            // copier claims it again) and is CHUNK_SIZE bytes inside the
+            // destination.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    st.slot_ptr(f.slot),
+                    self.dest.ptr(f.dest_offset),
+                    CHUNK_SIZE as usize,
+                )
+            };
+        }
+        st.give_back(f.slot);
+        match res {
+            Ok(()) => true,
             Err(e) => {
                 self.fail(e);
                 false

@@ -88,6 +88,9 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
                 _ => {}
             }
         }
+        // Every chunk is settled, so no fault fills a slot any more: move
+        // what is still staged.
+        while shared.drain_one() {}
     }
     let copy_total = plan.resumed.elapsed();
 
@@ -144,6 +147,7 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
         chunks_by_workers: Counters::get(&c.by_workers),
         chunks_by_fault_path: Counters::get(&c.by_fault_path),
         chunks_by_hook: Counters::get(&c.by_hook),
+        chunks_staged: Counters::get(&c.staged),
         zero_chunks: zero.iter().filter(|z| **z).count() as u64,
         bytes_copied: Counters::get(&c.bytes_copied),
         wp_faults: stats.wp_faults,

@@ -1,6 +1,8 @@
 //! Worker threads: the child's background copiers of async-fork. Each claims
 //! the next unclaimed chunk in address order, copies it and lifts its
-//! protection, until none is left or the snapshot is aborted.
+//! protection, until none is left or the snapshot is aborted. Between
+//! chunks they move the fault path's staged chunks to the destination
+//! (staging.rs).
 
 use std::sync::Arc;
 
@@ -18,6 +20,10 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
     }
     while !shared.is_aborted() {
+        // Staged chunks first: each frees a warm slot for the next fault.
+        if shared.drain_one() {
+            continue;
+        }
         let Some(i) = shared.table.claim_next() else {
             break;
         };

@@ -729,3 +729,124 @@ fn armed_sync_failure_rolls_back_and_next_succeeds() {
     ws.run_for(20_000);
     ws.stop_and_check();
 }
+
+/// An armed engine with `slots` staging slots (staging.rs).
+fn staging_engine(workers: usize, slots: usize, keep: bool, injection: FaultInjection) -> Engine {
+    Engine::new(snapshot::Config {
+        workers,
+        staging: std::sync::Arc::new(snapshot::StagingSlots::new(slots)),
+        keep_destination: keep,
+        injection,
+        ..snapshot::Config::default()
+    })
+    .expect("engine (needs root and userfaultfd)")
+}
+
+/// Fault-path copies into a fresh destination land in warm slots and are
+/// moved to the destination later; the image is exact either way, with as
+/// many slots as faults or fewer (the rest copy directly), and a kept (warm)
+/// destination does not use them.
+#[test]
+fn staged_fault_copies_are_bit_exact() {
+    const FAULTED: [usize; 5] = [1, 4, 7, 10, 13];
+    for slots in [16, 2] {
+        let mem = Mem::new(24, 8, 32, 80 + slots as u64);
+        let ws = Writers::start(&mem, 3);
+        ws.run_for(20_000);
+        ws.pause();
+        let eng = staging_engine(
+            2,
+            slots,
+            true,
+            FaultInjection {
+                // Workers wait for the five fault-path copies below, so no
+                // slot is drained before they all happened.
+                hold_workers_until_fault_copies: Some(FAULTED.len() as u64),
+                ..FaultInjection::default()
+            },
+        );
+        for round in 0..2 {
+            // SAFETY: `mem` outlives the snapshot (wait() below).
+            unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+            let reference = mem.reference();
+            // SAFETY: as above.
+            unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+            for c in FAULTED {
+                mem.write(c * CHUNK + 8 * c, 0xD000 + c as u64);
+            }
+            ws.anywhere.store(true, Ordering::SeqCst);
+            ws.resume();
+            ws.run_for(30_000);
+            let snap = eng.wait().expect("snapshot");
+            ws.pause();
+            compare(&snap, &reference);
+            let m = snap.metrics();
+            assert!(m.chunks_by_fault_path >= FAULTED.len() as u64, "{m:?}");
+            if round == 0 {
+                // Fresh destination: every fault copy staged while a slot
+                // was free (the workers drain none before the fifth).
+                assert!(m.chunks_staged >= FAULTED.len().min(slots) as u64, "{m:?}");
+                assert!(m.chunks_staged <= m.chunks_by_fault_path, "{m:?}");
+            } else {
+                assert_eq!(m.chunks_staged, 0, "kept destination is warm: {m:?}");
+            }
+            assert_eq!(mem.wp_pages(), 0, "protection left behind");
+            drop(snap);
+        }
+        ws.resume();
+        ws.stop_and_check();
+        assert!(!eng.in_progress());
+    }
+}
+
+/// Moving a staged chunk fails (its destination cannot be allocated): the
+/// snapshot rolls back like any worker failure and the next one is exact.
+#[test]
+fn staged_chunk_drain_failure_rolls_back() {
+    let mem = Mem::new(8, 4, 4, 91);
+    let ws = Writers::start(&mem, 2);
+    ws.run_for(5_000);
+    ws.pause();
+    let eng = staging_engine(
+        1,
+        4,
+        false,
+        FaultInjection {
+            // The fault-path copy goes to a slot (no populate), so the
+            // single worker's first populate is the drain's.
+            fail_populate_at: Some(0),
+            hold_workers_until_fault_copies: Some(1),
+            ..FaultInjection::default()
+        },
+    );
+    // SAFETY: `mem` outlives the snapshot (wait() below).
+    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    // SAFETY: as above.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    mem.write(3 * CHUNK + 64, 1);
+    let err = eng.wait().expect_err("the drain's populate fails");
+    match &err {
+        Error::Memory { phase, op, .. } => {
+            assert_eq!(*phase, Phase::Worker, "{err}");
+            assert_eq!(*op, "populate destination (injected)", "{err}");
+        }
+        _ => panic!("unexpected error: {err}"),
+    }
+    assert_eq!(mem.wp_pages(), 0, "protection left behind");
+    ws.anywhere.store(true, Ordering::SeqCst);
+    ws.resume();
+    ws.run_for(10_000);
+
+    let eng = staging_engine(1, 4, false, FaultInjection::default());
+    // SAFETY: as above.
+    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    ws.pause();
+    let reference = mem.reference();
+    // SAFETY: as above.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin after rollback");
+    ws.resume();
+    ws.run_for(10_000);
+    let snap = eng.wait().expect("snapshot after rollback");
+    ws.stop_and_check();
+    compare(&snap, &reference);
+}

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use snapshot::persist::WriteSummary;
 use snapshot::{
-    BackgroundPriority, Config, Engine, FaultInjection, Metrics, Region, Strategy, SyncMetrics,
-    WriteOptions, CHUNK_SIZE,
+    BackgroundPriority, Config, Engine, FaultInjection, Metrics, Region, StagingSlots, Strategy,
+    SyncMetrics, WriteOptions, CHUNK_SIZE,
 };
 
 use crate::vcpu_control::PauseError;
@@ -241,7 +241,7 @@ impl SnapshotMetrics {
         if let Some(m) = &self.engine {
             let h = &m.fault_latency_ns;
             out.push_str(&format!(
-                ",\"engine\":{{\"copy_total_us\":{},\"finish_us\":{},\"unit_size\":{},\"chunks_total\":{},\"chunks_by_workers\":{},\"chunks_by_fault_path\":{},\"chunks_by_hook\":{},\"zero_chunks\":{},\"bytes_copied\":{},\"wp_faults\":{},\"missing_faults\":{},\"fault_latency_us\":{{\"count\":{},\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"peak_extra_memory\":{}}}",
+                ",\"engine\":{{\"copy_total_us\":{},\"finish_us\":{},\"unit_size\":{},\"chunks_total\":{},\"chunks_by_workers\":{},\"chunks_by_fault_path\":{},\"chunks_by_hook\":{},\"chunks_staged\":{},\"zero_chunks\":{},\"bytes_copied\":{},\"wp_faults\":{},\"missing_faults\":{},\"fault_latency_us\":{{\"count\":{},\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"peak_extra_memory\":{}}}",
                 us(m.copy_total),
                 us(m.finish),
                 m.unit_size,
@@ -249,6 +249,7 @@ impl SnapshotMetrics {
                 m.chunks_by_workers,
                 m.chunks_by_fault_path,
                 m.chunks_by_hook,
+                m.chunks_staged,
                 m.zero_chunks,
                 m.bytes_copied,
                 m.wp_faults,
@@ -292,11 +293,12 @@ impl SnapshotMetrics {
         );
         if let Some(m) = &self.engine {
             out.push_str(&format!(
-                "; copy {:?}, chunks {} (workers {}, fault path {}, hooks {}, zero {}), {} bytes copied, faults {} (p50 {} us, p99 {} us, max {} us)",
+                "; copy {:?}, chunks {} (workers {}, fault path {} [staged {}], hooks {}, zero {}), {} bytes copied, faults {} (p50 {} us, p99 {} us, max {} us)",
                 m.copy_total,
                 m.chunks_total,
                 m.chunks_by_workers,
                 m.chunks_by_fault_path,
+                m.chunks_staged,
                 m.chunks_by_hook,
                 m.zero_chunks,
                 m.bytes_copied,
@@ -323,6 +325,9 @@ pub struct SnapshotSlot {
     /// The engine of the last `keep_memory` snapshot (holding its kept
     /// destination), reused by the next request with the same config.
     kept: Mutex<Option<Arc<Engine>>>,
+    /// The fault path's warm staging slots, prepared by the first snapshot
+    /// and lent to every later one (snapshot/src/staging.rs).
+    staging: Arc<StagingSlots>,
 }
 
 impl SnapshotSlot {
@@ -339,7 +344,8 @@ impl SnapshotSlot {
     /// The engine for `config`: the kept one if it matches, else a new one
     /// (kept for next time if `config.keep_destination`). Call with the
     /// slot claimed (so the kept engine is idle).
-    fn engine(&self, config: Config) -> Result<Arc<Engine>, snapshot::Error> {
+    fn engine(&self, mut config: Config) -> Result<Arc<Engine>, snapshot::Error> {
+        config.staging = self.staging.clone();
         let mut kept = lock(&self.kept);
         if let Some(e) = kept.as_ref() {
             let c = e.config();
