@@ -636,6 +636,23 @@ impl Vm {
         // done with it, even if the VM goes away first.
         let ram = self.memory().clone();
 
+        // The thread that waits for the copy and persists exists before the
+        // copiers start: creating a thread maps its stack (mmap_lock taken
+        // for writing), which after the pause would queue behind a copier
+        // populating fresh memory (mmap_lock read-held for milliseconds
+        // here) and hold up every later reader, the fault handler and the
+        // vCPUs' faults included (engine supervisor.rs).
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                // No job: the snapshot failed before the copy started.
+                if let Ok(job) = job_rx.recv() {
+                    job();
+                }
+            })
+            .map_err(SnapshotError::Spawn)?;
+
         // Everything in the sync phase that grows with memory (register,
         // write-protect) happens here while the guest still runs; the pause
         // then re-protects only what was written in between. Failing to arm
@@ -761,25 +778,26 @@ impl Vm {
         let overwrite = req.overwrite;
         let priority = req.priority;
         let resumed = Instant::now();
-        let spawned = std::thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || {
-                // This thread only waits for the copy, then persists: the
-                // persist competes with the vCPUs as the copiers do.
-                if let Err(e) = snapshot::priority::apply_to_current_thread(priority) {
-                    tracing::warn!(
-                        "snapshot writer keeps normal priority: cannot set {}: {e}",
-                        priority.name()
-                    );
-                }
-                background(&h, work, &blob, overwrite, resumed, t_request, guard);
-                drop(ram);
-            });
-        match spawned {
-            Ok(_) => Ok(handle),
-            Err(e) => {
-                // The closure (with the slot guard, RAM clone and the work)
-                // is gone; roll back here.
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+            // This thread only waits for the copy, then persists: the
+            // persist competes with the vCPUs as the copiers do.
+            if let Err(e) = snapshot::priority::apply_to_current_thread(priority) {
+                tracing::warn!(
+                    "snapshot writer keeps normal priority: cannot set {}: {e}",
+                    priority.name()
+                );
+            }
+            background(&h, work, &blob, overwrite, resumed, t_request, guard);
+            drop(ram);
+        });
+        match job_tx.send(job) {
+            Ok(()) => Ok(handle),
+            Err(std::sync::mpsc::SendError(job)) => {
+                // The thread is gone (it cannot exit before its job unless
+                // it panicked); drop the job (slot guard, RAM clone, work)
+                // and roll back here.
+                drop(job);
+                let e = std::io::Error::other("the snapshot thread exited before its work");
                 let _ = handle.cancel();
                 if let Some(engine) = &engine {
                     let _ = engine.wait();
