@@ -213,7 +213,10 @@ mod tests {
             s.store(true, Ordering::SeqCst);
         });
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!started.load(Ordering::SeqCst), "ran before the gate opened");
+        assert!(
+            !started.load(Ordering::SeqCst),
+            "ran before the gate opened"
+        );
         gate.open();
         t.join().unwrap();
         assert!(started.load(Ordering::SeqCst));
