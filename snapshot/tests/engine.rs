@@ -283,15 +283,7 @@ fn rollback_case_with(
 
     // The next snapshot (no injection) succeeds and is exact.
     let eng = engine_with(strategy, 2, FaultInjection::default());
-    ws.pause();
-    let reference = mem.reference();
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin after rollback");
-    ws.resume();
-    ws.run_for(10_000);
-    let snap = eng.wait().expect("snapshot after rollback");
-    ws.stop_and_check();
-    compare(&snap, &reference);
+    next_snapshot_is_exact(&eng, &mem, ws, false);
 }
 
 #[test]
@@ -838,15 +830,5 @@ fn staged_chunk_drain_failure_rolls_back() {
     ws.run_for(10_000);
 
     let eng = staging_engine(1, 4, false, FaultInjection::default());
-    // SAFETY: as above.
-    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
-    ws.pause();
-    let reference = mem.reference();
-    // SAFETY: as above.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin after rollback");
-    ws.resume();
-    ws.run_for(10_000);
-    let snap = eng.wait().expect("snapshot after rollback");
-    ws.stop_and_check();
-    compare(&snap, &reference);
+    next_snapshot_is_exact(&eng, &mem, ws, true);
 }

@@ -290,3 +290,21 @@ pub fn compare(snap: &Snapshot, reference: &[u8]) {
         }
     }
 }
+
+/// After a rollback: the next snapshot (armed first with `arm`) succeeds
+/// and is exact, with the writers running around it; stops the writers.
+pub fn next_snapshot_is_exact(eng: &Engine, mem: &Mem, ws: Writers, arm: bool) {
+    if arm {
+        // SAFETY: `mem` outlives the snapshot (wait() below).
+        unsafe { eng.arm(&[mem.region()]) }.expect("arm after rollback");
+    }
+    ws.pause();
+    let reference = mem.reference();
+    // SAFETY: as above.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin after rollback");
+    ws.resume();
+    ws.run_for(10_000);
+    let snap = eng.wait().expect("snapshot after rollback");
+    ws.stop_and_check();
+    compare(&snap, &reference);
+}
