@@ -108,7 +108,7 @@
 //! chunk later (staging.rs). The workers still populate cold memory.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -251,6 +251,71 @@ struct Armed {
     shared: Arc<Shared>,
     handler: JoinHandle<HandlerStats>,
     sync: SyncMetrics,
+    /// The supervisor thread, created now rather than in the pause (0.06–
+    /// 0.32 ms of it measured); None if it could not be created (`begin`
+    /// then creates it).
+    standby: Option<Standby>,
+}
+
+type SupervisorHandle = JoinHandle<Result<Snapshot, Error>>;
+
+/// What a standby supervisor waits for.
+type Launch = Box<(Arc<Shared>, Plan)>;
+
+fn spawn_supervisor(shared: Arc<Shared>, plan: Plan) -> std::io::Result<SupervisorHandle> {
+    std::thread::Builder::new()
+        .name("snap-supervisor".into())
+        .spawn(move || supervisor::run_guarded(shared, plan))
+}
+
+/// A supervisor thread waiting for its plan. Dropped unlaunched (disarm,
+/// a failed `begin`), it is told there is none and joined.
+#[derive(Debug)]
+struct Standby {
+    plan_tx: Option<mpsc::Sender<Launch>>,
+    thread: Option<SupervisorHandle>,
+}
+
+impl Standby {
+    fn spawn() -> std::io::Result<Standby> {
+        let (tx, rx) = mpsc::channel::<Launch>();
+        let thread = std::thread::Builder::new()
+            .name("snap-supervisor".into())
+            .spawn(move || match rx.recv() {
+                Ok(launch) => {
+                    let (shared, plan) = *launch;
+                    supervisor::run_guarded(shared, plan)
+                }
+                Err(_) => Err(Error::Cancelled),
+            })?;
+        Ok(Standby {
+            plan_tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands the plan over; gives it back if the thread is gone.
+    fn launch(mut self, launch: Launch) -> Result<SupervisorHandle, Launch> {
+        let (Some(tx), Some(thread)) = (self.plan_tx.take(), self.thread.take()) else {
+            return Err(launch);
+        };
+        match tx.send(launch) {
+            Ok(()) => Ok(thread),
+            Err(mpsc::SendError(back)) => {
+                let _ = thread.join();
+                Err(back)
+            }
+        }
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        drop(self.plan_tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A begun snapshot not yet collected by `wait()`.
@@ -386,12 +451,16 @@ impl Engine {
         // writers running and nothing protected yet.
         self.config.staging.prepare(layout.total_chunks());
         let (shared, handler, mut m) = self.set_up(layout, CHUNK_SIZE, true)?;
+        let standby = Standby::spawn()
+            .map_err(|e| tracing::debug!("supervisor starts in the pause instead: {e}"))
+            .ok();
         m.arm = t.elapsed();
         *lock(&self.armed) = Some(Armed {
             regions: regions.to_vec(),
             shared,
             handler,
             sync: m,
+            standby,
         });
         Ok(())
     }
@@ -439,7 +508,7 @@ impl Engine {
             Strategy::SyncWp => PAGE_SIZE,
             Strategy::AsyncFork | Strategy::Fork => CHUNK_SIZE,
         };
-        let (shared, handler, mut m) = match armed {
+        let (shared, handler, mut m, standby) = match armed {
             Some(a) if a.regions == regions => {
                 let mut m = SyncMetrics {
                     arm: a.sync.arm,
@@ -460,17 +529,19 @@ impl Engine {
                     }
                 }
                 a.shared.armed.store(false, Ordering::Release);
-                (a.shared, a.handler, m)
+                (a.shared, a.handler, m, a.standby)
             }
             other => {
                 if let Some(a) = other {
                     tear_down(&a.shared, a.handler);
                 }
-                self.set_up(layout, unit, false)?
+                let (shared, handler, m) = self.set_up(layout, unit, false)?;
+                (shared, handler, m, None)
             }
         };
 
         if self.config.injection.fail_sync {
+            drop(standby);
             tear_down(&shared, handler);
             return Err(Error::Injected {
                 phase: Phase::Sync,
@@ -491,9 +562,13 @@ impl Engine {
             resumed: Instant::now(),
         };
         let sh = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("snap-supervisor".into())
-            .spawn(move || supervisor::run_guarded(sh, plan));
+        let spawned = match standby {
+            Some(s) => s.launch(Box::new((sh, plan))).or_else(|back| {
+                let (sh, plan) = *back;
+                spawn_supervisor(sh, plan)
+            }),
+            None => spawn_supervisor(sh, plan),
+        };
         match spawned {
             Ok(h) => *lock(&self.supervisor) = Some(Pending::Running(h)),
             Err(source) => {
