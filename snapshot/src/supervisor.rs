@@ -47,58 +47,120 @@ pub(crate) fn run_guarded(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, E
     }
 }
 
-/// Holds the workers until every one of them exists (see `run`).
+/// Holds the workers until every one of them has started (see `run`).
 #[derive(Default)]
 struct StartGate {
-    open: Mutex<bool>,
+    state: Mutex<GateState>,
     cv: Condvar,
 }
 
+#[derive(Default)]
+struct GateState {
+    arrived: usize,
+    open: bool,
+}
+
 impl StartGate {
-    fn wait(&self) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        while !*open {
-            open = self.cv.wait(open).unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A worker, done starting up, waits for the others.
+    fn arrive_and_wait(&self) {
+        let mut st = self.lock();
+        st.arrived += 1;
+        self.cv.notify_all();
+        while !st.open {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
-    fn open(&self) {
-        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    /// Waits until `n` workers arrived, then lets them all go.
+    fn open_when_arrived(&self, n: usize) {
+        let mut st = self.lock();
+        while st.arrived < n {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.open = true;
+        self.cv.notify_all();
+    }
+
+    fn open_now(&self) {
+        self.lock().open = true;
         self.cv.notify_all();
     }
 }
 
-pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
-    // Creating a thread maps its stack (mmap_lock taken for writing). If a
-    // worker were already populating fresh destination memory (mmap_lock
-    // held for reading for milliseconds on these hosts), that mmap would
-    // queue behind it and every later reader, the fault handler's pagemap
-    // read and the vCPUs' own page faults included, behind the mmap: the
-    // guest's first fault after the pause waited 7.9 ms so. So all workers
-    // are created before any starts.
-    let gate = Arc::new(StartGate::default());
-    let mut workers = Vec::with_capacity(plan.workers);
-    for w in 0..plan.workers {
-        let sh = shared.clone();
-        let g = gate.clone();
-        match std::thread::Builder::new()
-            .name(format!("snap-worker-{w}"))
-            .spawn(move || {
-                g.wait();
-                worker::run(sh)
-            }) {
-            Ok(h) => workers.push(h),
-            Err(source) => {
-                shared.fail(Error::Spawn {
-                    phase: Phase::Worker,
-                    name: format!("snap-worker-{w}"),
-                    source,
-                });
-                break;
+/// Worker threads started up and waiting at their gate.
+struct Crew {
+    gate: Arc<StartGate>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Crew {
+    /// Starts `n` workers that wait until `go`. On a spawn failure the
+    /// snapshot fails (the workers started see it and leave).
+    ///
+    /// Starting a thread maps memory (its stack; in the thread, the signal
+    /// stack and, at its first allocation, a malloc arena: mmap_lock taken
+    /// for writing each time). If a worker were already populating fresh
+    /// destination memory (mmap_lock held for reading for milliseconds on
+    /// these hosts), those would queue behind it and every later reader,
+    /// the fault handler's pagemap read and the vCPUs' own page faults
+    /// included, behind them: the guest's first fault after the pause
+    /// waited 7.9 ms so, and strace showed a worker's arena mprotect wait
+    /// 5 ms. So no worker starts copying before every one has started up.
+    /// (Starting them in `arm` instead, before the pause, measured worse:
+    /// docs/BENCHMARKS.md.)
+    fn hire(shared: &Arc<Shared>, n: usize) -> Crew {
+        let gate = Arc::new(StartGate::default());
+        let mut workers = Vec::with_capacity(n);
+        for w in 0..n {
+            let sh = shared.clone();
+            let g = gate.clone();
+            match std::thread::Builder::new()
+                .name(format!("snap-worker-{w}"))
+                .spawn(move || {
+                    // This thread's first allocation creates its malloc
+                    // arena (mmap): have it now, before the gate.
+                    drop(std::hint::black_box(Vec::<u8>::with_capacity(64)));
+                    g.arrive_and_wait();
+                    worker::run(sh)
+                }) {
+                Ok(h) => workers.push(h),
+                Err(source) => {
+                    shared.fail(Error::Spawn {
+                        phase: Phase::Worker,
+                        name: format!("snap-worker-{w}"),
+                        source,
+                    });
+                    break;
+                }
             }
         }
+        Crew { gate, workers }
     }
-    gate.open();
+
+    /// Lets the workers go once all have started up.
+    fn go(mut self) -> Vec<JoinHandle<()>> {
+        self.gate.open_when_arrived(self.workers.len());
+        std::mem::take(&mut self.workers)
+    }
+}
+
+impl Drop for Crew {
+    /// Not sent off (a panic in between; the snapshot is failed): let the
+    /// workers out, they see the failure and leave.
+    fn drop(&mut self) {
+        self.gate.open_now();
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
+    let workers = Crew::hire(&shared, plan.workers).go();
     for h in workers {
         if let Err(p) = h.join() {
             shared.fail(Error::ThreadPanicked(panic_msg(p)));
@@ -200,27 +262,34 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
 #[cfg(test)]
 mod tests {
     use super::StartGate;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     #[test]
-    fn workers_wait_for_the_gate() {
+    fn workers_start_together_once_all_arrived() {
         let gate = Arc::new(StartGate::default());
-        let started = Arc::new(AtomicBool::new(false));
-        let (g, s) = (gate.clone(), started.clone());
-        let t = std::thread::spawn(move || {
-            g.wait();
-            s.store(true, Ordering::SeqCst);
-        });
+        let started = Arc::new(AtomicUsize::new(0));
+        let spawn = |gate: &Arc<StartGate>, started: &Arc<AtomicUsize>| {
+            let (g, s) = (gate.clone(), started.clone());
+            std::thread::spawn(move || {
+                g.arrive_and_wait();
+                s.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let first = spawn(&gate, &started);
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(
-            !started.load(Ordering::SeqCst),
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            0,
             "ran before the gate opened"
         );
-        gate.open();
-        t.join().unwrap();
-        assert!(started.load(Ordering::SeqCst));
-        // Opened stays open.
-        gate.wait();
+        let second = spawn(&gate, &started);
+        gate.open_when_arrived(2);
+        first.join().unwrap();
+        second.join().unwrap();
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        // Open stays open, and a gate with no workers opens at once.
+        gate.arrive_and_wait();
+        StartGate::default().open_when_arrived(0);
     }
 }
