@@ -84,83 +84,55 @@ impl StartGate {
         st.open = true;
         self.cv.notify_all();
     }
-
-    fn open_now(&self) {
-        self.lock().open = true;
-        self.cv.notify_all();
-    }
 }
 
-/// Worker threads started up and waiting at their gate.
-struct Crew {
-    gate: Arc<StartGate>,
-    workers: Vec<JoinHandle<()>>,
-}
-
-impl Crew {
-    /// Starts `n` workers that wait until `go`. On a spawn failure the
-    /// snapshot fails (the workers started see it and leave).
-    ///
-    /// Starting a thread maps memory (its stack; in the thread, the signal
-    /// stack and, at its first allocation, a malloc arena: mmap_lock taken
-    /// for writing each time). If a worker were already populating fresh
-    /// destination memory (mmap_lock held for reading for milliseconds on
-    /// these hosts), those would queue behind it and every later reader,
-    /// the fault handler's pagemap read and the vCPUs' own page faults
-    /// included, behind them: the guest's first fault after the pause
-    /// waited 7.9 ms so, and strace showed a worker's arena mprotect wait
-    /// 5 ms. So no worker starts copying before every one has started up.
-    /// (Starting them in `arm` instead, before the pause, measured worse:
-    /// docs/BENCHMARKS.md.)
-    fn hire(shared: &Arc<Shared>, n: usize) -> Crew {
-        let gate = Arc::new(StartGate::default());
-        let mut workers = Vec::with_capacity(n);
-        for w in 0..n {
-            let sh = shared.clone();
-            let g = gate.clone();
-            match std::thread::Builder::new()
-                .name(format!("snap-worker-{w}"))
-                .spawn(move || {
-                    // This thread's first allocation creates its malloc
-                    // arena (mmap): have it now, before the gate.
-                    drop(std::hint::black_box(Vec::<u8>::with_capacity(64)));
-                    g.arrive_and_wait();
-                    worker::run(sh)
-                }) {
-                Ok(h) => workers.push(h),
-                Err(source) => {
-                    shared.fail(Error::Spawn {
-                        phase: Phase::Worker,
-                        name: format!("snap-worker-{w}"),
-                        source,
-                    });
-                    break;
-                }
+/// Starts `n` workers and lets them copy once every one has started up.
+/// On a spawn failure the snapshot fails (the workers started see it and
+/// leave).
+///
+/// Starting a thread maps memory (its stack; in the thread, the signal
+/// stack and, at its first allocation, a malloc arena: mmap_lock taken
+/// for writing each time). If a worker were already populating fresh
+/// destination memory (mmap_lock held for reading for milliseconds on
+/// these hosts), those would queue behind it and every later reader,
+/// the fault handler's pagemap read and the vCPUs' own page faults
+/// included, behind them: the guest's first fault after the pause
+/// waited 7.9 ms so, and strace showed a worker's arena mprotect wait
+/// 5 ms. So no worker starts copying before every one has started up.
+/// (Starting them in `arm` instead, before the pause, measured worse:
+/// docs/BENCHMARKS.md.)
+fn start_workers(shared: &Arc<Shared>, n: usize) -> Vec<JoinHandle<()>> {
+    let gate = Arc::new(StartGate::default());
+    let mut workers = Vec::with_capacity(n);
+    for w in 0..n {
+        let sh = shared.clone();
+        let g = gate.clone();
+        match std::thread::Builder::new()
+            .name(format!("snap-worker-{w}"))
+            .spawn(move || {
+                // This thread's first allocation creates its malloc
+                // arena (mmap): have it now, before the gate.
+                drop(std::hint::black_box(Vec::<u8>::with_capacity(64)));
+                g.arrive_and_wait();
+                worker::run(sh)
+            }) {
+            Ok(h) => workers.push(h),
+            Err(source) => {
+                shared.fail(Error::Spawn {
+                    phase: Phase::Worker,
+                    name: format!("snap-worker-{w}"),
+                    source,
+                });
+                break;
             }
         }
-        Crew { gate, workers }
     }
-
-    /// Lets the workers go once all have started up.
-    fn go(mut self) -> Vec<JoinHandle<()>> {
-        self.gate.open_when_arrived(self.workers.len());
-        std::mem::take(&mut self.workers)
-    }
-}
-
-impl Drop for Crew {
-    /// Not sent off (a panic in between; the snapshot is failed): let the
-    /// workers out, they see the failure and leave.
-    fn drop(&mut self) {
-        self.gate.open_now();
-        for h in self.workers.drain(..) {
-            let _ = h.join();
-        }
-    }
+    gate.open_when_arrived(workers.len());
+    workers
 }
 
 pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
-    let workers = Crew::hire(&shared, plan.workers).go();
+    let workers = start_workers(&shared, plan.workers);
     for h in workers {
         if let Err(p) = h.join() {
             shared.fail(Error::ThreadPanicked(panic_msg(p)));

@@ -105,15 +105,7 @@ fn fault_case(injection: FaultInjection, expect: Expect, writers_during_copy: bo
 
         // The next snapshot, without injection, succeeds bit for bit.
         let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
-        ws.pause();
-        let reference = mem.reference();
-        // SAFETY: `mem` outlives the snapshot.
-        unsafe { eng.begin(&[mem.region()]) }.expect("begin after the fault");
-        ws.resume();
-        ws.run_for(10_000);
-        let snap = eng.wait().expect("snapshot after the fault");
-        ws.stop_and_check();
-        compare(&snap, &reference);
+        next_snapshot_is_exact(&eng, &mem, ws, false);
         assert_eq!(mem.wp_pages(), 0);
     }
     assert_eq!(counts(), before, "(threads, fds) leaked");
