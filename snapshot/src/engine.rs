@@ -262,12 +262,6 @@ type SupervisorHandle = JoinHandle<Result<Snapshot, Error>>;
 /// What a standby supervisor waits for.
 type Launch = Box<(Arc<Shared>, Plan)>;
 
-fn spawn_supervisor(shared: Arc<Shared>, plan: Plan) -> std::io::Result<SupervisorHandle> {
-    std::thread::Builder::new()
-        .name("snap-supervisor".into())
-        .spawn(move || supervisor::run_guarded(shared, plan))
-}
-
 /// A supervisor thread waiting for its plan. Dropped unlaunched (disarm,
 /// a failed `begin`), it is told there is none and joined.
 #[derive(Debug)]
@@ -561,14 +555,17 @@ impl Engine {
             sync: m.clone(),
             resumed: Instant::now(),
         };
-        let sh = shared.clone();
+        let launch: Launch = Box::new((shared.clone(), plan));
+        // Without a standby from `arm` (or if it died), start one now.
         let spawned = match standby {
-            Some(s) => s.launch(Box::new((sh, plan))).or_else(|back| {
-                let (sh, plan) = *back;
-                spawn_supervisor(sh, plan)
-            }),
-            None => spawn_supervisor(sh, plan),
-        };
+            Some(s) => s.launch(launch),
+            None => Err(launch),
+        }
+        .or_else(|back| {
+            Standby::spawn()?
+                .launch(back)
+                .map_err(|_| std::io::Error::other("the supervisor thread exited before its plan"))
+        });
         match spawned {
             Ok(h) => *lock(&self.supervisor) = Some(Pending::Running(h)),
             Err(source) => {
