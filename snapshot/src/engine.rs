@@ -113,6 +113,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::chunk_table::ChunkTable;
+use crate::cpus::CpuSet;
 use crate::error::{Error, Phase};
 use crate::eventfd::EventFd;
 use crate::fault_handler;
@@ -201,6 +202,10 @@ pub struct Config {
     /// a VM's successive engines so they are prepared once;
     /// `StagingSlots::new(0)` disables staging.
     pub staging: Arc<StagingSlots>,
+    /// Host CPUs for the supervisor and the copiers (cpus.rs says why);
+    /// None leaves them wherever the scheduler puts them. A failure to pin
+    /// only costs the placement (logged).
+    pub background_cpus: Option<CpuSet>,
 }
 
 impl Default for Config {
@@ -212,6 +217,7 @@ impl Default for Config {
             keep_destination: false,
             arm_step: ARM_STEP,
             staging: Arc::new(StagingSlots::new(DEFAULT_STAGING_SLOTS)),
+            background_cpus: None,
         }
     }
 }
@@ -271,21 +277,34 @@ struct Standby {
 }
 
 impl Standby {
-    fn spawn() -> std::io::Result<Standby> {
+    /// `cpus`: where it and the workers it starts (which inherit its
+    /// affinity) run.
+    fn spawn(cpus: Option<CpuSet>) -> std::io::Result<Standby> {
         let (tx, rx) = mpsc::channel::<Launch>();
         let thread = std::thread::Builder::new()
             .name("snap-supervisor".into())
-            .spawn(move || match rx.recv() {
-                Ok(launch) => {
-                    let (shared, plan) = *launch;
-                    supervisor::run_guarded(shared, plan)
+            .spawn(move || {
+                if let Some(cpus) = cpus {
+                    if let Err(e) = cpus.pin_current_thread() {
+                        tracing::warn!("snapshot copiers not kept on CPUs {cpus}: {e}");
+                    }
                 }
-                Err(_) => Err(Error::Cancelled),
+                Self::wait_for_plan(rx)
             })?;
         Ok(Standby {
             plan_tx: Some(tx),
             thread: Some(thread),
         })
+    }
+
+    fn wait_for_plan(rx: mpsc::Receiver<Launch>) -> Result<Snapshot, Error> {
+        match rx.recv() {
+            Ok(launch) => {
+                let (shared, plan) = *launch;
+                supervisor::run_guarded(shared, plan)
+            }
+            Err(_) => Err(Error::Cancelled),
+        }
     }
 
     /// Hands the plan over; gives it back if the thread is gone.
@@ -445,7 +464,7 @@ impl Engine {
         // writers running and nothing protected yet.
         self.config.staging.prepare(layout.total_chunks());
         let (shared, handler, mut m) = self.set_up(layout, CHUNK_SIZE, true)?;
-        let standby = Standby::spawn()
+        let standby = Standby::spawn(self.config.background_cpus.clone())
             .map_err(|e| tracing::debug!("supervisor starts in the pause instead: {e}"))
             .ok();
         m.arm = t.elapsed();
@@ -562,7 +581,7 @@ impl Engine {
             None => Err(launch),
         }
         .or_else(|back| {
-            Standby::spawn()?
+            Standby::spawn(self.config.background_cpus.clone())?
                 .launch(back)
                 .map_err(|_| std::io::Error::other("the supervisor thread exited before its plan"))
         });

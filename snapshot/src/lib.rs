@@ -18,6 +18,7 @@
 //! sync-wp) with the same `Snapshot` result; `fork` is the VMM's.
 
 mod chunk_table;
+pub mod cpus;
 pub mod engine;
 pub mod error;
 mod eventfd;
@@ -36,6 +37,7 @@ mod supervisor;
 pub mod uffd;
 mod worker;
 
+pub use cpus::{CpuListError, CpuSet};
 pub use engine::{Config, Engine, Strategy};
 pub use error::{Error, Phase, UffdError};
 pub use inject::FaultInjection;

@@ -832,3 +832,66 @@ fn staged_chunk_drain_failure_rolls_back() {
     let eng = staging_engine(1, 4, false, FaultInjection::default());
     next_snapshot_is_exact(&eng, &mem, ws, true);
 }
+
+/// Affinity lists of this process's threads with the given name.
+fn thread_cpus(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let dir = task.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    out
+}
+
+/// `background_cpus` keeps the supervisor (and the copiers it starts,
+/// which inherit its affinity) on those CPUs; the snapshot is as exact.
+#[test]
+fn background_cpus_place_the_supervisor_and_the_snapshot_stays_exact() {
+    let allowed = snapshot::CpuSet::allowed().expect("affinity");
+    let first: snapshot::CpuSet = allowed
+        .to_string()
+        .split([',', '-'])
+        .next()
+        .expect("a CPU")
+        .parse()
+        .expect("cpu");
+    let mem = Mem::new(8, 4, 8, 21);
+    let ws = Writers::start(&mem, 2);
+    ws.anywhere.store(true, Ordering::SeqCst);
+    let eng = Engine::new(snapshot::Config {
+        workers: 2,
+        background_cpus: Some(first.clone()),
+        ..snapshot::Config::default()
+    })
+    .expect("engine (needs root and userfaultfd)");
+    // SAFETY: `mem` outlives the snapshot (wait() below).
+    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    // The standby supervisor pins itself as it starts: give it a moment.
+    let want = first.to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !thread_cpus("snap-supervisor").contains(&want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no supervisor on CPUs {want}: {:?}",
+            thread_cpus("snap-supervisor")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    ws.run_for(20_000);
+    ws.pause();
+    let reference = mem.reference();
+    // SAFETY: as above.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    ws.resume();
+    let snap = eng.wait().expect("snapshot");
+    ws.stop_and_check();
+    compare(&snap, &reference);
+    assert_eq!(mem.wp_pages(), 0);
+}

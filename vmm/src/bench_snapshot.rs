@@ -68,6 +68,8 @@ pub struct Params {
     pub baseline: Duration,
     /// Persist-thread priorities tried for every mode but fork.
     pub priorities: Vec<BackgroundPriority>,
+    /// `--cpus`: the guest on some CPUs, the copiers on the others.
+    pub cpus: Option<crate::placement::CpuPlacement>,
 }
 
 /// One measured snapshot.
@@ -323,6 +325,9 @@ pub fn run(p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchEr
         backing: p.backing,
     };
     let mut vm = Vm::new(config)?;
+    if let Some(cpus) = &p.cpus {
+        vm.set_cpu_placement(cpus.clone());
+    }
     vm.start()?;
     let result = measure(&vm, p, on_row);
     vm.shutdown();
@@ -526,6 +531,7 @@ mod tests {
             warm: false,
             baseline: Duration::from_secs(1),
             priorities: vec![BackgroundPriority::Idle, BackgroundPriority::Normal],
+            cpus: None,
         }
     }
 

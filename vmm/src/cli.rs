@@ -144,6 +144,12 @@ pub struct RunArgs {
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
+    /// Host CPUs the guest runs on (its vCPU threads and its vsock device
+    /// thread), as taskset lists them: `1`, `2-3`, `0,2`. Snapshot copiers
+    /// then run on the other CPUs, so a copy never shares a core with the
+    /// guest. Default: no pinning.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<snapshot::CpuSet>,
     /// Back guest RAM with transparent huge pages (`on`, MADV_HUGEPAGE) or
     /// with 4 KiB pages only (`off`, MADV_NOHUGEPAGE) [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_hugepages)]
@@ -370,6 +376,10 @@ pub struct BenchSnapshotArgs {
     /// Number of vCPUs (each scribbles over its share of the buffer).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// Host CPUs for the guest, as for `snapvm run --cpus` (the copiers get
+    /// the others). Default: no pinning.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<snapshot::CpuSet>,
     /// Comma-separated snapshot modes, in order.
     #[arg(long, default_value = "async-fork,fork,stop-the-world,sync-wp", value_parser = parse_strategies)]
     pub modes: ::std::vec::Vec<snapshot::Strategy>,

@@ -18,6 +18,7 @@ pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod msr;
+pub mod placement;
 pub mod probe_gaps;
 pub mod snapshotting;
 pub mod vcpu;

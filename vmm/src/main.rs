@@ -16,6 +16,7 @@ use vmm::devices::virtio::{
     vsock::{HostListener, ListenAddr},
 };
 use vmm::loader::{BootConfig, KernelImage};
+use vmm::placement::CpuPlacement;
 use vmm::snapshotting::{restore_cli, trigger};
 use vmm::{Vm, VmConfig, VmExit};
 
@@ -97,6 +98,13 @@ fn instance_id() -> String {
     format!("snapvm-{}", std::process::id())
 }
 
+/// `--cpus`, checked against the CPUs this process may use.
+fn cpu_placement(
+    cpus: &Option<snapshot::CpuSet>,
+) -> Result<Option<CpuPlacement>, vmm::placement::PlacementError> {
+    cpus.clone().map(CpuPlacement::new).transpose()
+}
+
 fn snapshot_workers(args: &RunArgs) -> usize {
     args.snapshot_workers
         .map_or_else(cli::default_snapshot_workers, |n| n as usize)
@@ -149,18 +157,22 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = args.validate_snapshot_flags() {
         return fail(e);
     }
+    let cpus = match cpu_placement(&args.cpus) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
     let api = match start_api(&args) {
         Ok(api) => api,
         Err(e) => return fail(e),
     };
     if args.waits_for_load() {
         return match api {
-            Some(api) => run_waiting(&args, api),
+            Some(api) => run_waiting(&args, api, cpus),
             None => fail("waiting for a snapshot load needs --api-sock"),
         };
     }
     if args.restore.is_some() {
-        return run_restored(args, api);
+        return run_restored(args, api, cpus);
     }
     let (memory_size, vcpus) = match machine_size(args.memory(), args.vcpus()) {
         Ok(size) => size,
@@ -210,6 +222,9 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
+    if let Some(p) = cpus {
+        vm.set_cpu_placement(p);
+    }
     if let Some(l) = listener {
         let bound = l.local_addr();
         if let Err(e) = vm.attach_vsock(l) {
@@ -304,7 +319,7 @@ fn exit_status(exit: VmExit) -> ExitCode {
 
 /// `snapvm run --api-sock PATH` alone: no VM until `PUT /snapshot/load`
 /// restores one (with `--kv-listen`, `--serial` as for `--restore`).
-fn run_waiting(args: &RunArgs, api: Api) -> ExitCode {
+fn run_waiting(args: &RunArgs, api: Api, cpus: Option<CpuPlacement>) -> ExitCode {
     let (server, calls) = api;
     let kv_addr = args.kv_listen.as_deref().map(ListenAddr::parse);
     let kv_listener = match &kv_addr {
@@ -319,6 +334,7 @@ fn run_waiting(args: &RunArgs, api: Api) -> ExitCode {
         serial_in: true,
         kv_addr,
         kv_listener,
+        cpus,
     };
     tracing::info!("no VM: waiting for PUT /snapshot/load");
     let mut owner = Owner::waiting(loader, instance_id(), snapshot_workers(args));
@@ -332,7 +348,7 @@ fn run_waiting(args: &RunArgs, api: Api) -> ExitCode {
 /// `snapvm run --restore DIR`: the guest continues where it was at the
 /// snapshot. Only an explicit --kv-listen is bound for a restored vsock
 /// device.
-fn run_restored(args: RunArgs, api: Option<Api>) -> ExitCode {
+fn run_restored(args: RunArgs, api: Option<Api>, cpus: Option<CpuPlacement>) -> ExitCode {
     let t_restore = std::time::Instant::now();
     let Some(dir) = args.restore.clone() else {
         return fail("--restore needs a directory");
@@ -356,6 +372,9 @@ fn run_restored(args: RunArgs, api: Option<Api>) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
+    if let Some(p) = cpus {
+        vm.set_cpu_placement(p);
+    }
     if let Err(e) = vm.start() {
         return fail(e);
     }
@@ -401,6 +420,10 @@ fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
             args.dir.display()
         ));
     }
+    let cpus = match cpu_placement(&args.cpus) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
     let params = vmm::bench_snapshot::Params {
         memory_size,
         vcpus,
@@ -412,6 +435,7 @@ fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
         warm: args.warm,
         baseline: std::time::Duration::from_millis(args.baseline_ms.max(1)),
         priorities: args.priorities,
+        cpus,
     };
     let result = vmm::bench_snapshot::run(&params, &mut |row| {
         println!("{}", row.to_json());

@@ -14,6 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 use snapvm_guest::abi::{ProbeBlock, PROBE_MAGIC};
 
+use crate::placement::CpuPlacement;
 use crate::probe_gaps::ProbeGaps;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -138,6 +139,8 @@ pub struct Vm {
     exit: Option<VmExit>,
     /// One snapshot in flight ([`crate::snapshotting`]).
     snapshot_slot: Arc<crate::snapshotting::SnapshotSlot>,
+    /// `--cpus`: where the guest's and the snapshots' threads run.
+    cpus: Option<CpuPlacement>,
 }
 
 impl Vm {
@@ -237,6 +240,7 @@ impl Vm {
             started: false,
             exit: None,
             snapshot_slot: Arc::default(),
+            cpus: None,
         })
     }
 
@@ -270,7 +274,12 @@ impl Vm {
                 .name(format!("vcpu{index}"))
                 .spawn(move || thread.run());
             match spawned {
-                Ok(h) => self.threads.push(h),
+                Ok(h) => {
+                    if let Some(p) = &self.cpus {
+                        p.pin_guest_thread(&format!("vCPU {index}"), &h);
+                    }
+                    self.threads.push(h)
+                }
                 Err(source) => {
                     // Threads never started count as exited so waits end.
                     for i in index..self.vcpu_fds.len() {
@@ -483,6 +492,9 @@ impl Vm {
             listener,
             Box::new(move || control.wake_waiters()),
         )?;
+        if let Some(p) = &self.cpus {
+            device.pin_thread(p);
+        }
         self.bus
             .vsock
             .set(Arc::new(device))
@@ -571,7 +583,23 @@ impl Vm {
             started: false,
             exit: None,
             snapshot_slot: Arc::default(),
+            cpus: None,
         }
+    }
+
+    /// Keeps the guest's threads (vCPUs, vsock device) on `p.guest` from
+    /// [`Vm::start`] on, and snapshots' background threads on
+    /// `p.background` (placement.rs). Call before `start`.
+    pub fn set_cpu_placement(&mut self, p: CpuPlacement) {
+        if let Some(vsock) = self.bus.vsock.get() {
+            vsock.pin_thread(&p);
+        }
+        self.cpus = Some(p);
+    }
+
+    /// The `--cpus` placement, if any.
+    pub fn cpu_placement(&self) -> Option<&CpuPlacement> {
+        self.cpus.as_ref()
     }
 
     /// The VM's snapshot bookkeeping ([`crate::snapshotting`]).

@@ -459,3 +459,109 @@ fn kv_snapshot_under_load_restores_a_consistent_store() {
     assert_eq!(redis(port2, &["SET", "x", "y"]).as_deref(), Some("OK"));
     assert_eq!(redis(port2, &["GET", "x"]).as_deref(), Some("y"));
 }
+
+/// Affinity list (`Cpus_allowed_list`) of each thread of `pid` named `name`.
+fn thread_cpus(pid: u32, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    out
+}
+
+/// `--cpus` keeps the guest's threads (vCPU, vsock device) on the CPU
+/// given, the rest of snapvm where it was; snapshots and restores work
+/// the same (the restored guest is placed too).
+#[test]
+fn cpus_keep_the_guest_on_its_cpus_and_snapshots_restore() {
+    // The CPUs this test process (and so the snapvm it starts) may use.
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let all = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_string();
+    let last = all.rsplit([',', '-']).next().expect("a CPU").to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("pinned");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut vm = Proc::spawn(
+        &snapvm_bin(),
+        &[
+            "run",
+            "--memory",
+            "512M",
+            "--cpus",
+            &last,
+            "--kv-listen",
+            &listen,
+            "--snapshot-dir",
+            base.to_str().expect("utf-8 path"),
+        ],
+    );
+    vm.wait_for_stdout(LISTENING, T);
+    assert_eq!(thread_cpus(vm.pid(), "vcpu0"), vec![last.clone()]);
+    assert_eq!(thread_cpus(vm.pid(), "vsock"), vec![last.clone()]);
+    assert_eq!(thread_cpus(vm.pid(), "snapvm"), vec![all.clone()]);
+
+    assert_eq!(redis(port, &["SET", "a", "1"]).as_deref(), Some("OK"));
+    // SAFETY: kill(2) on our own child's pid has no memory-safety concerns.
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGUSR1) }, 0);
+    let dir = base.with_file_name("pinned-1");
+    wait_for_snapshot(&vm, &dir);
+    assert_eq!(redis(port, &["SET", "a", "2"]).as_deref(), Some("OK"));
+
+    let port2 = free_port();
+    let listen2 = format!("127.0.0.1:{port2}");
+    let serial = tmp.path().join("serial-restored.txt");
+    let restored = Proc::spawn(
+        &snapvm_bin(),
+        &[
+            "run",
+            "--restore",
+            dir.to_str().expect("utf-8 path"),
+            "--cpus",
+            &last,
+            "--kv-listen",
+            &listen2,
+            "--serial",
+            serial.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert_eq!(first_reply(&restored, port2, &["GET", "a"], T), "1");
+    assert_eq!(thread_cpus(restored.pid(), "vcpu0"), vec![last.clone()]);
+    assert_eq!(thread_cpus(restored.pid(), "vsock"), vec![last]);
+    assert_eq!(redis(port, &["GET", "a"]).as_deref(), Some("2"));
+}
+
+#[test]
+fn cpus_flag_errors() {
+    let out = run(&snapvm_bin(), &["run", "--cpus", "1023"], T);
+    assert_one_error_line(
+        &out,
+        &["--cpus 1023: CPUs 1023 are not among those snapvm may run on ("],
+    );
+    let out = run(&snapvm_bin(), &["run", "--cpus", "2-1"], T);
+    assert_one_error_line(
+        &out,
+        &[
+            "invalid value '2-1' for '--cpus <LIST>'",
+            "CPU range '2-1' runs backwards",
+        ],
+    );
+    let out = run(&snapvm_bin(), &["run", "--cpus", ""], T);
+    assert_one_error_line(&out, &["empty CPU list"]);
+}

@@ -50,6 +50,8 @@ pub struct Loader {
     /// `--kv-listen`, bound up front so a busy address fails the start.
     pub kv_addr: Option<ListenAddr>,
     pub kv_listener: Option<HostListener>,
+    /// `--cpus`, applied to every loaded VM.
+    pub cpus: Option<crate::placement::CpuPlacement>,
 }
 
 /// Where the VM is.
@@ -632,6 +634,9 @@ impl Owner {
                 Ok(vm) => vm,
                 Err(e) => return Reply::fault(400, e.to_string()),
             };
+        if let Some(p) = &loader.cpus {
+            vm.set_cpu_placement(p.clone());
+        }
         let mut started = false;
         if body.resume_vm {
             if let Err(e) = vm.start() {

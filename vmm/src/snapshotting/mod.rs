@@ -623,6 +623,7 @@ impl Vm {
                 strategy: req.mode,
                 injection: req.injection.clone(),
                 keep_destination: req.keep_memory,
+                background_cpus: self.cpu_placement().and_then(|p| p.background.clone()),
                 ..Config::default()
             })?)
         };
@@ -643,9 +644,13 @@ impl Vm {
         // here) and hold up every later reader, the fault handler and the
         // vCPUs' faults included (engine supervisor.rs).
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let placement = self.cpu_placement().cloned();
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
+                if let Some(p) = placement {
+                    p.pin_background_here("the snapshot persist thread");
+                }
                 // No job: the snapshot failed before the copy started.
                 if let Ok(job) = job_rx.recv() {
                     job();
@@ -843,13 +848,18 @@ impl Vm {
             workers,
             strategy: mode,
             keep_destination: true,
+            background_cpus: self.cpu_placement().and_then(|p| p.background.clone()),
             ..Config::default()
         })?;
         let bytes = self.memory().size();
+        let placement = self.cpu_placement().cloned();
         std::thread::Builder::new()
             .name("snapshot-prepare".into())
             .spawn(move || {
                 let _guard = guard;
+                if let Some(p) = placement {
+                    p.pin_background_here("snapshot memory preparation");
+                }
                 if let Err(e) = snapshot::priority::apply_to_current_thread(priority) {
                     tracing::warn!("snapshot memory preparation keeps normal priority: {e}");
                 }

@@ -346,6 +346,13 @@ impl VsockDevice {
         })
     }
 
+    /// Keeps the device thread on the guest's CPUs (`--cpus`).
+    pub fn pin_thread(&self, p: &crate::placement::CpuPlacement) {
+        if let Some(t) = lock(&self.thread).as_ref() {
+            p.pin_guest_thread("the vsock device thread", t);
+        }
+    }
+
     /// Stops the device thread (idempotent).
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::Release);
