@@ -13,37 +13,36 @@ const T: Duration = Duration::from_secs(60);
 const LISTENING: &str = "kv: listening on vsock port 6379";
 
 /// A KV guest with `--snapshot-dir base` (SIGUSR1 snapshots into
-/// `base-N`), listening on a free port.
-fn start_kv_with_snapshot_dir(base: &Path) -> (Proc, u16) {
+/// `base-N`) and `memory` of RAM, listening on a free port; `extra` flags
+/// are added to `snapvm run`.
+fn start_kv_with_snapshot_dir(base: &Path, memory: &str, extra: &[&str]) -> (Proc, u16) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let dir = base.to_str().expect("utf-8 path");
-    let mut vm = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--memory",
-            "512M",
-            "--kv-listen",
-            &listen,
-            "--snapshot-dir",
-            dir,
-            "--log-level",
-            "info",
-        ],
-    );
+    let mut args = vec![
+        "run",
+        "--memory",
+        memory,
+        "--kv-listen",
+        &listen,
+        "--snapshot-dir",
+        dir,
+        "--log-level",
+        "info",
+    ];
+    args.extend_from_slice(extra);
+    let mut vm = Proc::spawn(&snapvm_bin(), &args);
     vm.wait_for_stdout(LISTENING, T);
     (vm, port)
 }
 
-/// `snapvm run --restore dir` on a free port, its console in `serial`.
-fn restore_kv(dir: &Path, serial: &Path, verify: bool) -> (Proc, u16) {
+/// `snapvm run --restore dir` on a free port, its console in `serial`;
+/// `extra` flags are added.
+fn restore_kv(dir: &Path, serial: &Path, extra: &[&str]) -> (Proc, u16) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut args = vec!["run", "--restore", dir.to_str().expect("utf-8 path")];
-    if verify {
-        args.push("--verify");
-    }
+    args.extend_from_slice(extra);
     args.extend([
         "--kv-listen",
         &listen,
@@ -171,7 +170,7 @@ fn snapshot_at_then_restore_runs_the_guest_on() {
 fn kv_snapshot_by_sigusr1_restores_the_data_as_of_the_fork() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("kv");
-    let (vm, port) = start_kv_with_snapshot_dir(&base);
+    let (vm, port) = start_kv_with_snapshot_dir(&base, "512M", &[]);
     assert_eq!(redis(port, &["SET", "a", "1"]).as_deref(), Some("OK"));
     assert_eq!(redis(port, &["SET", "b", "2"]).as_deref(), Some("OK"));
     // SAFETY: kill(2) on our own child's pid has no memory-safety concerns.
@@ -185,7 +184,7 @@ fn kv_snapshot_by_sigusr1_restores_the_data_as_of_the_fork() {
     assert_eq!(redis(port, &["FLUSHALL"]).as_deref(), Some("OK"));
     assert_eq!(redis(port, &["DBSIZE"]).as_deref(), Some("0"));
 
-    let (restored, port2) = restore_kv(&dir, &tmp.path().join("serial-restored.txt"), false);
+    let (restored, port2) = restore_kv(&dir, &tmp.path().join("serial-restored.txt"), &[]);
     let a = first_reply(&restored, port2, &["GET", "a"], T);
     assert_eq!(a, "1");
     assert_eq!(redis(port2, &["GET", "b"]).as_deref(), Some("2"));
@@ -381,26 +380,11 @@ fn priority_flag_errors() {
 fn kept_memory_is_prepared_at_start_and_serves_every_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("kv");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut vm = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--memory",
-            "256M",
-            "--kv-listen",
-            &listen,
-            "--snapshot-dir",
-            base.to_str().expect("utf-8 path"),
-            "--snapshot-keep-memory",
-            "--snapshot-priority",
-            "normal",
-            "--log-level",
-            "info",
-        ],
+    let (vm, port) = start_kv_with_snapshot_dir(
+        &base,
+        "256M",
+        &["--snapshot-keep-memory", "--snapshot-priority", "normal"],
     );
-    vm.wait_for_stdout(LISTENING, T);
     let deadline = Instant::now() + T;
     while !vm.stderr().contains("snapshot memory prepared: 256 MiB") {
         assert!(Instant::now() < deadline, "never prepared: {}", vm.stderr());
@@ -412,7 +396,11 @@ fn kept_memory_is_prepared_at_start_and_serves_every_snapshot() {
         assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGUSR1) }, 0);
         let dir = base.with_file_name(format!("kv-{}", i + 1));
         wait_for_snapshot(&vm, &dir);
-        let (restored, port2) = restore_kv(&dir, &tmp.path().join(format!("serial-{i}.txt")), true);
+        let (restored, port2) = restore_kv(
+            &dir,
+            &tmp.path().join(format!("serial-{i}.txt")),
+            &["--verify"],
+        );
         assert_eq!(first_reply(&restored, port2, &["GET", "k"], T), *value);
     }
     assert!(!vm.stderr().contains("cannot prepare"), "{}", vm.stderr());
@@ -422,7 +410,7 @@ fn kept_memory_is_prepared_at_start_and_serves_every_snapshot() {
 fn kv_snapshot_under_load_restores_a_consistent_store() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("load");
-    let (vm, port) = start_kv_with_snapshot_dir(&base);
+    let (vm, port) = start_kv_with_snapshot_dir(&base, "512M", &[]);
     let mut bench = Command::new("redis-benchmark")
         .args(["-p", &port.to_string(), "-t", "set", "-n", "100000"])
         .args(["-r", "50000", "-d", "200", "-c", "4", "-q"])
@@ -448,7 +436,8 @@ fn kv_snapshot_under_load_restores_a_consistent_store() {
     let after: u64 = redis(port, &["DBSIZE"]).unwrap().parse().unwrap();
     assert!(bench.wait().expect("redis-benchmark").success());
 
-    let (restored, port2) = restore_kv(&dir, &tmp.path().join("serial-restored.txt"), true);
+    let (restored, port2) =
+        restore_kv(&dir, &tmp.path().join("serial-restored.txt"), &["--verify"]);
     let n: u64 = first_reply(&restored, port2, &["DBSIZE"], T)
         .parse()
         .unwrap();
@@ -496,23 +485,7 @@ fn cpus_keep_the_guest_on_its_cpus_and_snapshots_restore() {
     let last = all.rsplit([',', '-']).next().expect("a CPU").to_string();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("pinned");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut vm = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--memory",
-            "512M",
-            "--cpus",
-            &last,
-            "--kv-listen",
-            &listen,
-            "--snapshot-dir",
-            base.to_str().expect("utf-8 path"),
-        ],
-    );
-    vm.wait_for_stdout(LISTENING, T);
+    let (vm, port) = start_kv_with_snapshot_dir(&base, "512M", &["--cpus", &last]);
     assert_eq!(thread_cpus(vm.pid(), "vcpu0"), vec![last.clone()]);
     assert_eq!(thread_cpus(vm.pid(), "vsock"), vec![last.clone()]);
     assert_eq!(thread_cpus(vm.pid(), "snapvm"), vec![all.clone()]);
@@ -524,23 +497,8 @@ fn cpus_keep_the_guest_on_its_cpus_and_snapshots_restore() {
     wait_for_snapshot(&vm, &dir);
     assert_eq!(redis(port, &["SET", "a", "2"]).as_deref(), Some("OK"));
 
-    let port2 = free_port();
-    let listen2 = format!("127.0.0.1:{port2}");
     let serial = tmp.path().join("serial-restored.txt");
-    let restored = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--restore",
-            dir.to_str().expect("utf-8 path"),
-            "--cpus",
-            &last,
-            "--kv-listen",
-            &listen2,
-            "--serial",
-            serial.to_str().expect("utf-8 path"),
-        ],
-    );
+    let (restored, port2) = restore_kv(&dir, &serial, &["--cpus", &last]);
     assert_eq!(first_reply(&restored, port2, &["GET", "a"], T), "1");
     assert_eq!(thread_cpus(restored.pid(), "vcpu0"), vec![last.clone()]);
     assert_eq!(thread_cpus(restored.pid(), "vsock"), vec![last]);
