@@ -1222,3 +1222,40 @@ fn a_client_disconnecting_mid_request_leaves_server_snapshot_and_guest_intact() 
     let out = shutdown(vm, &sock);
     assert!(!out.stderr.contains("ERROR"), "{}", out.stderr);
 }
+
+/// `--cpus` shows in `GET /vm/config`: the guest's CPUs and what is left
+/// for snapshots' copiers.
+#[test]
+fn vm_config_reports_the_cpu_placement() {
+    let allowed = snapshot::CpuSet::allowed().expect("this process's CPUs");
+    let allowed_list = allowed.to_string();
+    let last: snapshot::CpuSet = allowed_list
+        .rsplit([',', '-'])
+        .next()
+        .expect("a CPU")
+        .parse()
+        .expect("a CPU number");
+    let background = allowed.without(&last).map(|c| c.to_string());
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("api.sock");
+    let port = free_port();
+    let mut vm = Proc::spawn_cmd(
+        Command::new(snapvm_bin())
+            .args(["run", "--api-sock"])
+            .arg(&sock)
+            .args(["--cmdline", "mode=kv", "--memory", "256M", "--cpus"])
+            .arg(last.to_string())
+            .arg("--kv-listen")
+            .arg(format!("127.0.0.1:{port}")),
+    );
+    vm.wait_for_stdout(LISTENING, T);
+    wait_for_api(&vm, &sock);
+    let r = get(&sock, "/vm/config");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["machine_config"],
+        json!({"huge_pages": true, "mem_size_mib": 256, "vcpu_count": 1,
+               "cpus": {"guest": last.to_string(), "background": background}})
+    );
+    shutdown(vm, &sock);
+}

@@ -362,6 +362,12 @@ impl Owner {
                 "mem_size_mib": vm.memory().size() >> 20,
             },
         });
+        if let Some(p) = vm.cpu_placement() {
+            config["machine_config"]["cpus"] = serde_json::json!({
+                "guest": p.guest.to_string(),
+                "background": p.background.as_ref().map(ToString::to_string),
+            });
+        }
         match source {
             VmSource::Boot {
                 kernel,
