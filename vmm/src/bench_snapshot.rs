@@ -304,6 +304,29 @@ fn wait_populated(vm: &Vm, vcpus: usize, timeout: Duration) -> Result<Duration, 
     }
 }
 
+/// How long the copy/persist split waits for the guest to close the gap
+/// across the pause (see [`pause_gap_closed`]).
+const SPLIT_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether the guest has logged the gap that spans the pause (guest TSC
+/// `fork_tsc`), so that splitting the window now counts it in the copy
+/// part. Modes whose copy ends in the pause (fork, stop-the-world,
+/// sync-wp) leave the copy state at once, possibly before the guest has
+/// run the loop iteration that closes that gap (after a fork its first
+/// writes are copy-on-write faults); splitting then put the pause's stall
+/// in the persist part. Without a TSC, or after [`SPLIT_WAIT`], it splits
+/// anyway.
+fn pause_gap_closed(
+    gaps: &crate::probe_gaps::ProbeGaps,
+    fork_tsc: Option<u64>,
+    since: Instant,
+) -> bool {
+    match fork_tsc {
+        Some(tsc) if since.elapsed() < SPLIT_WAIT => gaps.spanning_us(tsc).is_some(),
+        _ => true,
+    }
+}
+
 fn passes(vm: &Vm) -> Result<u64, BenchError> {
     Ok(vm.heartbeats()?.iter().sum())
 }
@@ -461,6 +484,8 @@ fn one(
     // (A panicking reader aborts the process: snapvm's panic hook.)
     gaps.extend(read.unwrap_or_default());
     let handle = snapshotted.map_err(err)?;
+    let fork_tsc = handle.metrics().sync.guest_tsc;
+    let returned = Instant::now();
     // Split the window where the memory copy ends (the engine is done with
     // guest RAM, so the reset write is not part of the snapshot): stalls
     // of the sync phase and the copy vs. stalls while persisting.
@@ -470,7 +495,10 @@ fn one(
         if let Some(r) = handle.wait_timeout(Duration::from_millis(1)) {
             break r;
         }
-        if copy_gap_us.is_none() && handle.state() != SnapshotState::Copying {
+        if copy_gap_us.is_none()
+            && handle.state() != SnapshotState::Copying
+            && pause_gap_closed(&gaps, fork_tsc, returned)
+        {
             copy_gap_us = Some(vm.probe_max_gap_us()?.unwrap_or(0.0));
             vm.reset_probe_gaps()?;
         }
@@ -518,6 +546,36 @@ fn one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_splits_only_once_the_pause_gap_is_logged_or_too_late() {
+        use snapvm_guest::abi::GapRecord;
+        let mut gaps = crate::probe_gaps::ProbeGaps {
+            tsc_khz: 1_000_000,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        assert!(!pause_gap_closed(&gaps, Some(5_000), now));
+        // A gap logged before the pause does not close it.
+        gaps.records.push(GapRecord {
+            start_tsc: 1_000,
+            end_tsc: 2_000,
+        });
+        assert!(!pause_gap_closed(&gaps, Some(5_000), now));
+        gaps.records.push(GapRecord {
+            start_tsc: 4_000,
+            end_tsc: 9_000,
+        });
+        assert!(pause_gap_closed(&gaps, Some(5_000), now));
+        // No TSC captured, or waited long enough: split anyway.
+        assert!(pause_gap_closed(&gaps, None, now));
+        let long_ago = now - SPLIT_WAIT - Duration::from_millis(1);
+        assert!(pause_gap_closed(
+            &crate::probe_gaps::ProbeGaps::default(),
+            Some(5_000),
+            long_ago
+        ));
+    }
 
     fn params(modes: Vec<Strategy>, workers: Vec<usize>) -> Params {
         Params {
