@@ -109,12 +109,14 @@ fn cstring(p: &Path) -> io::Result<CString> {
 
 /// Forks a writer of `regions` (guest RAM, paused) and `blob` into `dir`.
 /// Call with every vCPU and device paused: the child's memory is the
-/// guest's at this instant.
+/// guest's at this instant. `cpus`: where the child runs (`--cpus`
+/// background CPUs), off the guest's.
 pub(super) fn spawn(
     regions: &[Region],
     blob: &[u8],
     dir: &Path,
     overwrite: bool,
+    cpus: Option<&snapshot::CpuSet>,
 ) -> io::Result<ForkChild> {
     let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
         return Err(io::Error::new(
@@ -161,6 +163,10 @@ pub(super) fn spawn(
     }
     if pid == 0 {
         drop(read_end);
+        if let Some(cpus) = cpus {
+            // Only costs the placement if it fails; the write goes on.
+            let _ = cpus.pin_current_thread();
+        }
         let mut out = File::from(write_end);
         let res = write_child(regions, blob, &tmp, &c_tmp, &c_dir, parent, overwrite);
         let (msg, code) = match res {

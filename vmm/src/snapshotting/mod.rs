@@ -736,7 +736,13 @@ impl Vm {
                 }
             }
             None => {
-                let forked = fork::spawn(&regions, &blob, &req.dir, req.overwrite);
+                let forked = fork::spawn(
+                    &regions,
+                    &blob,
+                    &req.dir,
+                    req.overwrite,
+                    self.cpu_placement().and_then(|p| p.background.as_ref()),
+                );
                 sync.begin = t.elapsed();
                 match forked {
                     Ok(child) => Work::Fork(child),
