@@ -120,6 +120,28 @@ impl CpuSet {
     }
 }
 
+/// The affinity (`Cpus_allowed_list`, e.g. `0-1`) of each thread of
+/// process `pid` named `name`, from /proc: for checking where threads ended
+/// up, from outside them.
+pub fn thread_cpu_lists(pid: u32, name: &str) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let list = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            Some(list.trim().to_string())
+        })
+        .collect()
+}
+
 impl FromStr for CpuSet {
     type Err = CpuListError;
 
@@ -251,11 +273,19 @@ mod tests {
         let allowed = CpuSet::allowed().unwrap();
         let first = *allowed.cpus.iter().next().unwrap();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let h = std::thread::spawn(move || {
-            go_rx.recv().unwrap();
-            CpuSet::allowed().unwrap()
-        });
+        let h = std::thread::Builder::new()
+            .name("cpus-by-handle".into())
+            .spawn(move || {
+                go_rx.recv().unwrap();
+                CpuSet::allowed().unwrap()
+            })
+            .unwrap();
         set(&first.to_string()).pin_thread(&h).unwrap();
+        // Seen from outside the thread as well.
+        assert_eq!(
+            thread_cpu_lists(std::process::id(), "cpus-by-handle"),
+            vec![first.to_string()]
+        );
         go_tx.send(()).unwrap();
         assert_eq!(h.join().unwrap(), set(&first.to_string()));
     }

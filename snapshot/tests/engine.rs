@@ -833,23 +833,6 @@ fn staged_chunk_drain_failure_rolls_back() {
     next_snapshot_is_exact(&eng, &mem, ws, true);
 }
 
-/// Affinity lists of this process's threads with the given name.
-fn thread_cpus(name: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
-        let dir = task.expect("task").path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
-            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
-        }
-    }
-    out
-}
-
 /// `background_cpus` keeps the supervisor (and the copiers it starts,
 /// which inherit its affinity) on those CPUs; the snapshot is as exact.
 #[test]
@@ -876,11 +859,11 @@ fn background_cpus_place_the_supervisor_and_the_snapshot_stays_exact() {
     // The standby supervisor pins itself as it starts: give it a moment.
     let want = first.to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !thread_cpus("snap-supervisor").contains(&want) {
+    while !snapshot::cpus::thread_cpu_lists(std::process::id(), "snap-supervisor").contains(&want) {
         assert!(
             std::time::Instant::now() < deadline,
             "no supervisor on CPUs {want}: {:?}",
-            thread_cpus("snap-supervisor")
+            snapshot::cpus::thread_cpu_lists(std::process::id(), "snap-supervisor")
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }

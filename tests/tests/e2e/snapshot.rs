@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use snapshot::cpus::thread_cpu_lists;
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, run, Finished, Proc};
 use snapvm_tests::redis_cli::{first_reply, redis};
@@ -449,26 +450,6 @@ fn kv_snapshot_under_load_restores_a_consistent_store() {
     assert_eq!(redis(port2, &["GET", "x"]).as_deref(), Some("y"));
 }
 
-/// Affinity list (`Cpus_allowed_list`) of each thread of `pid` named `name`.
-fn thread_cpus(pid: u32, name: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
-            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
-        }
-    }
-    out
-}
-
 /// `--cpus` keeps the guest's threads (vCPU, vsock device) on the CPU
 /// given, the rest of snapvm where it was; snapshots and restores work
 /// the same (the restored guest is placed too).
@@ -486,9 +467,9 @@ fn cpus_keep_the_guest_on_its_cpus_and_snapshots_restore() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("pinned");
     let (vm, port) = start_kv_with_snapshot_dir(&base, "512M", &["--cpus", &last]);
-    assert_eq!(thread_cpus(vm.pid(), "vcpu0"), vec![last.clone()]);
-    assert_eq!(thread_cpus(vm.pid(), "vsock"), vec![last.clone()]);
-    assert_eq!(thread_cpus(vm.pid(), "snapvm"), vec![all.clone()]);
+    assert_eq!(thread_cpu_lists(vm.pid(), "vcpu0"), vec![last.clone()]);
+    assert_eq!(thread_cpu_lists(vm.pid(), "vsock"), vec![last.clone()]);
+    assert_eq!(thread_cpu_lists(vm.pid(), "snapvm"), vec![all.clone()]);
 
     assert_eq!(redis(port, &["SET", "a", "1"]).as_deref(), Some("OK"));
     // SAFETY: kill(2) on our own child's pid has no memory-safety concerns.
@@ -500,8 +481,11 @@ fn cpus_keep_the_guest_on_its_cpus_and_snapshots_restore() {
     let serial = tmp.path().join("serial-restored.txt");
     let (restored, port2) = restore_kv(&dir, &serial, &["--cpus", &last]);
     assert_eq!(first_reply(&restored, port2, &["GET", "a"], T), "1");
-    assert_eq!(thread_cpus(restored.pid(), "vcpu0"), vec![last.clone()]);
-    assert_eq!(thread_cpus(restored.pid(), "vsock"), vec![last]);
+    assert_eq!(
+        thread_cpu_lists(restored.pid(), "vcpu0"),
+        vec![last.clone()]
+    );
+    assert_eq!(thread_cpu_lists(restored.pid(), "vsock"), vec![last]);
     assert_eq!(redis(port, &["GET", "a"]).as_deref(), Some("2"));
 }
 
