@@ -602,6 +602,12 @@ impl Vm {
         self.cpus.as_ref()
     }
 
+    /// Where snapshots' background threads go (`--cpus` leaves them the
+    /// other CPUs); None: unpinned.
+    pub fn background_cpus(&self) -> Option<&snapshot::CpuSet> {
+        self.cpus.as_ref().and_then(|p| p.background.as_ref())
+    }
+
     /// The VM's snapshot bookkeeping ([`crate::snapshotting`]).
     pub(crate) fn snapshot_slot(&self) -> &Arc<crate::snapshotting::SnapshotSlot> {
         &self.snapshot_slot

@@ -623,7 +623,7 @@ impl Vm {
                 strategy: req.mode,
                 injection: req.injection.clone(),
                 keep_destination: req.keep_memory,
-                background_cpus: self.cpu_placement().and_then(|p| p.background.clone()),
+                background_cpus: self.background_cpus().cloned(),
                 ..Config::default()
             })?)
         };
@@ -741,7 +741,7 @@ impl Vm {
                     &blob,
                     &req.dir,
                     req.overwrite,
-                    self.cpu_placement().and_then(|p| p.background.as_ref()),
+                    self.background_cpus(),
                 );
                 sync.begin = t.elapsed();
                 match forked {
@@ -854,7 +854,7 @@ impl Vm {
             workers,
             strategy: mode,
             keep_destination: true,
-            background_cpus: self.cpu_placement().and_then(|p| p.background.clone()),
+            background_cpus: self.background_cpus().cloned(),
             ..Config::default()
         })?;
         let bytes = self.memory().size();
