@@ -273,13 +273,18 @@ mod tests {
         let allowed = CpuSet::allowed().unwrap();
         let first = *allowed.cpus.iter().next().unwrap();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         let h = std::thread::Builder::new()
             .name("cpus-by-handle".into())
             .spawn(move || {
+                // The thread names itself as it starts: only then can it
+                // be found by name.
+                ready_tx.send(()).unwrap();
                 go_rx.recv().unwrap();
                 CpuSet::allowed().unwrap()
             })
             .unwrap();
+        ready_rx.recv().unwrap();
         set(&first.to_string()).pin_thread(&h).unwrap();
         // Seen from outside the thread as well.
         assert_eq!(
