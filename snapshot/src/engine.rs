@@ -118,7 +118,7 @@ use crate::error::{Error, Phase};
 use crate::eventfd::EventFd;
 use crate::fault_handler;
 use crate::inject::{EnvInjection, FaultInjection};
-use crate::memory::{copy_unit, DestPool, Destination, Pagemap};
+use crate::memory::{copy_unit, DestPool, Destination, Pagemap, PrepareControl};
 use crate::metrics::{new_histogram, Counters, HandlerStats, Metrics, Progress, SyncMetrics};
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 use crate::shared::Shared;
@@ -422,6 +422,49 @@ impl Engine {
         }
         self.pool
             .prepare(bytes, self.config.injection.fail_prepare_at)
+    }
+
+    /// Prepares the destination of the next snapshot of `regions` now,
+    /// while the guest runs and nothing is protected: the chunks of guest RAM
+    /// that hold data (have a populated page) get their destination chunk
+    /// populated, so that after the fork the copiers and the fault path
+    /// copy into warm memory instead of first-touching fresh memory (module
+    /// docs, "Destination preparation"). O(populated memory), at the host's
+    /// rate for fresh memory; the pause is not affected. Chunks populated in
+    /// the guest after this call are populated by their copier, as without
+    /// it. Kept for the next `begin` (O(1) there); given back to the kernel
+    /// after that snapshot unless `keep_destination`.
+    ///
+    /// `control` cancels between chunks and reports progress. On error
+    /// (ENOMEM, cancelled) nothing is kept and nothing about the VM changed.
+    pub fn prepare_for(&self, regions: &[Region], control: &PrepareControl) -> Result<(), Error> {
+        if self.in_progress() {
+            return Err(Error::SnapshotInProgress);
+        }
+        let layout = Layout::new(regions)?;
+        let pagemap = Pagemap::open()?;
+        let mut offsets = Vec::new();
+        for i in 0..layout.total_chunks() {
+            let loc = layout.chunk(i);
+            let pages = pagemap.populated(loc.host_addr, PAGES_PER_CHUNK, Phase::Prepare)?;
+            if pages.iter().any(|&p| p) {
+                offsets.push(loc.dest_offset);
+            }
+        }
+        control
+            .total
+            .store(offsets.len() as u64 * CHUNK_SIZE, Ordering::Relaxed);
+        if self.config.injection.hold_prepare {
+            while !control.cancel.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.pool.prepare_chunks(
+            layout.total_bytes(),
+            &offsets,
+            self.config.injection.fail_prepare_at,
+            control,
+        )
     }
 
     /// Bytes of destination mapping held for the next snapshot.

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Environment variable with comma-separated `key=value` injections, e.g.
 /// `SNAPVM_INJECT=panic_worker_copy_at=0` or
 /// `SNAPVM_INJECT=persist_fail_after=1048576:EIO,snapshots=2`. Keys are the
-/// [`FaultInjection`] field names (`fail_sync` takes no value), plus
-/// `persist_fail_after=BYTES:ENOSPC|EIO`, `persist_chunk_delay_ms=N` (sleep
+/// [`FaultInjection`] field names (`fail_sync` and `hold_prepare` take no
+/// value), plus `persist_fail_after=BYTES:ENOSPC|EIO`, `persist_chunk_delay_ms=N` (sleep
 /// after each memory chunk written: a slow disk, for kill-during-persist
 /// tests) and `snapshots=N` (how many engines / persists it applies to,
 /// default 1). A test hook only: nothing else reads it.
@@ -41,6 +41,10 @@ pub struct FaultInjection {
     /// Fail `Engine::prepare_destination` at this chunk (0-based), as if
     /// the memory could not be allocated (ENOMEM).
     pub fail_prepare_at: Option<u64>,
+    /// Hold `Engine::prepare_for` before its first chunk until it is
+    /// cancelled: a snapshot stays in its preparation for as long as a
+    /// test needs (cancel, shutdown, "in progress").
+    pub hold_prepare: bool,
     /// Panic inside the workers' n-th (0-based) chunk copy: a bug in a
     /// worker thread. The engine catches it and rolls back.
     pub panic_worker_copy_at: Option<usize>,
@@ -93,6 +97,7 @@ impl EnvInjection {
             };
             match key {
                 "fail_sync" => e.fail_sync = true,
+                "hold_prepare" => e.hold_prepare = true,
                 "fail_worker_copy_at" => e.fail_worker_copy_at = Some(num(key, value)?),
                 "fail_fault_path_at" => e.fail_fault_path_at = Some(num(key, value)?),
                 "hold_workers_until_fault_copies" => {
@@ -160,10 +165,12 @@ mod tests {
     fn parses_every_key_and_refuses_unknown_ones() {
         let e = EnvInjection::parse(
             "fail_sync, panic_worker_copy_at=3,fail_populate_at=0,persist_fail_after=4096:EIO,\
-             persist_chunk_delay_ms=5,snapshots=2,panic_fault_path_at=1",
+             persist_chunk_delay_ms=5,snapshots=2,panic_fault_path_at=1,hold_prepare,fail_prepare_at=7",
         )
         .unwrap();
         assert!(e.engine.fail_sync);
+        assert!(e.engine.hold_prepare);
+        assert_eq!(e.engine.fail_prepare_at, Some(7));
         assert_eq!(e.engine.panic_worker_copy_at, Some(3));
         assert_eq!(e.engine.panic_fault_path_at, Some(1));
         assert_eq!(e.engine.fail_populate_at, Some(0));

@@ -41,7 +41,7 @@ pub use cpus::{CpuListError, CpuSet};
 pub use engine::{Config, Engine, Strategy};
 pub use error::{Error, Phase, UffdError};
 pub use inject::FaultInjection;
-pub use memory::Pagemap;
+pub use memory::{Pagemap, PrepareControl};
 pub use metrics::{Metrics, Progress, SyncMetrics};
 pub use persist::{write_snapshot, PersistError, SnapshotDir, WriteOptions, WriteProgress};
 pub use priority::BackgroundPriority;

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Phase};
@@ -108,6 +108,19 @@ impl Drop for Mapping {
     }
 }
 
+/// Cancellation and progress of a destination preparation, shared with
+/// whoever watches it.
+#[derive(Debug, Default)]
+pub struct PrepareControl {
+    /// Set to stop between chunks (the preparation then fails as
+    /// `Error::Cancelled` and keeps nothing).
+    pub cancel: AtomicBool,
+    /// Bytes populated so far.
+    pub done: AtomicU64,
+    /// Bytes the preparation will populate (set once it knows).
+    pub total: AtomicU64,
+}
+
 /// Destination memory kept ready between snapshots (see "Destination
 /// preparation" in engine.rs): populated ahead of time by `prepare`, and/or
 /// handed back by a dropped `Destination` when the engine keeps it. Memory
@@ -133,13 +146,37 @@ impl DestPool {
     /// kernel) and the next snapshot populates as it copies.
     pub fn prepare(&self, len: u64, fail_at: Option<u64>) -> Result<(), Error> {
         let len = len.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
+        let offsets: Vec<u64> = (0..len / CHUNK_SIZE).map(|c| c * CHUNK_SIZE).collect();
+        self.prepare_chunks(len, &offsets, fail_at, &PrepareControl::default())
+    }
+
+    /// As [`Self::prepare`], populating only the chunks at `offsets` (the
+    /// rest of the mapping stays unbacked: it costs nothing until a copier
+    /// needs it). `fail_at` counts positions in `offsets`. Checks
+    /// `control.cancel` between chunks and counts populated bytes in
+    /// `control.done`.
+    pub fn prepare_chunks(
+        &self,
+        len: u64,
+        offsets: &[u64],
+        fail_at: Option<u64>,
+        control: &PrepareControl,
+    ) -> Result<(), Error> {
+        let len = len.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
         let m = match self.lock().take() {
             Some(m) if m.len as u64 >= len => m,
             _ => Mapping::new(len)?,
         };
-        let mut off = 0;
-        while off < len {
-            if fail_at == Some(off / CHUNK_SIZE) {
+        for (i, &off) in offsets.iter().enumerate() {
+            if control.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            if off + CHUNK_SIZE > len {
+                return Err(Error::InvalidConfig(
+                    "chunk to prepare lies outside the destination",
+                ));
+            }
+            if fail_at == Some(i as u64) {
                 return Err(Error::Memory {
                     phase: Phase::Prepare,
                     op: "populate destination (injected)",
@@ -149,7 +186,7 @@ impl DestPool {
                 });
             }
             m.populate(off, CHUNK_SIZE, Phase::Prepare)?;
-            off += CHUNK_SIZE;
+            control.done.fetch_add(CHUNK_SIZE, Ordering::Relaxed);
         }
         self.put(m);
         Ok(())

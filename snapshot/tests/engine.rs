@@ -9,7 +9,9 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::*;
-use snapshot::{Engine, Error, FaultInjection, Phase, Region, Strategy, CHUNK_SIZE, PAGE_SIZE};
+use snapshot::{
+    Engine, Error, FaultInjection, Phase, PrepareControl, Region, Strategy, CHUNK_SIZE, PAGE_SIZE,
+};
 
 /// Copy units per 2 MiB chunk for a strategy.
 fn units_per_chunk(strategy: Strategy) -> u64 {
@@ -597,6 +599,84 @@ fn prepared_destination_survives_sync_failure() {
             "not kept without keep_destination"
         );
     }
+}
+
+/// Preparing for a snapshot populates the destination of exactly the chunks
+/// that hold data (full and partial, not untouched ones); the snapshot that
+/// follows copies into it without staging, stays bit-exact although the
+/// writers also fill untouched chunks after the preparation, and gives the
+/// memory back afterwards (no keep_destination).
+#[test]
+fn prepare_for_populates_chunks_with_data_and_the_snapshot_stays_exact() {
+    let mem = Mem::new(3, 2, 4, 41);
+    let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
+    let control = PrepareControl::default();
+    eng.prepare_for(&[mem.region()], &control).expect("prepare");
+    assert_eq!(control.total.load(Ordering::SeqCst), 5 * CHUNK_SIZE);
+    assert_eq!(control.done.load(Ordering::SeqCst), 5 * CHUNK_SIZE);
+    assert_eq!(eng.kept_destination_bytes(), mem.len as u64);
+
+    let ws = Writers::start(&mem, 2);
+    ws.anywhere.store(true, Ordering::SeqCst);
+    ws.run_for(5_000);
+    ws.pause();
+    let reference = mem.reference();
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    ws.resume();
+    ws.run_for(20_000);
+    let snap = eng.wait().expect("snapshot");
+    ws.stop_and_check();
+    compare(&snap, &reference);
+    assert_eq!(snap.metrics().chunks_staged, 0, "prepared memory is warm");
+    drop(snap);
+    assert_eq!(eng.kept_destination_bytes(), 0, "not kept");
+}
+
+/// A preparation that fails (ENOMEM injected at its second chunk) or is
+/// cancelled keeps nothing, says why, and the next snapshot is exact.
+#[test]
+fn prepare_for_failure_or_cancel_keeps_nothing() {
+    let mem = Mem::new(3, 1, 2, 43);
+    let reference = mem.reference();
+    let eng = engine_with(
+        Strategy::AsyncFork,
+        2,
+        FaultInjection {
+            fail_prepare_at: Some(1),
+            ..FaultInjection::default()
+        },
+    );
+    let control = PrepareControl::default();
+    let err = eng
+        .prepare_for(&[mem.region()], &control)
+        .expect_err("injected");
+    assert!(
+        matches!(
+            err,
+            Error::Memory {
+                phase: Phase::Prepare,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(control.done.load(Ordering::SeqCst), CHUNK_SIZE);
+    assert_eq!(eng.kept_destination_bytes(), 0);
+
+    let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
+    let control = PrepareControl::default();
+    control.cancel.store(true, Ordering::SeqCst);
+    let err = eng
+        .prepare_for(&[mem.region()], &control)
+        .expect_err("cancelled");
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert_eq!(control.done.load(Ordering::SeqCst), 0);
+    assert_eq!(eng.kept_destination_bytes(), 0);
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    compare(&eng.wait().expect("snapshot"), &reference);
+    assert_eq!(mem.reference(), reference);
 }
 
 /// `arm` with the writers running, then the pause: writes between the two

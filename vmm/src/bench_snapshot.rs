@@ -16,8 +16,12 @@
 //!    reset before each snapshot through `/proc/self/clear_refs`; the fork
 //!    baseline's child is not included), then delete the snapshot.
 //!
-//! With `warm`, a second snapshot per mode goes into the destination memory
-//! kept from the first (`keep_memory`).
+//! With `prepare` (the default, as in `snapvm run`) each snapshot populates
+//! its memory before the fork (`SnapshotRequest::prepare`): the window
+//! then starts with that preparation (guest running, nothing protected),
+//! and the destination column says `prepared` instead of `cold`. With
+//! `warm`, a second snapshot per mode goes into the destination memory kept
+//! from the first (`keep_memory`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -65,6 +69,8 @@ pub struct Params {
     pub dir: PathBuf,
     pub populate_fraction: f64,
     pub warm: bool,
+    /// Populate each snapshot's memory before its fork.
+    pub prepare: bool,
     pub baseline: Duration,
     /// Persist-thread priorities tried for every mode but fork.
     pub priorities: Vec<BackgroundPriority>,
@@ -133,6 +139,24 @@ impl Row {
         }
     }
 
+    /// The destination the copy went into: `warm` (kept from the previous
+    /// snapshot), `prepared` (populated before the fork) or `cold` (fresh,
+    /// populated as it copies).
+    pub fn destination(&self) -> &'static str {
+        if self.warm {
+            "warm"
+        } else if self.metrics.prepare.is_some() {
+            "prepared"
+        } else {
+            "cold"
+        }
+    }
+
+    /// The preparation before the fork (zero without).
+    pub fn prepare(&self) -> Duration {
+        self.metrics.prepare.map_or(Duration::ZERO, |p| p.elapsed)
+    }
+
     pub fn persist(&self) -> Duration {
         match (&self.metrics.engine, &self.metrics.persist) {
             (Some(_), Some(p)) => p.elapsed,
@@ -174,13 +198,14 @@ impl Row {
     pub fn to_json(&self) -> String {
         let (faults, p50, p99, max) = self.faults();
         format!(
-            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"destination\":\"{}\",\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"guest_stall_at_fork_us\":{},\"guest_stall_at_fork_before_after_us\":{},\"gaps_lost\":{},\"guest_longest_gap_us\":{},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
+            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"destination\":\"{}\",\"prepare_us\":{:.1},\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"guest_stall_at_fork_us\":{},\"guest_stall_at_fork_before_after_us\":{},\"gaps_lost\":{},\"guest_longest_gap_us\":{},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
             self.memory_size,
             self.backing.name(),
             self.mode,
             self.workers,
             self.priority.name(),
-            if self.warm { "warm" } else { "cold" },
+            self.destination(),
+            us(self.prepare()),
             self.noise_us,
             self.baseline.as_millis(),
             self.guest_pause_us,
@@ -219,19 +244,20 @@ impl Row {
 /// The Markdown table of `rows`.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| RAM | backing | mode | workers | priority | dest | noise floor (µs) | guest stall across the pause (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | persist (ms) | total (ms) | faults | fault p50 / p99 / max (µs) | peak RSS (MiB) |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| RAM | backing | mode | workers | priority | dest | prepare (ms) | noise floor (µs) | guest stall across the pause (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | persist (ms) | total (ms) | faults | fault p50 / p99 / max (µs) | peak RSS (MiB) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows {
         let (faults, p50, p99, max) = r.faults();
         out.push_str(&format!(
-            "| {} GiB | {} | {} | {} | {} | {} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
+            "| {} GiB | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
             r.memory_size as f64 / (1u64 << 30) as f64,
             r.backing.name(),
             r.mode,
             r.workers,
             r.priority.name(),
-            if r.warm { "warm" } else { "cold" },
+            r.destination(),
+            r.prepare().as_secs_f64() * 1e3,
             r.noise_us,
             r.fork_stall_us
                 .map_or_else(|| "–".to_string(), |v| format!("{:.0}", v.0)),
@@ -398,7 +424,7 @@ fn measure(vm: &Vm, p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>
             eprintln!(
                 "bench snapshot: {mode} x{workers} {} ({}): guest pause {:.0} us (noise {:.0} us), engine pause {:.0} us, total {:.0} ms",
                 priority.name(),
-                if warm { "warm" } else { "cold" },
+                row.destination(),
                 row.guest_pause_us,
                 row.noise_us,
                 us(row.engine_pause()),
@@ -451,6 +477,7 @@ fn one(
         // The first snapshot keeps its destination for the warm one.
         keep_memory: p.warm,
         priority,
+        prepare: p.prepare,
         ..SnapshotRequest::new(&dir)
     };
     let err = |source| BenchError::Snapshot {
@@ -587,6 +614,7 @@ mod tests {
             dir: "/tmp".into(),
             populate_fraction: 0.75,
             warm: false,
+            prepare: true,
             baseline: Duration::from_secs(1),
             priorities: vec![BackgroundPriority::Idle, BackgroundPriority::Normal],
             cpus: None,

@@ -186,6 +186,13 @@ pub struct RunArgs {
     /// fresh memory.
     #[arg(long)]
     pub snapshot_keep_memory: bool,
+    /// Populate a snapshot's memory before its fork (on), while the guest
+    /// runs unprotected, so that the copy after the fork goes into warm
+    /// memory; the snapshot is then of the moment of its pause, not of the
+    /// request. `off` forks at once and populates as it copies. Per API
+    /// request: `"prepare"`.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub snapshot_prepare: bool,
     /// Scheduling of the thread that writes the snapshot to disk: normal,
     /// or idle (only spare CPU time: the guest wins every contended core,
     /// but a guest that keeps every core busy delays the write without
@@ -281,6 +288,15 @@ pub fn parse_strategy(s: &str) -> Result<snapshot::Strategy, String> {
     snapshot::Strategy::from_name(s).ok_or_else(|| {
         format!("unknown snapshot mode '{s}': expected async-fork, stop-the-world, sync-wp or fork")
     })
+}
+
+/// Parses an on/off switch (also true/false, yes/no, 1/0).
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("invalid value '{s}': expected on or off")),
+    }
 }
 
 /// Parses a `--hugepages` value: on/off (also true/false, yes/no, 1/0).
@@ -403,6 +419,11 @@ pub struct BenchSnapshotArgs {
     /// destination memory (`keep_memory`).
     #[arg(long)]
     pub warm: bool,
+    /// Populate each snapshot's memory before its fork (on, as `snapvm
+    /// run` does by default) or let the copy populate it (off: the cold
+    /// numbers).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub prepare: bool,
     /// Length of the no-snapshot window that measures the probe's noise
     /// floor before each snapshot, in milliseconds.
     #[arg(long, default_value_t = 1000)]

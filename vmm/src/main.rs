@@ -264,6 +264,7 @@ fn run_to_exit(mut vm: Vm, args: &RunArgs, api: Option<Api>, source: VmSource) -
                 workers: snapshot_workers(args),
                 keep_memory: args.snapshot_keep_memory,
                 priority: args.snapshot_priority,
+                prepare: args.snapshot_prepare,
             })
         }
         None => None,
@@ -274,7 +275,11 @@ fn run_to_exit(mut vm: Vm, args: &RunArgs, api: Option<Api>, source: VmSource) -
     let exit = match (api, plan) {
         (Some((server, calls)), plan) => {
             let mut owner = Owner::with_vm(vm, source, instance_id(), snapshot_workers(args));
-            owner.set_snapshot_options(args.snapshot_keep_memory, args.snapshot_priority);
+            owner.set_snapshot_options(
+                args.snapshot_keep_memory,
+                args.snapshot_priority,
+                args.snapshot_prepare,
+            );
             let mut trigger = plan.map(trigger::Trigger::new);
             api::serve(&mut owner, &calls, trigger.as_mut());
             let exit = owner.finish();
@@ -338,7 +343,11 @@ fn run_waiting(args: &RunArgs, api: Api, cpus: Option<CpuPlacement>) -> ExitCode
     };
     tracing::info!("no VM: waiting for PUT /snapshot/load");
     let mut owner = Owner::waiting(loader, instance_id(), snapshot_workers(args));
-    owner.set_snapshot_options(args.snapshot_keep_memory, args.snapshot_priority);
+    owner.set_snapshot_options(
+        args.snapshot_keep_memory,
+        args.snapshot_priority,
+        args.snapshot_prepare,
+    );
     api::serve(&mut owner, &calls, None);
     let exit = owner.finish();
     drop(server);
@@ -433,6 +442,7 @@ fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
         dir: args.dir,
         populate_fraction: args.populate_fraction,
         warm: args.warm,
+        prepare: args.prepare,
         baseline: std::time::Duration::from_millis(args.baseline_ms.max(1)),
         priorities: args.priorities,
         cpus,

@@ -297,7 +297,7 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     let create = |body: Value| req(&sock, "PUT", "/snapshot/create", Some(&body.to_string()));
     create(json!({"snapshot_path": d, "bogus": 1})).assert_fault(
         400,
-        "invalid JSON body: unknown field `bogus`, expected one of `snapshot_path`, `mem_file_path`, `snapshot_type`, `mode`, `workers`, `overwrite` at line 1 column 8",
+        "invalid JSON body: unknown field `bogus`, expected one of `snapshot_path`, `mem_file_path`, `snapshot_type`, `mode`, `workers`, `overwrite`, `prepare` at line 1 column 8",
     );
     create(json!({"snapshot_path": d, "mode": "lazy"})).assert_fault(
         400,
@@ -305,6 +305,10 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     );
     create(json!({"snapshot_path": d, "workers": 0}))
         .assert_fault(400, "workers 0: expected 1..=64");
+    create(json!({"prepare": "yes", "snapshot_path": d})).assert_fault(
+        400,
+        "invalid JSON body: invalid type: string \"yes\", expected a boolean at line 1 column 16",
+    );
     create(json!({"snapshot_path": d, "snapshot_type": "Diff"}))
         .assert_fault(400, "unsupported snapshot_type 'Diff': only Full");
     create(json!({"snapshot_path": "relative/dir"}))
@@ -351,7 +355,8 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
         "unknown query parameter 'now=1': expected wait=true|false",
     );
 
-    // PUT /snapshot/create: success, answered at once with id 1.
+    // PUT /snapshot/create: success, answered at once with id 1, before
+    // the fork: the snapshot prepares its memory first (the default).
     let r = create(
         json!({"snapshot_path": d, "mem_file_path": format!("{d}/memory.img"),
                           "snapshot_type": "Full", "mode": "async-fork", "workers": 2}),
@@ -362,16 +367,20 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     assert_eq!(s["snapshot_path"], d);
     assert_eq!(s["mode"], "async-fork");
     assert_eq!(s["workers"], 2);
-    assert!(
-        ["copying", "persisting", "done"].contains(&s["state"].as_str().unwrap()),
-        "{s}"
-    );
+    assert_eq!(s["state"], "preparing", "{s}");
+    assert_eq!(s["metrics"]["sync_us"]["total"], 0.0, "not forked yet: {s}");
+    let s = wait_snapshot(&vm, &sock, "1");
+    assert_eq!(s["state"], "done", "{s}");
     assert!(
         s["metrics"]["sync_us"]["total"].as_f64().unwrap() > 0.0,
         "{s}"
     );
-    let s = wait_snapshot(&vm, &sock, "1");
-    assert_eq!(s["state"], "done", "{s}");
+    // It populated the chunks that held data (the guest's kernel, heap
+    // and KV store: a few MiB at least), all of them, before the fork.
+    let prepared = s["metrics"]["prepare"]["bytes"].as_u64().unwrap();
+    assert!(prepared >= 2 << 20 && prepared % (2 << 20) == 0, "{s}");
+    assert_eq!(s["progress"]["bytes_prepared"], prepared, "{s}");
+    assert_eq!(s["progress"]["bytes_to_prepare"], prepared, "{s}");
     assert!(s.get("reason").is_none(), "{s}");
     let p = &s["progress"];
     assert_eq!(p["chunks_done"], p["chunks_total"]);
@@ -750,10 +759,13 @@ fn snapshot_under_redis_benchmark_restores_every_key_as_at_the_fork() {
         "/snapshot/create",
         Some(&json!({"snapshot_path": dir, "workers": 2}).to_string()),
     );
-    // The write in flight when the reply arrives may be in the snapshot.
-    let last_possible = acked.load(Ordering::SeqCst) + 1;
     assert_eq!(r.status, 201, "{r:?}");
     let id = r.json()["id"].as_str().unwrap().to_string();
+    // The snapshot prepares its memory, then forks: the fork instant comes
+    // before its state leaves `preparing` (the write in flight then may be
+    // in the snapshot).
+    wait_status(&sock, &id, "fork", |s| s["state"] != "preparing");
+    let last_possible = acked.load(Ordering::SeqCst) + 1;
     let keys_after: u64 = redis::cmd("DBSIZE").query(&mut kv).unwrap();
     let s = wait_snapshot(&vm, &sock, &id);
     assert_eq!(s["state"], "done", "{s}");
@@ -830,10 +842,12 @@ fn cancel_mid_copy_leaves_the_guest_running_with_its_data() {
         set(&mut kv, &format!("before:{i}"), &format!("v{i}"));
     }
     let dir = tmp.path().join("cancelled");
-    let body = json!({"snapshot_path": dir}).to_string();
+    // Without preparation the sync phase runs before the answer.
+    let body = json!({"snapshot_path": dir, "prepare": false}).to_string();
     let r = req(&sock, "PUT", "/snapshot/create", Some(&body));
     assert_eq!(r.status, 201, "{r:?}");
     assert_eq!(r.json()["state"], "copying");
+    assert!(r.json()["metrics"].get("prepare").is_none(), "{r:?}");
     // The guest writes during the copy (the fault path copies what it
     // touches first).
     for i in 0..300 {
@@ -904,6 +918,155 @@ fn cancel_mid_copy_leaves_the_guest_running_with_its_data() {
     assert_eq!(r.status, 201, "{r:?}");
     shutdown(vm, &sock);
     assert!(!tmp.path().join("third").exists());
+}
+
+/// Polls `GET /snapshot/{id}` until `done` says so (or fails after T).
+fn wait_status(sock: &Path, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let s = get(sock, &format!("/snapshot/{id}")).json();
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < T,
+            "snapshot {id}: no {what} within {T:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_snapshot_held_in_its_preparation_can_be_cancelled_and_the_next_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The first snapshot's preparation waits until cancelled.
+    let (vm, sock, port) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "hold_prepare")]);
+    let mut kv = redis_con(port);
+    set(&mut kv, "before", "1");
+    let dir = tmp.path().join("held");
+    let r = req(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&json!({"snapshot_path": dir}).to_string()),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.json()["state"], "preparing", "{r:?}");
+    // It has counted what it will populate and populated nothing yet.
+    let s = wait_status(&sock, "1", "preparation total", |s| {
+        s["progress"]["bytes_to_prepare"].as_u64() > Some(0)
+    });
+    assert_eq!(s["state"], "preparing", "{s}");
+    assert_eq!(s["progress"]["bytes_prepared"], 0, "{s}");
+    req(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&json!({"snapshot_path": tmp.path().join("second")}).to_string()),
+    )
+    .assert_fault(409, "snapshot in progress");
+    // Nothing is protected: the guest serves as usual meanwhile.
+    set(&mut kv, "during", "2");
+    assert_eq!(get_key(&mut kv, "before").as_deref(), Some("1"));
+
+    let r = req(&sock, "DELETE", "/snapshot/1", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    let s = r.json();
+    assert_eq!(s["state"], "failed", "{s}");
+    assert_eq!(
+        s["reason"], "snapshot cancelled while preparing its memory",
+        "{s}"
+    );
+    assert!(!dir.exists(), "a cancelled snapshot left {dir:?}");
+    let m = get(&sock, "/metrics").body;
+    assert_eq!(
+        metric(&m, "snapvm_snapshots_total{outcome=\"cancelled\"}"),
+        1.0
+    );
+    assert_eq!(metric(&m, "snapvm_snapshots_in_flight"), 0.0);
+
+    // The next snapshot prepares, forks and persists; it holds the values
+    // written before it.
+    let next = tmp.path().join("next");
+    let r = req(
+        &sock,
+        "PUT",
+        "/snapshot/create?wait=true",
+        Some(&json!({"snapshot_path": next}).to_string()),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["state"], "done", "{r:?}");
+    assert!(r.json()["metrics"]["prepare"]["bytes"].as_u64() > Some(0));
+    set(&mut kv, "after", "3");
+    shutdown(vm, &sock);
+
+    let (restored, sock2, port2) = start_waiting(tmp.path(), "restored");
+    let r = req(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        Some(&json!({"snapshot_path": next, "resume_vm": true}).to_string()),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let mut kv2 = redis_con(port2);
+    assert_eq!(get_key(&mut kv2, "before").as_deref(), Some("1"));
+    assert_eq!(get_key(&mut kv2, "during").as_deref(), Some("2"));
+    assert_eq!(get_key(&mut kv2, "after"), None);
+    shutdown(restored, &sock2);
+}
+
+#[test]
+fn a_failed_preparation_says_why_and_a_shutdown_ends_one_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (vm, sock, port) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "fail_prepare_at=0")]);
+    let mut kv = redis_con(port);
+    set(&mut kv, "k", "v");
+    let dir = tmp.path().join("failed");
+    let r = req(
+        &sock,
+        "PUT",
+        "/snapshot/create?wait=true",
+        Some(&json!({"snapshot_path": dir}).to_string()),
+    );
+    assert_eq!(r.status, 500, "{r:?}");
+    let why = r.json()["fault_message"].as_str().unwrap().to_string();
+    assert!(
+        why.starts_with(
+            "snapshot 1 failed: cannot prepare the snapshot's memory: destination preparation: \
+             populate destination (injected) of [0x"
+        ) && why.ends_with("+0x200000) failed: Cannot allocate memory (os error 12)"),
+        "{why}"
+    );
+    assert!(!dir.exists());
+    assert_eq!(get_key(&mut kv, "k").as_deref(), Some("v"));
+    let r = req(
+        &sock,
+        "PUT",
+        "/snapshot/create?wait=true",
+        Some(&json!({"snapshot_path": tmp.path().join("ok")}).to_string()),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    shutdown(vm, &sock);
+
+    // A shutdown while a snapshot prepares ends it (nothing written) and
+    // snapvm exits 0.
+    let (vm, sock, _) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "hold_prepare")]);
+    let held = tmp.path().join("held-at-shutdown");
+    let r = req(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&json!({"snapshot_path": held}).to_string()),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let out = shutdown(vm, &sock);
+    assert!(!held.exists());
+    assert!(
+        out.stderr
+            .contains("snapshot cancelled while preparing its memory"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// xorshift64*: reproducible noise without a dependency.

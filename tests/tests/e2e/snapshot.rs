@@ -507,3 +507,15 @@ fn cpus_flag_errors() {
     let out = run(&snapvm_bin(), &["run", "--cpus", ""], T);
     assert_one_error_line(&out, &["empty CPU list"]);
 }
+
+#[test]
+fn snapshot_prepare_flag_errors() {
+    let out = run(&snapvm_bin(), &["run", "--snapshot-prepare", "maybe"], T);
+    assert_one_error_line(
+        &out,
+        &[
+            "invalid value 'maybe' for '--snapshot-prepare <on|off>'",
+            "expected on or off",
+        ],
+    );
+}

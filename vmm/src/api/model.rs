@@ -41,6 +41,11 @@ pub struct SnapshotCreate {
     /// Replace an existing directory at `snapshot_path`.
     #[serde(default)]
     pub overwrite: bool,
+    /// Populate the snapshot's memory before the fork (default:
+    /// `--snapshot-prepare`, on). The answer then comes at once in state
+    /// `preparing`, and the snapshot is of the moment of its pause.
+    #[serde(default)]
+    pub prepare: Option<bool>,
 }
 
 /// `PUT /snapshot/load`.
@@ -85,6 +90,9 @@ pub struct Progress {
     pub bytes_copied: u64,
     pub bytes_written: u64,
     pub bytes_to_write: u64,
+    /// Preparing: snapshot memory populated so far, of the total.
+    pub bytes_prepared: u64,
+    pub bytes_to_prepare: u64,
 }
 
 /// `GET /snapshot/{id}`.
@@ -94,7 +102,7 @@ pub struct SnapshotStatus {
     pub snapshot_path: String,
     pub mode: String,
     pub workers: u64,
-    /// `copying`, `persisting`, `done` or `failed`.
+    /// `preparing`, `copying`, `persisting`, `done` or `failed`.
     pub state: String,
     /// Why it failed (`failed` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]

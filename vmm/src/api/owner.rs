@@ -72,6 +72,8 @@ struct Entry {
     workers: usize,
     cancelled: bool,
     counted: bool,
+    /// Its pause is in `counters.last_pause` (or it never had one).
+    forked: bool,
 }
 
 enum Parked {
@@ -95,6 +97,8 @@ pub struct Owner {
     /// `--snapshot-keep-memory` and `--snapshot-priority` for API snapshots.
     keep_memory: bool,
     priority: BackgroundPriority,
+    /// `--snapshot-prepare`: the default of `"prepare"`.
+    prepare: bool,
     snapshots: BTreeMap<u64, Entry>,
     next_id: u64,
     waiters: Vec<Waiter>,
@@ -116,10 +120,17 @@ impl Owner {
         )
     }
 
-    /// Applies `--snapshot-keep-memory` and `--snapshot-priority` to the
+    /// Applies `--snapshot-keep-memory`, `--snapshot-priority` and
+    /// `--snapshot-prepare` to the
     /// snapshots this owner takes.
-    pub fn set_snapshot_options(&mut self, keep_memory: bool, priority: BackgroundPriority) {
+    pub fn set_snapshot_options(
+        &mut self,
+        keep_memory: bool,
+        priority: BackgroundPriority,
+        prepare: bool,
+    ) {
         self.keep_memory = keep_memory;
+        self.prepare = prepare;
         self.priority = priority;
     }
 
@@ -134,6 +145,7 @@ impl Owner {
             instance_id,
             default_workers,
             keep_memory: false,
+            prepare: true,
             priority: BackgroundPriority::default(),
             snapshots: BTreeMap::new(),
             next_id: 1,
@@ -175,7 +187,6 @@ impl Owner {
         } else {
             workers
         };
-        self.counters.last_pause = Some(handle.metrics().sync.total);
         self.snapshots.insert(
             id,
             Entry {
@@ -184,6 +195,7 @@ impl Owner {
                 workers,
                 cancelled: false,
                 counted: false,
+                forked: false,
             },
         );
         id
@@ -238,9 +250,30 @@ impl Owner {
         let _ = reply.send(answer);
     }
 
-    /// Counts finished snapshots and answers the replies parked on them.
+    /// Forks snapshots whose memory is prepared, counts finished ones and
+    /// answers the replies parked on them.
     pub fn poll(&mut self) {
+        if let Slot::Vm { vm, .. } = &self.slot {
+            for e in self.snapshots.values() {
+                if e.handle.ready_to_fork() {
+                    // A failure is recorded in the handle (and logged).
+                    if let Err(err) = vm.fork_prepared(&e.handle) {
+                        tracing::error!(
+                            "snapshot {}: {err}; the VM keeps running",
+                            e.handle.dir().display()
+                        );
+                    }
+                }
+            }
+        }
         for entry in self.snapshots.values_mut() {
+            if !entry.forked && entry.handle.state() != SnapshotState::Preparing {
+                entry.forked = true;
+                let pause = entry.handle.metrics().sync.total;
+                if !pause.is_zero() {
+                    self.counters.last_pause = Some(pause);
+                }
+            }
             if entry.counted {
                 continue;
             }
@@ -281,6 +314,11 @@ impl Owner {
     /// finish a held copy), waits for the others, answers parked replies,
     /// and returns why the VM stopped.
     pub fn finish(mut self) -> VmExit {
+        // A snapshot not forked yet never will be: its VM is stopping.
+        for e in self.snapshots.values() {
+            e.handle
+                .abandon("the VM stopped before the snapshot's fork");
+        }
         if self.shutdown {
             for e in self.snapshots.values_mut() {
                 if e.handle.state() == SnapshotState::Copying && e.handle.cancel().is_ok() {
@@ -491,6 +529,7 @@ impl Owner {
             overwrite: body.overwrite,
             keep_memory: self.keep_memory,
             priority: self.priority,
+            prepare: body.prepare.unwrap_or(self.prepare),
             ..SnapshotRequest::new(dir.clone())
         };
         let req = super::test_hooks::apply(req);
@@ -498,7 +537,7 @@ impl Owner {
             "snapshot {} (API): {mode} with {workers} workers",
             dir.display()
         );
-        match vm.snapshot(req) {
+        match vm.start_snapshot(req) {
             Ok(handle) => Ok(self.register(handle, mode, workers)),
             Err(e) => {
                 let status = match &e {
@@ -539,6 +578,8 @@ impl Owner {
                     bytes_copied: 0,
                     bytes_written: 0,
                     bytes_to_write: 0,
+                    bytes_prepared: 0,
+                    bytes_to_prepare: 0,
                 },
                 metrics: serde_json::Value::Null,
             };
@@ -561,6 +602,8 @@ impl Owner {
                 bytes_copied: p.bytes_copied,
                 bytes_written: p.bytes_written,
                 bytes_to_write: p.bytes_to_write,
+                bytes_prepared: p.bytes_prepared,
+                bytes_to_prepare: p.bytes_to_prepare,
             },
             metrics: serde_json::from_str(&e.handle.metrics().to_json())
                 .unwrap_or(serde_json::Value::Null),
@@ -573,7 +616,7 @@ impl Owner {
             return Err(Reply::fault(404, format!("unknown snapshot id '{id}'")));
         };
         match e.handle.state() {
-            SnapshotState::Copying => {}
+            SnapshotState::Preparing | SnapshotState::Copying => {}
             SnapshotState::Persisting => {
                 return Err(Reply::fault(
                     409,

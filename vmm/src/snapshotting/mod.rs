@@ -24,13 +24,13 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use snapshot::persist::WriteSummary;
 use snapshot::{
-    BackgroundPriority, Config, Engine, FaultInjection, Metrics, Region, StagingSlots, Strategy,
-    SyncMetrics, WriteOptions, CHUNK_SIZE,
+    BackgroundPriority, Config, Engine, FaultInjection, Metrics, PrepareControl, Region,
+    StagingSlots, Strategy, SyncMetrics, WriteOptions, CHUNK_SIZE,
 };
 
 use crate::vcpu_control::PauseError;
@@ -73,6 +73,16 @@ pub struct SnapshotRequest {
     /// 0.3-1.4 s stalls (docs/BENCHMARKS.md). The fork baseline's child is
     /// left as it is.
     pub priority: BackgroundPriority,
+    /// Populate the snapshot's memory before the fork (engine modes; the
+    /// fork baseline has none): the guest keeps running unprotected while
+    /// the chunks that hold data get their destination allocated, then the
+    /// sync phase runs and the copy goes into warm memory. The snapshot is
+    /// of the moment of the pause, after the preparation, not of the
+    /// request. On a host where fresh memory is slow (here: the outer
+    /// hypervisor backs it, 0.3-1 GiB/s) this moves that cost from the
+    /// write-protected copy window, where every guest write fault waits on
+    /// it, to before the fork (engine.rs, "Destination preparation").
+    pub prepare: bool,
 }
 
 impl SnapshotRequest {
@@ -87,6 +97,7 @@ impl SnapshotRequest {
             capture_checksums: false,
             keep_memory: false,
             priority: BackgroundPriority::default(),
+            prepare: true,
         }
     }
 }
@@ -117,6 +128,9 @@ pub enum SnapshotError {
 /// Where a snapshot is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotState {
+    /// Populating the snapshot's memory before the fork (the guest runs,
+    /// nothing is protected yet).
+    Preparing,
     /// The engine is copying guest memory (the guest runs).
     Copying,
     /// Memory copied; writing the snapshot directory.
@@ -132,6 +146,7 @@ impl SnapshotState {
 
     pub fn name(&self) -> &'static str {
         match self {
+            SnapshotState::Preparing => "preparing",
             SnapshotState::Copying => "copying",
             SnapshotState::Persisting => "persisting",
             SnapshotState::Done => "done",
@@ -151,6 +166,18 @@ pub struct SnapshotProgress {
     /// Persisting: bytes written of the total.
     pub bytes_written: u64,
     pub bytes_to_write: u64,
+    /// Preparing: bytes of snapshot memory populated of the total (the
+    /// total is known once the populated chunks were counted).
+    pub bytes_prepared: u64,
+    pub bytes_to_prepare: u64,
+}
+
+/// The preparation before the fork ([`SnapshotRequest::prepare`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrepareMetrics {
+    pub elapsed: Duration,
+    /// Snapshot memory populated (the chunks that held data).
+    pub bytes: u64,
 }
 
 /// The sync phase as the VM saw it (the vCPUs are paused from the start of
@@ -185,6 +212,8 @@ pub struct SnapshotMetrics {
     pub workers: usize,
     /// Scheduling of the persist thread.
     pub priority: BackgroundPriority,
+    /// None without preparation.
+    pub prepare: Option<PrepareMetrics>,
     pub sync: SyncPhase,
     /// The engine's final numbers (copy time, chunks by path, faults).
     pub engine: Option<Metrics>,
@@ -201,6 +230,7 @@ impl SnapshotMetrics {
             strategy,
             workers,
             priority,
+            prepare: None,
             sync: SyncPhase::default(),
             engine: None,
             copy_wait: Duration::ZERO,
@@ -238,6 +268,13 @@ impl SnapshotMetrics {
             us(self.copy_wait),
             us(self.total),
         );
+        if let Some(p) = &self.prepare {
+            out.push_str(&format!(
+                ",\"prepare\":{{\"elapsed_us\":{},\"bytes\":{}}}",
+                us(p.elapsed),
+                p.bytes
+            ));
+        }
         if let Some(m) = &self.engine {
             let h = &m.fault_latency_ns;
             out.push_str(&format!(
@@ -291,6 +328,13 @@ impl SnapshotMetrics {
             s.resume,
             s.engine.arm
         );
+        if let Some(p) = &self.prepare {
+            out.push_str(&format!(
+                "; memory prepared before the fork: {} MiB in {:?}",
+                p.bytes >> 20,
+                p.elapsed
+            ));
+        }
         if let Some(m) = &self.engine {
             out.push_str(&format!(
                 "; copy {:?}, chunks {} (workers {}, fault path {} [staged {}], hooks {}, zero {}), {} bytes copied, faults {} (p50 {} us, p99 {} us, max {} us)",
@@ -390,7 +434,7 @@ impl Drop for SlotGuard {
 }
 
 /// Who copies the memory of a snapshot in flight.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Copier {
     Engine(Arc<Engine>),
     /// The `fork` baseline's writer process.
@@ -403,18 +447,49 @@ enum Work {
     Fork(fork::ForkChild),
 }
 
-#[derive(Debug)]
+/// What the snapshot thread runs once the sync phase is over.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A snapshot set up but not forked yet: what the sync phase consumes.
+/// Dropping it (a failure or cancel before the fork) releases the VM's
+/// snapshot slot and lets the snapshot thread exit.
+struct Pending {
+    guard: SlotGuard,
+    engine: Option<Arc<Engine>>,
+    req: SnapshotRequest,
+    /// Whether the snapshot thread prepares memory before the fork.
+    prepare: bool,
+    job_tx: std::sync::mpsc::Sender<Job>,
+    t_request: Instant,
+}
+
 struct Tracker {
     dir: PathBuf,
-    copier: Copier,
+    /// Set by the sync phase.
+    copier: Mutex<Option<Copier>>,
+    /// Until the sync phase takes it.
+    pending: Mutex<Option<Pending>>,
+    /// Progress and cancel of the preparation before the fork.
+    prepare: Arc<PrepareControl>,
     inner: Mutex<TrackerInner>,
     changed: Condvar,
-    checksums: Option<Vec<u32>>,
+    checksums: OnceLock<Vec<u32>>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("dir", &self.dir)
+            .field("state", &lock(&self.inner).state)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
 struct TrackerInner {
     state: SnapshotState,
+    /// Preparing: the memory is ready and the snapshot waits for its fork.
+    prepared: bool,
     metrics: SnapshotMetrics,
     bytes_written: u64,
     bytes_to_write: u64,
@@ -437,7 +512,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// A snapshot begun by [`Vm::snapshot`]. Cheap to clone.
+/// A snapshot begun by [`Vm::snapshot`] or [`Vm::start_snapshot`]. Cheap
+/// to clone.
 #[derive(Debug, Clone)]
 pub struct SnapshotHandle {
     t: Arc<Tracker>,
@@ -461,11 +537,13 @@ impl SnapshotHandle {
             bytes_copied: 0,
             bytes_written: inner.bytes_written,
             bytes_to_write: inner.bytes_to_write,
+            bytes_prepared: self.t.prepare.done.load(Ordering::Relaxed),
+            bytes_to_prepare: self.t.prepare.total.load(Ordering::Relaxed),
         };
         drop(inner);
-        let live = match &self.t.copier {
-            Copier::Engine(e) => e.progress(),
-            Copier::Fork(_) => None,
+        let live = match lock(&self.t.copier).as_ref() {
+            Some(Copier::Engine(e)) => e.progress(),
+            Some(Copier::Fork(_)) | None => None,
         };
         if let Some(e) = live {
             p.chunks_done = e.chunks_done;
@@ -479,17 +557,110 @@ impl SnapshotHandle {
         p
     }
 
-    /// Cancels the copy in flight: the engine rolls back (protections
-    /// lifted, the VM untouched) and the snapshot ends as failed. Too late
-    /// once persisting has begun (then it is an error, and nothing changes).
+    /// Cancels the snapshot. Before the fork (preparing) nothing was
+    /// protected: the preparation stops and its memory is freed. Copying:
+    /// the engine rolls back (protections lifted, the VM untouched). Either
+    /// way the snapshot ends as failed. Too late once persisting has begun
+    /// (then it is an error, and nothing changes).
     pub fn cancel(&self) -> Result<(), SnapshotError> {
-        match &self.t.copier {
-            Copier::Engine(e) => e.cancel().map_err(SnapshotError::Engine),
-            Copier::Fork(pid) => {
+        let copier = lock(&self.t.copier).clone();
+        match copier {
+            None => {
+                self.t.prepare.cancel.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Some(Copier::Engine(e)) => e.cancel().map_err(SnapshotError::Engine),
+            Some(Copier::Fork(pid)) => {
                 // SAFETY: signalling our own child (not yet reaped: the
                 // snapshot thread reaps it), no memory involved.
-                unsafe { libc::kill(*pid, libc::SIGKILL) };
+                unsafe { libc::kill(pid, libc::SIGKILL) };
                 Ok(())
+            }
+        }
+    }
+
+    /// Prepared and waiting for [`Vm::fork_prepared`] (or cancelled while
+    /// waiting, which `fork_prepared` then finishes).
+    pub fn ready_to_fork(&self) -> bool {
+        let inner = lock(&self.t.inner);
+        inner.state == SnapshotState::Preparing && inner.prepared && lock(&self.t.pending).is_some()
+    }
+
+    /// Ends a snapshot that has not forked yet because its VM is going away:
+    /// a preparation in flight is cancelled, a prepared one is failed with
+    /// `why`. No effect once forked.
+    pub fn abandon(&self, why: &str) {
+        self.t.prepare.cancel.store(true, Ordering::SeqCst);
+        if self.ready_to_fork() {
+            self.fail_before_fork(why.to_string());
+        }
+    }
+
+    /// Blocks until the preparation is over: prepared (true) or failed.
+    fn wait_prepared(&self) -> bool {
+        let mut inner = lock(&self.t.inner);
+        loop {
+            match &inner.state {
+                SnapshotState::Preparing if inner.prepared => return true,
+                SnapshotState::Preparing => {}
+                SnapshotState::Failed(_) => return false,
+                _ => return true,
+            }
+            inner = match self.t.changed.wait(inner) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+    }
+
+    /// Fails a snapshot that never forked: releases its slot first (so a
+    /// waiter woken by the failure may start the next one), then records
+    /// why.
+    fn fail_before_fork(&self, why: String) {
+        let pending = lock(&self.t.pending).take();
+        let t_request = pending.as_ref().map(|p| p.t_request);
+        drop(pending);
+        if let Some(t) = t_request {
+            lock(&self.t.inner).metrics.total = t.elapsed();
+        }
+        tracing::error!(
+            "snapshot {} failed before the fork: {why}; the VM keeps running",
+            self.t.dir.display()
+        );
+        self.set_state(SnapshotState::Failed(why));
+    }
+
+    /// Runs on the snapshot thread before the fork: populates the
+    /// snapshot's memory (Engine::prepare_for). False if it failed or was
+    /// cancelled (the snapshot is then failed).
+    fn run_preparation(&self, engine: &Engine, regions: &[Region]) -> bool {
+        let t = Instant::now();
+        match engine.prepare_for(regions, &self.t.prepare) {
+            Ok(()) => {
+                let bytes = self.t.prepare.done.load(Ordering::Relaxed);
+                tracing::info!(
+                    "snapshot {}: memory prepared before the fork: {} MiB in {:.2} s",
+                    self.t.dir.display(),
+                    bytes >> 20,
+                    t.elapsed().as_secs_f64()
+                );
+                let mut inner = lock(&self.t.inner);
+                inner.metrics.prepare = Some(PrepareMetrics {
+                    elapsed: t.elapsed(),
+                    bytes,
+                });
+                inner.prepared = true;
+                drop(inner);
+                self.t.changed.notify_all();
+                true
+            }
+            Err(snapshot::Error::Cancelled) => {
+                self.fail_before_fork("snapshot cancelled while preparing its memory".into());
+                false
+            }
+            Err(e) => {
+                self.fail_before_fork(format!("cannot prepare the snapshot's memory: {e}"));
+                false
             }
         }
     }
@@ -533,7 +704,7 @@ impl SnapshotHandle {
     /// chunk of guest RAM taken while paused, regions in order (the order
     /// of the snapshot image).
     pub fn sync_checksums(&self) -> Option<&[u32]> {
-        self.t.checksums.as_deref()
+        self.t.checksums.get().map(Vec::as_slice)
     }
 
     fn set_state(&self, state: SnapshotState) {
@@ -603,10 +774,32 @@ pub fn snapshot_checksums(dir: &Path) -> Result<Vec<u32>, snapshot::PersistError
 
 impl Vm {
     /// Takes a snapshot of the running VM into `req.dir` (see the module
-    /// docs). Returns once the guest runs again; the copy and the write
-    /// continue in the background (follow them with the handle). A second
-    /// request while one is in flight gets [`SnapshotError::InProgress`].
+    /// docs). Returns once the guest runs again (after the preparation, if
+    /// `req.prepare`); the copy and the write continue in the background
+    /// (follow them with the handle). A second request while one is in
+    /// flight gets [`SnapshotError::InProgress`].
     pub fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotHandle, SnapshotError> {
+        let h = self.start_snapshot(req)?;
+        if h.state() == SnapshotState::Preparing {
+            if !h.wait_prepared() {
+                return Err(match h.state() {
+                    SnapshotState::Failed(why) => SnapshotError::Failed(why),
+                    _ => SnapshotError::Failed("the preparation ended without a result".into()),
+                });
+            }
+            self.fork_prepared(&h)?;
+        }
+        Ok(h)
+    }
+
+    /// As [`Vm::snapshot`], without blocking on the preparation: with
+    /// `req.prepare` (and an engine mode) it returns at once in
+    /// [`SnapshotState::Preparing`] while the snapshot thread populates the
+    /// snapshot's memory; once [`SnapshotHandle::ready_to_fork`], the VM's
+    /// owner calls [`Vm::fork_prepared`] to run the sync phase (on its own
+    /// thread, where pause/resume requests are serialised). Otherwise the
+    /// sync phase runs now, as in `snapshot`.
+    pub fn start_snapshot(&self, req: SnapshotRequest) -> Result<SnapshotHandle, SnapshotError> {
         self.check_snapshottable(req.workers)?;
         let slot = self.snapshot_slot().clone();
         if !slot.try_claim() {
@@ -627,29 +820,56 @@ impl Vm {
                 ..Config::default()
             })?)
         };
-        let regions: Vec<Region> = self
-            .memory()
-            .regions()
-            .iter()
-            .map(|r| Region::new(r.guest_addr, r.host_addr as u64, r.len as u64))
-            .collect();
-        // The background thread keeps guest RAM mapped until the engine is
-        // done with it, even if the VM goes away first.
-        let ram = self.memory().clone();
+        let prepare = req.prepare && engine.is_some();
+        let handle = SnapshotHandle {
+            t: Arc::new(Tracker {
+                dir: req.dir.clone(),
+                copier: Mutex::new(None),
+                pending: Mutex::new(None),
+                prepare: Arc::new(PrepareControl::default()),
+                inner: Mutex::new(TrackerInner {
+                    state: SnapshotState::Preparing,
+                    prepared: false,
+                    metrics: SnapshotMetrics::new(req.mode, workers, req.priority),
+                    bytes_written: 0,
+                    bytes_to_write: 0,
+                }),
+                changed: Condvar::new(),
+                checksums: OnceLock::new(),
+            }),
+        };
 
-        // The thread that waits for the copy and persists exists before the
-        // copiers start: creating a thread maps its stack (mmap_lock taken
-        // for writing), which after the pause would queue behind a copier
-        // populating fresh memory (mmap_lock read-held for milliseconds
-        // here) and hold up every later reader, the fault handler and the
-        // vCPUs' faults included (engine supervisor.rs).
-        let (job_tx, job_rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        // The thread that prepares, waits for the copy and persists exists
+        // before the copiers start: creating a thread maps its stack
+        // (mmap_lock taken for writing), which after the pause would queue
+        // behind a copier populating fresh memory (mmap_lock read-held for
+        // milliseconds here) and hold up every later reader, the fault
+        // handler and the vCPUs' faults included (engine supervisor.rs).
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
         let placement = self.cpu_placement().cloned();
+        let priority = req.priority;
+        let preparation = match (&engine, prepare) {
+            (Some(e), true) => Some((e.clone(), self.snapshot_regions(), handle.clone())),
+            _ => None,
+        };
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
                 if let Some(p) = placement {
-                    p.pin_background_here("the snapshot persist thread");
+                    p.pin_background_here("the snapshot thread");
+                }
+                // Preparing and persisting compete with the vCPUs as the
+                // copiers do.
+                if let Err(e) = snapshot::priority::apply_to_current_thread(priority) {
+                    tracing::warn!(
+                        "snapshot thread keeps normal priority: cannot set {}: {e}",
+                        priority.name()
+                    );
+                }
+                if let Some((engine, regions, h)) = preparation {
+                    if !h.run_preparation(&engine, &regions) {
+                        return;
+                    }
                 }
                 // No job: the snapshot failed before the copy started.
                 if let Ok(job) = job_rx.recv() {
@@ -657,6 +877,87 @@ impl Vm {
                 }
             })
             .map_err(SnapshotError::Spawn)?;
+        *lock(&handle.t.pending) = Some(Pending {
+            guard,
+            engine,
+            req,
+            prepare,
+            job_tx,
+            t_request,
+        });
+        if prepare {
+            tracing::info!(
+                "snapshot {}: preparing its memory before the fork",
+                handle.dir().display()
+            );
+            return Ok(handle);
+        }
+        self.fork_prepared(&handle)?;
+        Ok(handle)
+    }
+
+    /// Runs the sync phase of a snapshot begun by [`Vm::start_snapshot`]
+    /// whose memory is prepared: pause, capture, `Engine::begin` (or fork),
+    /// resume, then hands the copy and the persist to the snapshot thread.
+    /// Returns once the guest runs again. A snapshot cancelled while it
+    /// waited, or whose sync phase fails, ends as failed (the VM keeps
+    /// running; nothing stays protected).
+    pub fn fork_prepared(&self, h: &SnapshotHandle) -> Result<(), SnapshotError> {
+        let Some(pending) = lock(&h.t.pending).take() else {
+            return Err(SnapshotError::Invalid(format!(
+                "snapshot {} is not waiting for its fork",
+                h.dir().display()
+            )));
+        };
+        if pending.prepare && !lock(&h.t.inner).prepared {
+            *lock(&h.t.pending) = Some(pending);
+            return Err(SnapshotError::Invalid(format!(
+                "snapshot {} is still preparing its memory",
+                h.dir().display()
+            )));
+        }
+        if h.t.prepare.cancel.load(Ordering::SeqCst) {
+            *lock(&h.t.pending) = Some(pending);
+            let why = "snapshot cancelled before its fork".to_string();
+            h.fail_before_fork(why.clone());
+            return Err(SnapshotError::Failed(why));
+        }
+        let t_request = pending.t_request;
+        match self.sync_phase(pending, h) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The pending snapshot (slot, engine, thread) is gone.
+                lock(&h.t.inner).metrics.total = t_request.elapsed();
+                h.set_state(SnapshotState::Failed(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Guest RAM as the engine sees it.
+    fn snapshot_regions(&self) -> Vec<Region> {
+        self.memory()
+            .regions()
+            .iter()
+            .map(|r| Region::new(r.guest_addr, r.host_addr as u64, r.len as u64))
+            .collect()
+    }
+
+    /// The sync phase (see [`Vm::fork_prepared`]). On error `p` is dropped:
+    /// the slot is free again and the snapshot thread exits.
+    fn sync_phase(&self, p: Pending, h: &SnapshotHandle) -> Result<(), SnapshotError> {
+        let Pending {
+            guard,
+            engine,
+            req,
+            prepare: _,
+            job_tx,
+            t_request,
+        } = p;
+        let regions = self.snapshot_regions();
+        // The background thread keeps guest RAM mapped until the engine is
+        // done with it, even if the VM goes away first.
+        let ram = self.memory().clone();
 
         // Everything in the sync phase that grows with memory (register,
         // write-protect) happens here while the guest still runs; the pause
@@ -766,56 +1067,34 @@ impl Vm {
             sync.engine.write_protect,
             sync.resume,
         );
-        let mut metrics = SnapshotMetrics::new(req.mode, workers, req.priority);
-        metrics.sync = sync;
-        let handle = SnapshotHandle {
-            t: Arc::new(Tracker {
-                dir: req.dir.clone(),
-                copier: match &work {
-                    Work::Engine(e) => Copier::Engine(e.clone()),
-                    Work::Fork(c) => Copier::Fork(c.pid),
-                },
-                inner: Mutex::new(TrackerInner {
-                    state: SnapshotState::Copying,
-                    metrics,
-                    bytes_written: 0,
-                    bytes_to_write: 0,
-                }),
-                changed: Condvar::new(),
-                checksums,
-            }),
-        };
-        let h = handle.clone();
+        if let Some(c) = checksums {
+            let _ = h.t.checksums.set(c);
+        }
+        *lock(&h.t.copier) = Some(match &work {
+            Work::Engine(e) => Copier::Engine(e.clone()),
+            Work::Fork(c) => Copier::Fork(c.pid),
+        });
+        lock(&h.t.inner).metrics.sync = sync;
+        h.set_state(SnapshotState::Copying);
+        let bg = h.clone();
         let overwrite = req.overwrite;
-        let priority = req.priority;
         let resumed = Instant::now();
-        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
-            // This thread only waits for the copy, then persists: the
-            // persist competes with the vCPUs as the copiers do.
-            if let Err(e) = snapshot::priority::apply_to_current_thread(priority) {
-                tracing::warn!(
-                    "snapshot writer keeps normal priority: cannot set {}: {e}",
-                    priority.name()
-                );
-            }
-            background(&h, work, &blob, overwrite, resumed, t_request, guard);
+        let job: Job = Box::new(move || {
+            background(&bg, work, &blob, overwrite, resumed, t_request, guard);
             drop(ram);
         });
         match job_tx.send(job) {
-            Ok(()) => Ok(handle),
+            Ok(()) => Ok(()),
             Err(std::sync::mpsc::SendError(job)) => {
                 // The thread is gone (it cannot exit before its job unless
                 // it panicked); drop the job (slot guard, RAM clone, work)
                 // and roll back here.
                 drop(job);
                 let e = std::io::Error::other("the snapshot thread exited before its work");
-                let _ = handle.cancel();
+                let _ = h.cancel();
                 if let Some(engine) = &engine {
                     let _ = engine.wait();
                 }
-                handle.set_state(SnapshotState::Failed(format!(
-                    "cannot start the snapshot thread: {e}"
-                )));
                 Err(SnapshotError::Spawn(e))
             }
         }

@@ -30,6 +30,8 @@ pub struct TriggerPlan {
     pub keep_memory: bool,
     /// [`SnapshotRequest::priority`].
     pub priority: snapshot::BackgroundPriority,
+    /// [`SnapshotRequest::prepare`].
+    pub prepare: bool,
 }
 
 static SIGUSR1_SEEN: AtomicBool = AtomicBool::new(false);
@@ -61,6 +63,7 @@ fn take(vm: &Vm, plan: &TriggerPlan, dir: PathBuf, why: &str) -> Option<Snapshot
         workers: plan.workers,
         keep_memory: plan.keep_memory,
         priority: plan.priority,
+        prepare: plan.prepare,
         ..SnapshotRequest::new(dir.clone())
     };
     tracing::info!(
@@ -69,7 +72,7 @@ fn take(vm: &Vm, plan: &TriggerPlan, dir: PathBuf, why: &str) -> Option<Snapshot
         plan.mode,
         plan.workers
     );
-    match vm.snapshot(req) {
+    match vm.start_snapshot(req) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::error!(
@@ -131,6 +134,14 @@ impl Trigger {
             self.inflight = Some(h.clone());
         }
         if let Some(h) = &self.inflight {
+            if h.ready_to_fork() {
+                if let Err(e) = vm.fork_prepared(h) {
+                    tracing::error!(
+                        "snapshot {} failed: {e}; the VM keeps running",
+                        h.dir().display()
+                    );
+                }
+            }
             if h.state().is_finished() {
                 self.inflight = None;
             } else if self.last_log.elapsed() >= Duration::from_secs(1) {
@@ -144,6 +155,7 @@ impl Trigger {
     /// Waits for the snapshot still in flight (the VM has stopped).
     pub fn finish(&mut self) {
         if let Some(h) = self.inflight.take() {
+            h.abandon("the VM stopped before the snapshot's fork");
             tracing::info!(
                 "VM stopped; waiting for snapshot {} to finish",
                 h.dir().display()
@@ -168,6 +180,12 @@ pub fn run_until_exit(vm: &mut Vm, plan: &TriggerPlan) -> VmExit {
 fn log_progress(h: &SnapshotHandle) {
     let p = h.progress();
     match p.state {
+        SnapshotState::Preparing => tracing::info!(
+            "snapshot {}: preparing its memory, {}/{} MiB",
+            h.dir().display(),
+            p.bytes_prepared >> 20,
+            p.bytes_to_prepare >> 20
+        ),
         SnapshotState::Copying => tracing::info!(
             "snapshot {}: copying {}/{} units, {} bytes",
             h.dir().display(),
