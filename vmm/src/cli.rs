@@ -76,6 +76,10 @@ pub struct SnapshotCreateArgs {
     /// Replace an existing directory at DIR.
     #[arg(long)]
     pub overwrite: bool,
+    /// Populate the snapshot's memory before its fork (default: the
+    /// server's `--snapshot-prepare`, on).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub prepare: Option<bool>,
 }
 
 #[derive(Debug, Args)]

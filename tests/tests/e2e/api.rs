@@ -588,10 +588,15 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
         (Some("1"), Some("done"))
     );
     assert_eq!(out.stderr, "", "no progress bar without a terminal");
+    assert!(
+        done["metrics"]["prepare"]["bytes"].as_u64() > Some(0),
+        "{done}"
+    );
     // On a terminal (script(1) gives it a pty) the progress bar is drawn.
+    // `--prepare off`: forked at once, nothing prepared.
     let tty_dir = tmp.path().join("snap-tty");
     let line = format!(
-        "{} snapshot create --api-sock {s} --dir {} --wait",
+        "{} snapshot create --api-sock {s} --dir {} --prepare off --wait",
         snapvm_bin().display(),
         tty_dir.display()
     );
@@ -603,6 +608,7 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
     assert!(out.status.success(), "{out:?}");
     assert!(text.contains("done ["), "no progress bar: {text:?}");
     assert!(text.contains("\"state\": \"done\""), "{text:?}");
+    assert!(!text.contains("\"prepare\": {"), "{text:?}");
     set(&mut kv, "k", "after");
     let out = cli(&["snapshot", "list", "--api-sock", s]);
     assert_eq!(out.code(), Some(0), "{out:?}");

@@ -107,6 +107,9 @@ fn create(args: &SnapshotCreateArgs) -> Result<(), CommandError> {
     if let Some(w) = args.workers {
         body["workers"] = w.into();
     }
+    if let Some(p) = args.prepare {
+        body["prepare"] = p.into();
+    }
     let created: SnapshotStatus = client
         .call(Method::PUT, "/snapshot/create", Some(&body))?
         .ok_json()?;
@@ -142,6 +145,11 @@ fn wait(client: &ApiClient, id: &str) -> Result<SnapshotStatus, CommandError> {
         if let Some(bar) = &bar {
             let p = &s.progress;
             match s.state.as_str() {
+                "preparing" => {
+                    bar.set_message("preparing");
+                    bar.set_length(p.bytes_to_prepare);
+                    bar.set_position(p.bytes_prepared);
+                }
                 "copying" => {
                     bar.set_message("copying");
                     bar.set_length(p.chunks_total);
