@@ -14,6 +14,7 @@ use crate::shared::Shared;
 use crate::snapshot::Snapshot;
 use crate::worker;
 
+#[derive(Debug)]
 pub(crate) struct Plan {
     pub workers: usize,
     pub handler: JoinHandle<HandlerStats>,

@@ -679,6 +679,32 @@ fn prepare_for_failure_or_cancel_keeps_nothing() {
     assert_eq!(mem.reference(), reference);
 }
 
+/// `begin` only sets the copy up: no copier runs until `start_copy` (the
+/// caller resumes its writers first), and writes meanwhile are copied by
+/// the fault path. The snapshot is exact either way.
+#[test]
+fn copiers_start_only_with_start_copy() {
+    let mem = Mem::new(6, 2, 2, 47);
+    let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
+    let ws = Writers::start(&mem, 2);
+    ws.run_for(2_000);
+    ws.pause();
+    let reference = mem.reference();
+    // SAFETY: `mem` outlives the snapshot.
+    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let p = eng.progress().expect("in flight");
+    assert_eq!(p.chunks_done, 0, "a copier ran before start_copy: {p:?}");
+    ws.resume();
+    ws.run_for(5_000);
+    eng.start_copy().expect("start");
+    eng.start_copy().expect("a second call does nothing");
+    let snap = eng.wait().expect("snapshot");
+    ws.stop_and_check();
+    compare(&snap, &reference);
+    assert!(snap.metrics().chunks_by_workers > 0);
+}
+
 /// `arm` with the writers running, then the pause: writes between the two
 /// are let through and their chunks protected again in `begin`, so the
 /// snapshot is still the memory at `begin()`, bit for bit.

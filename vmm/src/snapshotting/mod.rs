@@ -1056,6 +1056,14 @@ impl Vm {
         };
         resume(&mut sync)?;
         // --- The guest runs again.
+        if let Work::Engine(e) = &work {
+            // Started only now, so that the threads it wakes on the
+            // background CPUs cannot delay the resume. A failure rolls the
+            // snapshot back; the snapshot thread's `wait` reports it.
+            if let Err(err) = e.start_copy() {
+                tracing::error!("snapshot {}: {err}", req.dir.display());
+            }
+        }
 
         tracing::info!(
             "snapshot {}: sync phase {:?} (pause {:?}, state {:?}, begin {:?} [write-protect {:?}], resume {:?})",
