@@ -121,8 +121,7 @@ impl Owner {
     }
 
     /// Applies `--snapshot-keep-memory`, `--snapshot-priority` and
-    /// `--snapshot-prepare` to the
-    /// snapshots this owner takes.
+    /// `--snapshot-prepare` to the snapshots this owner takes.
     pub fn set_snapshot_options(
         &mut self,
         keep_memory: bool,

@@ -1,8 +1,12 @@
-//! Snapshots of a running VM (DESIGN.md §2): [`Vm::snapshot`] runs the
-//! sync phase (pause vCPUs, capture VM state, `Engine::begin` over guest
-//! RAM, resume) and returns as soon as the guest runs again; a background
-//! thread then waits for the engine's copy and persists the snapshot
-//! atomically with [`snapshot::write_snapshot`]. One snapshot is in flight
+//! Snapshots of a running VM (DESIGN.md §2): [`Vm::start_snapshot`] first
+//! has the snapshot thread prepare the snapshot's memory while the guest
+//! runs (`SnapshotRequest::prepare`, state `Preparing`); then
+//! [`Vm::fork_prepared`], called by the VM's owner, runs the sync phase
+//! (pause vCPUs, capture VM state, `Engine::begin` over guest RAM, resume,
+//! start the copiers) and returns as soon as the guest runs again; the
+//! snapshot thread then waits for the engine's copy and persists the
+//! snapshot atomically with [`snapshot::write_snapshot`]. [`Vm::snapshot`]
+//! does both, blocking through the preparation. One snapshot is in flight
 //! per VM: from the request until it is persisted (or failed).
 //!
 //! A failure at any point rolls back through the engine (which lifts every
