@@ -476,6 +476,9 @@ fn cpus_keep_the_guest_on_its_cpus_and_snapshots_restore() {
     assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGUSR1) }, 0);
     let dir = base.with_file_name("pinned-1");
     wait_for_snapshot(&vm, &dir);
+    // The main thread ran the pause on the guest's CPU and is back on all.
+    assert_eq!(thread_cpu_lists(vm.pid(), "snapvm"), vec![all.clone()]);
+    assert_eq!(thread_cpu_lists(vm.pid(), "vcpu0"), vec![last.clone()]);
     assert_eq!(redis(port, &["SET", "a", "2"]).as_deref(), Some("OK"));
 
     let serial = tmp.path().join("serial-restored.txt");
