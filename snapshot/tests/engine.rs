@@ -619,15 +619,7 @@ fn prepare_for_populates_chunks_with_data_and_the_snapshot_stays_exact() {
     let ws = Writers::start(&mem, 2);
     ws.anywhere.store(true, Ordering::SeqCst);
     ws.run_for(5_000);
-    ws.pause();
-    let reference = mem.reference();
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
-    ws.resume();
-    ws.run_for(20_000);
-    let snap = eng.wait().expect("snapshot");
-    ws.stop_and_check();
-    compare(&snap, &reference);
+    let snap = next_snapshot_is_exact(&eng, &mem, ws, false);
     assert_eq!(snap.metrics().chunks_staged, 0, "prepared memory is warm");
     drop(snap);
     assert_eq!(eng.kept_destination_bytes(), 0, "not kept");

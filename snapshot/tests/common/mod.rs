@@ -291,9 +291,10 @@ pub fn compare(snap: &Snapshot, reference: &[u8]) {
     }
 }
 
-/// After a rollback: the next snapshot (armed first with `arm`) succeeds
-/// and is exact, with the writers running around it; stops the writers.
-pub fn next_snapshot_is_exact(eng: &Engine, mem: &Mem, ws: Writers, arm: bool) {
+/// After a rollback (or a preparation): the next snapshot (armed first
+/// with `arm`) succeeds and is exact, with the writers running around it;
+/// stops the writers and returns the snapshot.
+pub fn next_snapshot_is_exact(eng: &Engine, mem: &Mem, ws: Writers, arm: bool) -> Snapshot {
     if arm {
         // SAFETY: `mem` outlives the snapshot (wait() below).
         unsafe { eng.arm(&[mem.region()]) }.expect("arm after rollback");
@@ -307,4 +308,5 @@ pub fn next_snapshot_is_exact(eng: &Engine, mem: &Mem, ws: Writers, arm: bool) {
     let snap = eng.wait().expect("snapshot after rollback");
     ws.stop_and_check();
     compare(&snap, &reference);
+    snap
 }

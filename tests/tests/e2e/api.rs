@@ -926,6 +926,11 @@ fn cancel_mid_copy_leaves_the_guest_running_with_its_data() {
     assert!(!tmp.path().join("third").exists());
 }
 
+/// `PUT path` with a JSON body.
+fn put(sock: &Path, path: &str, body: Value) -> Resp {
+    req(sock, "PUT", path, Some(&body.to_string()))
+}
+
 /// Polls `GET /snapshot/{id}` until `done` says so (or fails after T).
 fn wait_status(sock: &Path, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();
@@ -950,12 +955,7 @@ fn a_snapshot_held_in_its_preparation_can_be_cancelled_and_the_next_succeeds() {
     let mut kv = redis_con(port);
     set(&mut kv, "before", "1");
     let dir = tmp.path().join("held");
-    let r = req(
-        &sock,
-        "PUT",
-        "/snapshot/create",
-        Some(&json!({"snapshot_path": dir}).to_string()),
-    );
+    let r = put(&sock, "/snapshot/create", json!({"snapshot_path": dir}));
     assert_eq!(r.status, 201, "{r:?}");
     assert_eq!(r.json()["state"], "preparing", "{r:?}");
     // It has counted what it will populate and populated nothing yet.
@@ -964,11 +964,10 @@ fn a_snapshot_held_in_its_preparation_can_be_cancelled_and_the_next_succeeds() {
     });
     assert_eq!(s["state"], "preparing", "{s}");
     assert_eq!(s["progress"]["bytes_prepared"], 0, "{s}");
-    req(
+    put(
         &sock,
-        "PUT",
         "/snapshot/create",
-        Some(&json!({"snapshot_path": tmp.path().join("second")}).to_string()),
+        json!({"snapshot_path": tmp.path().join("second")}),
     )
     .assert_fault(409, "snapshot in progress");
     // Nothing is protected: the guest serves as usual meanwhile.
@@ -994,11 +993,10 @@ fn a_snapshot_held_in_its_preparation_can_be_cancelled_and_the_next_succeeds() {
     // The next snapshot prepares, forks and persists; it holds the values
     // written before it.
     let next = tmp.path().join("next");
-    let r = req(
+    let r = put(
         &sock,
-        "PUT",
         "/snapshot/create?wait=true",
-        Some(&json!({"snapshot_path": next}).to_string()),
+        json!({"snapshot_path": next}),
     );
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["state"], "done", "{r:?}");
@@ -1028,11 +1026,10 @@ fn a_failed_preparation_says_why_and_a_shutdown_ends_one_in_flight() {
     let mut kv = redis_con(port);
     set(&mut kv, "k", "v");
     let dir = tmp.path().join("failed");
-    let r = req(
+    let r = put(
         &sock,
-        "PUT",
         "/snapshot/create?wait=true",
-        Some(&json!({"snapshot_path": dir}).to_string()),
+        json!({"snapshot_path": dir}),
     );
     assert_eq!(r.status, 500, "{r:?}");
     let why = r.json()["fault_message"].as_str().unwrap().to_string();
@@ -1045,11 +1042,10 @@ fn a_failed_preparation_says_why_and_a_shutdown_ends_one_in_flight() {
     );
     assert!(!dir.exists());
     assert_eq!(get_key(&mut kv, "k").as_deref(), Some("v"));
-    let r = req(
+    let r = put(
         &sock,
-        "PUT",
         "/snapshot/create?wait=true",
-        Some(&json!({"snapshot_path": tmp.path().join("ok")}).to_string()),
+        json!({"snapshot_path": tmp.path().join("ok")}),
     );
     assert_eq!(r.status, 200, "{r:?}");
     shutdown(vm, &sock);
@@ -1058,12 +1054,7 @@ fn a_failed_preparation_says_why_and_a_shutdown_ends_one_in_flight() {
     // snapvm exits 0.
     let (vm, sock, _) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "hold_prepare")]);
     let held = tmp.path().join("held-at-shutdown");
-    let r = req(
-        &sock,
-        "PUT",
-        "/snapshot/create",
-        Some(&json!({"snapshot_path": held}).to_string()),
-    );
+    let r = put(&sock, "/snapshot/create", json!({"snapshot_path": held}));
     assert_eq!(r.status, 201, "{r:?}");
     let out = shutdown(vm, &sock);
     assert!(!held.exists());
