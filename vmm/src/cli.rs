@@ -185,9 +185,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub snapshot_workers: Option<u32>,
     /// Hold one guest-sized buffer for snapshots: prepared in the
-    /// background at start and kept between snapshots, so every snapshot
-    /// (the first too) copies at memory speed instead of first-touching
-    /// fresh memory.
+    /// background at start and kept between snapshots, so a snapshot's
+    /// preparation finds its memory ready and every snapshot (the first
+    /// too) copies at memory speed.
     #[arg(long)]
     pub snapshot_keep_memory: bool,
     /// Populate a snapshot's memory before its fork (on), while the guest
