@@ -96,11 +96,10 @@ pub struct Args {
     /// Skip the PNG plots.
     #[arg(long)]
     pub no_plots: bool,
-    /// Start snapvm with --snapshot-keep-memory (one guest-sized copy
-    /// buffer, prepared at start) and wait until it is prepared before the
-    /// load starts; fork runs are unaffected.
-    #[arg(long)]
-    pub keep_memory: bool,
+    /// snapvm's --snapshot-memory-budget (staging memory for write faults
+    /// during a snapshot), e.g. 256M or 8M; fork runs are unaffected.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    pub memory_budget: String,
     /// Draw the latency-over-time grids for every size (default: the
     /// largest size only).
     #[arg(long)]
@@ -276,7 +275,7 @@ impl Args {
             tail: secs("tail-s", self.tail_s)?,
             bucket_ms: self.bucket_ms.max(1),
             snapshot_timeout: Duration::from_secs(self.snapshot_timeout_s.max(1)),
-            keep_memory: self.keep_memory,
+            memory_budget: self.memory_budget.clone(),
         };
         let guest_bench_modes = match &self.guest_bench_modes {
             Some(m) => parse_modes(m)?,
@@ -323,7 +322,7 @@ impl Args {
             "qemu": self.qemu,
             "redis_server": self.redis_server,
             "snapvm": common.snapvm,
-            "keep_memory": self.keep_memory,
+            "memory_budget": self.memory_budget,
         });
         Ok(Plan {
             common,

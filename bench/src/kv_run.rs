@@ -34,8 +34,8 @@ pub struct Common {
     pub tail: Duration,
     pub bucket_ms: u64,
     pub snapshot_timeout: Duration,
-    /// snapvm runs with --snapshot-keep-memory (prepared copy buffer).
-    pub keep_memory: bool,
+    /// snapvm's --snapshot-memory-budget.
+    pub memory_budget: String,
 }
 
 impl Common {
@@ -73,7 +73,7 @@ pub struct Windows {
     pub baseline_latency: Summary,
     pub snapshot_latency: Summary,
     /// The part of the snapshot window until the memory copy ended (before
-    /// persisting), from metrics.json's `total_us - persist.elapsed_us`.
+    /// the commit), from metrics.json's `total_us - persist.commit_us`.
     pub copy_window: Option<Window>,
     pub copy_latency: Option<Summary>,
     pub sent: u64,
@@ -197,14 +197,14 @@ pub fn metric(m: &serde_json::Value, path: &[&str]) -> Option<f64> {
 }
 
 /// From the request until the copy ended: the snapshot window minus the
-/// persist time metrics.json reports.
+/// commit time metrics.json reports.
 pub fn copy_window(m: &serde_json::Value, snapshot: Window) -> Option<Window> {
     // Fork's child copies and writes in one go: no separate copy phase.
     if m.get("strategy").and_then(serde_json::Value::as_str) == Some("fork") {
         return Some(snapshot);
     }
     let total = metric(m, &["total_us"])?;
-    let persist = metric(m, &["persist", "elapsed_us"]).unwrap_or(0.0);
+    let persist = metric(m, &["persist", "commit_us"]).unwrap_or(0.0);
     let copied_ns = ((total - persist).max(0.0) * 1000.0) as u64;
     Some(Window {
         start_ns: snapshot.start_ns,
@@ -269,8 +269,8 @@ pub fn run(
         "--log-level",
         "info",
     ]);
-    if c.keep_memory && mode != "fork" {
-        cmd.arg("--snapshot-keep-memory");
+    if mode != "fork" {
+        cmd.args(["--snapshot-memory-budget", &c.memory_budget]);
     }
     let mut vm = Proc::spawn(
         &mut cmd,
@@ -310,9 +310,6 @@ fn drive(
         ctl = Client::connect(addr, Duration::from_secs(10))?;
     }
     let (keys, populate_s) = populate(&mut ctl, c, memory_mib)?;
-    if c.keep_memory && mode != "fork" {
-        vm.wait_stderr_line("snapshot memory prepared", Duration::from_secs(600))?;
-    }
 
     let epoch = Instant::now();
     let load = Load::start(&c.load_config(addr, keys), epoch)?;

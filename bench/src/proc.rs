@@ -140,12 +140,6 @@ impl Proc {
         self.wait_line_in(&stream, needle, timeout)
     }
 
-    /// Waits for a stderr line (snapvm's log) containing `needle`.
-    pub fn wait_stderr_line(&mut self, needle: &str, timeout: Duration) -> Result<Line> {
-        let stream = self.stderr.clone();
-        self.wait_line_in(&stream, needle, timeout)
-    }
-
     fn wait_line_in(&mut self, stream: &Lines, needle: &str, timeout: Duration) -> Result<Line> {
         let deadline = Instant::now() + timeout;
         loop {

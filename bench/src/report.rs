@@ -126,7 +126,7 @@ fn breakdown(r: &KvRun) -> String {
                 .map(|(p, n)| p * n)
         ),
         opt_ms(get(&["engine", "copy_total_us"])),
-        opt_ms(get(&["persist", "elapsed_us"])),
+        opt_ms(get(&["persist", "commit_us"])),
         r.windows.snapshot.secs(),
     )
 }

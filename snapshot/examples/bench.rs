@@ -5,11 +5,13 @@
 //! - strategy: async-fork (default), stop-the-world, sync-wp
 //! - `pop=75`: percent of the region populated before the snapshot (the
 //!   rest is never touched; writers write anywhere, so they first-touch it)
-//! - `prepare=1`: `Engine::prepare_destination` before the first snapshot
-//!   (timed, writers running)
-//! - `keep=1`: `Config::keep_destination` (reuse the destination)
-//! - `repeat=N`: take N snapshots in a row (each dropped before the next)
+//! - `budget=MiB`: the staging pool (default 256)
+//! - `repeat=N`: take N snapshots in a row
 //! - `idle=S`: sleep S seconds between populating and the first snapshot
+//! - `dir=PATH`: where the snapshot directories go (default /var/tmp)
+//!
+//! Each snapshot is written and committed as a snapshot directory (then
+//! removed), so "done" is the durable end a user waits for.
 //!
 //! Writers acknowledge the pause (as vCPUs leaving KVM_RUN would) before
 //! `begin()` runs, so the sync phase is not measured against a writer still
@@ -19,7 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapshot::{Config, Engine, Region, Strategy, CHUNK_SIZE};
+use snapshot::{
+    Config, Engine, Region, SnapshotWriter, StagingPool, Strategy, WriteOptions, CHUNK_SIZE,
+};
 
 fn kv(key: &str) -> Option<u64> {
     std::env::args().skip(1).find_map(|a| {
@@ -45,8 +49,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let workers = *args.get(1).unwrap_or(&1);
     let writers = *args.get(2).unwrap_or(&1);
     let pop = kv("pop").unwrap_or(75).min(100) as usize;
-    let prepare = kv("prepare").unwrap_or(0) != 0;
-    let keep = kv("keep").unwrap_or(0) != 0;
+    let budget = kv("budget").unwrap_or(256) << 20;
+    let dir = std::env::args()
+        .skip(1)
+        .find_map(|a| a.strip_prefix("dir=").map(std::path::PathBuf::from))
+        .unwrap_or_else(|| "/var/tmp".into());
     let repeat = kv("repeat").unwrap_or(1).max(1);
     let idle = kv("idle").unwrap_or(0);
     let len = mib << 20;
@@ -115,41 +122,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let eng = Engine::new(Config {
         workers,
         strategy,
-        keep_destination: keep,
+        staging: Arc::new(StagingPool::new(budget)),
         ..Config::default()
     })?;
-    if prepare {
-        let t = Instant::now();
-        eng.prepare_destination(len as u64)?;
-        let d = t.elapsed();
-        println!(
-            "prepare_destination: {d:?} ({:.2} GiB/s)",
-            gib_s(len as u64, d)
-        );
-    }
+    let regions = [Region::new(0, base as u64, len as u64)];
     for round in 0..repeat {
+        let target = dir.join(format!("snapshot-bench-{}-{round}", std::process::id()));
+        let t_request = Instant::now();
+        let writer = SnapshotWriter::create(&target, &regions, &WriteOptions::default())?;
+        // SAFETY: the mapping lives until the end of main.
+        unsafe { eng.arm(&regions, writer.image()) }?;
         pause.store(true, Ordering::SeqCst);
         while paused.load(Ordering::SeqCst) != writers {
             std::hint::spin_loop();
         }
-        // SAFETY: the mapping lives until the end of main.
-        let sync = unsafe { eng.begin(&[Region::new(0, base as u64, len as u64)]) }?;
+        // SAFETY: as above.
+        let sync = unsafe { eng.begin(&regions, writer.image()) }?;
         pause.store(false, Ordering::SeqCst);
+        eng.start_copy()?;
         let w0 = writes.load(Ordering::Relaxed);
         let snap = eng.wait()?;
         let w1 = writes.load(Ordering::Relaxed);
+        let summary = writer.commit(&snap, b"")?;
+        let done = t_request.elapsed();
+        std::fs::remove_dir_all(&target)?;
         let m = snap.metrics();
         println!(
-            "[{round}] {strategy}: {mib} MiB, {workers} workers, {writers} writers, pop {pop}%, prepare {prepare}, keep {keep}; writes during snapshot: {}",
-            w1 - w0
+            "[{round}] {strategy}: {mib} MiB, {workers} workers, {writers} writers, pop {pop}%, budget {} MiB; writes during snapshot: {}; request to durable done {done:?} ({:.2} GiB/s written), commit {:?}",
+            budget >> 20,
+            w1 - w0,
+            gib_s(m.bytes_written, done),
+            summary.commit,
         );
         println!(
-            "[{round}] sync total {:?} (register {:?}, write_protect {:?}); copy {:?} = {:.2} GiB/s of populated data; faults wp {} missing {} latency p50 {} µs p99 {} µs max {} µs; chunks by workers/fault/hook {}/{}/{}, zero {}",
+            "[{round}] sync total {:?} (register {:?}, write_protect {:?}); copy {:?} = {:.2} GiB/s written; faults wp {} missing {} latency p50 {} µs p99 {} µs max {} µs; chunks by workers/fault/hook {}/{}/{}, zero {}",
             sync.total,
             sync.register,
             sync.write_protect,
             m.copy_total,
-            gib_s(m.bytes_copied, m.copy_total),
+            gib_s(m.bytes_written, m.copy_total),
             m.wp_faults,
             m.missing_faults,
             m.fault_latency_at(0.5) / 1000,
@@ -163,7 +174,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if round + 1 == repeat {
             println!("{m:#?}");
         }
-        drop(snap);
     }
     stop.store(true, Ordering::Relaxed);
     for h in hs {

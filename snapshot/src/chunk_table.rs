@@ -1,13 +1,21 @@
-//! One atomic state per 2 MiB chunk: the hypervisor's "PMD R/W bit".
+//! One atomic state per copy unit (a 2 MiB chunk; a 4 KiB page for the
+//! sync-wp baseline): the hypervisor's "PMD R/W bit".
 //!
 //! `Protected → Copying → Copied`, or `Copying → Failed`. The CAS from
 //! Protected to Copying is the claim: exactly one thread (a worker, the fault
-//! handler or a `before_write` hook) copies a chunk; others wait for it.
+//! handler or a `before_write` hook) saves a unit; others wait for it.
+//! `Copied` means the unit's bytes as of the fork instant are safe — written
+//! to the image or held in a staging slot — and its protection is gone.
 //! A high `WAITER` bit tells the copier that the fault handler parked a fault
-//! on this chunk and wants a nudge when it settles (the handler never blocks
+//! on this unit and wants a nudge when it settles (the handler never blocks
 //! on another thread, see fault_handler.rs).
+//!
+//! Beside the state, each unit gets a [`Record`] once its bytes are in the
+//! image: a hole, or data with its crc32c. A staged unit is `Copied` before
+//! it is recorded (a worker writes it out later); the snapshot completes
+//! only when every unit is recorded.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 const PROTECTED: u8 = 0;
@@ -33,6 +41,20 @@ fn decode(v: u8) -> ChunkState {
     }
 }
 
+/// What the image holds for a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// No populated page, or only zero bytes: a hole in memory.img.
+    Zero,
+    /// Written; crc32c of the unit's bytes (zero where no page was
+    /// populated).
+    Data(u32),
+}
+
+const REC_NONE: u64 = 0;
+const REC_ZERO: u64 = 1 << 32;
+const REC_DATA: u64 = 2 << 32;
+
 /// Who copied a chunk (for metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Copier {
@@ -44,9 +66,10 @@ pub enum Copier {
 #[derive(Debug)]
 pub struct ChunkTable {
     states: Box<[AtomicU8]>,
-    /// Chunk had no populated page at the fork: reads as zero, persisted as a hole.
-    zero: Box<[AtomicBool]>,
-    /// Workers' claim cursor: chunks below it were offered to a worker.
+    /// What the image holds for each unit (`REC_*`, crc in the low bits).
+    records: Box<[AtomicU64]>,
+    /// Workers' claim cursor: units (or, with `next_chunk`, chunks) below
+    /// it were offered to a worker.
     cursor: AtomicUsize,
     settled: AtomicUsize,
     lock: Mutex<()>,
@@ -58,7 +81,7 @@ impl ChunkTable {
     pub fn new(chunks: usize) -> ChunkTable {
         ChunkTable {
             states: (0..chunks).map(|_| AtomicU8::new(PROTECTED)).collect(),
-            zero: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
+            records: (0..chunks).map(|_| AtomicU64::new(REC_NONE)).collect(),
             cursor: AtomicUsize::new(0),
             settled: AtomicUsize::new(0),
             lock: Mutex::new(()),
@@ -81,26 +104,37 @@ impl ChunkTable {
             .is_ok()
     }
 
-    /// Next chunk for a worker, in address order, skipping chunks already
-    /// claimed by the fault path. Each index is offered to one worker only.
-    pub fn claim_next(&self) -> Option<usize> {
-        loop {
-            let i = self.cursor.fetch_add(1, Ordering::Relaxed);
-            if i >= self.len() {
-                return None;
-            }
-            if self.try_claim(i) {
-                return Some(i);
-            }
+    /// Next chunk for a worker that saves a chunk's units together
+    /// (`per` units per chunk, `len() / per` chunks), in address order.
+    /// Each chunk is offered to one worker only; its units may already be
+    /// claimed by the fault path.
+    pub fn next_chunk(&self, per: usize) -> Option<usize> {
+        let c = self.cursor.fetch_add(1, Ordering::Relaxed);
+        (c < self.len() / per).then_some(c)
+    }
+
+    /// Records what the image holds for unit `i`.
+    pub fn record(&self, i: usize, r: Record) {
+        let v = match r {
+            Record::Zero => REC_ZERO,
+            Record::Data(crc) => REC_DATA | u64::from(crc),
+        };
+        self.records[i].store(v, Ordering::Release);
+    }
+
+    /// What the image holds for unit `i`, once recorded.
+    pub fn recorded(&self, i: usize) -> Option<Record> {
+        let v = self.records[i].load(Ordering::Acquire);
+        match v & !0xffff_ffff {
+            REC_ZERO => Some(Record::Zero),
+            REC_DATA => Some(Record::Data(v as u32)),
+            _ => None,
         }
     }
 
-    /// Settles a claimed chunk. Returns true if the fault handler parked a
+    /// Settles a claimed unit. Returns true if the fault handler parked a
     /// fault on it and must be nudged.
-    pub fn settle(&self, i: usize, ok: bool, zero: bool) -> bool {
-        if ok {
-            self.zero[i].store(zero, Ordering::Relaxed);
-        }
+    pub fn settle(&self, i: usize, ok: bool) -> bool {
         let prev = self.states[i].swap(if ok { COPIED } else { FAILED }, Ordering::AcqRel);
         self.settled.fetch_add(1, Ordering::AcqRel);
         // Take the lock so a waiter between its check and its wait cannot miss
@@ -153,10 +187,6 @@ impl ChunkTable {
         self.settled.load(Ordering::Acquire)
     }
 
-    pub fn is_zero(&self, i: usize) -> bool {
-        self.zero[i].load(Ordering::Relaxed)
-    }
-
     /// Fails every chunk nobody claimed yet, so nothing new starts copying
     /// during a rollback. Returns how many were still Protected.
     pub fn fail_unclaimed(&self) -> usize {
@@ -200,7 +230,7 @@ mod tests {
         let mut all: Vec<usize> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
         all.sort();
         assert_eq!(all, (0..1000).collect::<Vec<_>>());
-        assert!(t.claim_next().is_none());
+        assert!((0..1000).all(|i| !t.try_claim(i)));
     }
 
     #[test]
@@ -210,12 +240,23 @@ mod tests {
         assert!(t.try_claim(0));
         assert_eq!(t.mark_waiter(0), ChunkState::Copying);
         assert_eq!(t.state(0), ChunkState::Copying);
-        assert!(t.settle(0, true, true));
+        assert!(t.settle(0, true));
         assert_eq!(t.state(0), ChunkState::Copied);
-        assert!(t.is_zero(0));
-        assert_eq!(t.claim_next(), Some(1));
-        assert!(!t.settle(1, false, false));
+        assert_eq!(t.recorded(0), None);
+        t.record(0, Record::Zero);
+        assert_eq!(t.recorded(0), Some(Record::Zero));
+        t.record(0, Record::Data(0xdead_beef));
+        assert_eq!(t.recorded(0), Some(Record::Data(0xdead_beef)));
+        assert!(t.try_claim(1));
+        assert!(!t.settle(1, false));
         assert_eq!(t.wait_settled(1), ChunkState::Failed);
         assert_eq!(t.settled(), 2);
+    }
+
+    #[test]
+    fn chunks_are_offered_once_each() {
+        let t = ChunkTable::new(4 * 512);
+        let got: Vec<usize> = std::iter::from_fn(|| t.next_chunk(512)).collect();
+        assert_eq!(got, vec![0, 1, 2, 3]);
     }
 }

@@ -37,15 +37,12 @@ impl UffdError {
     }
 }
 
-/// Which phase of the snapshot failed (DESIGN.md §2's three rollback cases,
-/// plus `Prepare`: `Engine::prepare_destination`, before any snapshot, where
-/// a failure leaves the running VM untouched).
+/// Which phase of the snapshot failed (DESIGN.md §2's three rollback cases).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Sync,
     Worker,
     FaultPath,
-    Prepare,
 }
 
 impl std::fmt::Display for Phase {
@@ -54,7 +51,6 @@ impl std::fmt::Display for Phase {
             Phase::Sync => "sync phase",
             Phase::Worker => "worker",
             Phase::FaultPath => "fault path",
-            Phase::Prepare => "destination preparation",
         })
     }
 }
@@ -84,6 +80,12 @@ pub enum Error {
         start: u64,
         len: u64,
         source: io::Error,
+    },
+    /// Writing the memory image failed (a full disk, EIO, ...).
+    #[error("{phase}: {source}")]
+    Write {
+        phase: Phase,
+        source: crate::persist::PersistError,
     },
     #[error("{phase}: cannot spawn thread {name}: {source}")]
     Spawn {

@@ -1,31 +1,20 @@
 //! The fault path: the running VM's "proactive synchronisation" (DESIGN.md
 //! §1.3). One thread reads the uffd; for a write to a protected chunk it
-//! copies the chunk first, lifts the protection and wakes the writer.
+//! saves the chunk first — into a staging slot, or with the pool full
+//! straight to the image (`Shared::save_for_fault`) — then lifts the
+//! protection and wakes the writer.
 //!
 //! (The sync-wp baseline runs this same handler with 4 KiB units: "chunk"
 //! below then means one page.)
 //!
 //! # Granularity: whole 2 MiB chunk, not 4 KiB page
-//! Measured by `examples/uffd_probe.rs` on this kernel (6.18, THP source,
-//! warm destination), a writer touching 1 + 8 pages of a protected chunk:
-//!
-//! | fault path | first write | next 8 writes | THP after |
-//! | --- | --- | --- | --- |
-//! | 2 MiB chunk | 174 µs | 0.15 µs total | kept (512 → 512 MiB) |
-//! | 4 KiB page  | 31 µs | 68 µs (8 more faults) | split (512 → 448 MiB) |
-//!
 //! Per-page unprotect splits the huge PMD (and KVM's 2 MiB stage-2 mapping)
 //! for the rest of the VM's life, makes every further page of the chunk fault
 //! again, and needs a per-page bitmap race with the workers. A writer that
 //! touches ≥ ~6 pages of a chunk is already better off with one chunk copy,
 //! and a chunk is copied at most once per snapshot, so chunk granularity
-//! bounds the total fault count by the chunk count. Hence: chunk.
-//!
-//! # Cold destination: copy into a warm staging slot
-//! Into a fresh destination the chunk copy would first populate 2 MiB the
-//! host has never backed (4–5 ms at p50 here). The writer does not wait for
-//! that: the chunk goes to one of the VM's warm staging slots and a worker
-//! moves it to the destination later (staging.rs, `Shared::copy_for_fault`).
+//! bounds the total fault count by the chunk count. Hence: chunk
+//! (`examples/uffd_probe.rs` measures both; docs/journal/ has the numbers).
 //!
 //! # Never blocking on others
 //! The handler never waits for another thread: if a worker (or a hook) is
@@ -154,7 +143,7 @@ impl Handler {
         for ev in &events {
             if let Event::PageFault { address, kind } = *ev {
                 let since = Instant::now();
-                // Copy panics are caught in copy_claimed; this is the last
+                // Save panics are caught in the save; this is the last
                 // line for a bug elsewhere here. The handler must outlive
                 // it: a dead handler strands every faulting writer.
                 let handled =
@@ -200,9 +189,9 @@ impl Handler {
             return;
         }
         if sh.table.try_claim(chunk) {
-            // Copy first. On failure copy_claimed lifts the protection and
+            // Save first. On failure the save lifts the protection and
             // fails the snapshot; the writer is released either way.
-            sh.copy_claimed(chunk, Copier::FaultPath);
+            sh.save_for_fault(chunk, Copier::FaultPath);
             self.resolve(address, kind, since);
             return;
         }

@@ -1,5 +1,5 @@
-//! Fault injection for the three rollback cases (DESIGN.md §2), plus panics
-//! and allocation failures. Compiled in always (so the VMM's end-to-end
+//! Fault injection for the three rollback cases (DESIGN.md §2), plus panics,
+//! a staging pool that cannot be allocated, and a failing or slow disk. Compiled in always (so the VMM's end-to-end
 //! tests can use it too), inert by default.
 //!
 //! End-to-end tests reach a real `snapvm` through the `SNAPVM_INJECT`
@@ -13,11 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Environment variable with comma-separated `key=value` injections, e.g.
 /// `SNAPVM_INJECT=panic_worker_copy_at=0` or
 /// `SNAPVM_INJECT=persist_fail_after=1048576:EIO,snapshots=2`. Keys are the
-/// [`FaultInjection`] field names (`fail_sync` and `hold_prepare` take no
-/// value), plus `persist_fail_after=BYTES:ENOSPC|EIO`, `persist_chunk_delay_ms=N` (sleep
-/// after each memory chunk written: a slow disk, for kill-during-persist
-/// tests) and `snapshots=N` (how many engines / persists it applies to,
-/// default 1). A test hook only: nothing else reads it.
+/// [`FaultInjection`] field names (`fail_sync` and `fail_staging` take no
+/// value), plus `persist_fail_after=BYTES:ENOSPC|EIO` (the memory image's
+/// writes fail after that many bytes), `persist_chunk_delay_ms=N` (sleep
+/// after each write to the image: a slow disk, for kill-mid-write tests)
+/// and `snapshots=N` (how many engines / images it applies to, default 1).
+/// A test hook only: nothing else reads it.
 pub const ENV: &str = "SNAPVM_INJECT";
 
 /// Where to make a snapshot fail on purpose.
@@ -26,35 +27,25 @@ pub struct FaultInjection {
     /// Fail `begin()` after the regions were registered and write-protected,
     /// to exercise the sync-phase undo.
     pub fail_sync: bool,
-    /// Fail the workers' n-th (0-based, across workers) chunk copy, as if
-    /// the destination could not be allocated. Counted per copy rather than
-    /// per chunk index so the test is deterministic even when the fault path
-    /// copies some chunk first.
+    /// Fail the workers' n-th (0-based, across workers) save. Counted per
+    /// save rather than per chunk index so the test is deterministic even
+    /// when the fault path saves some chunk first.
     pub fail_worker_copy_at: Option<usize>,
-    /// Fail the fault path on its n-th (0-based) chunk copy, as if the copy
-    /// could not be done.
+    /// Fail the fault path on its n-th (0-based) save.
     pub fail_fault_path_at: Option<usize>,
     /// Hold the workers back until the fault path (handler or hooks) has
     /// copied this many chunks, or the snapshot aborts. Makes tests of the
     /// fault path deterministic (no race with a fast worker).
     pub hold_workers_until_fault_copies: Option<u64>,
-    /// Fail `Engine::prepare_destination` at this chunk (0-based), as if
-    /// the memory could not be allocated (ENOMEM).
-    pub fail_prepare_at: Option<u64>,
-    /// Hold `Engine::prepare_for` before its first chunk until it is
-    /// cancelled: a snapshot stays in its preparation for as long as a
-    /// test needs (cancel, shutdown, "in progress").
-    pub hold_prepare: bool,
     /// Panic inside the workers' n-th (0-based) chunk copy: a bug in a
     /// worker thread. The engine catches it and rolls back.
     pub panic_worker_copy_at: Option<usize>,
     /// Panic inside the fault path's n-th (0-based) chunk copy (on the
     /// fault handler thread).
     pub panic_fault_path_at: Option<usize>,
-    /// Make the n-th (0-based, any copier) population of destination memory
-    /// fail with ENOMEM, through the same path a real allocation failure
-    /// takes: the snapshot memory cannot be allocated.
-    pub fail_populate_at: Option<usize>,
+    /// Make the staging pool's allocation fail (ENOMEM): the snapshot goes
+    /// on without staging, every fault writing its unit itself.
+    pub fail_staging: bool,
 }
 
 /// Persist-side injections from [`ENV`] (the writer's own test hook is
@@ -97,16 +88,14 @@ impl EnvInjection {
             };
             match key {
                 "fail_sync" => e.fail_sync = true,
-                "hold_prepare" => e.hold_prepare = true,
+                "fail_staging" => e.fail_staging = true,
                 "fail_worker_copy_at" => e.fail_worker_copy_at = Some(num(key, value)?),
                 "fail_fault_path_at" => e.fail_fault_path_at = Some(num(key, value)?),
                 "hold_workers_until_fault_copies" => {
                     e.hold_workers_until_fault_copies = Some(num(key, value)?)
                 }
-                "fail_prepare_at" => e.fail_prepare_at = Some(num(key, value)?),
                 "panic_worker_copy_at" => e.panic_worker_copy_at = Some(num(key, value)?),
                 "panic_fault_path_at" => e.panic_fault_path_at = Some(num(key, value)?),
-                "fail_populate_at" => e.fail_populate_at = Some(num(key, value)?),
                 "snapshots" => out.snapshots = num(key, value)?,
                 "persist_chunk_delay_ms" => out.persist.chunk_delay_ms = num(key, value)?,
                 "persist_fail_after" => {
@@ -164,16 +153,14 @@ mod tests {
     #[test]
     fn parses_every_key_and_refuses_unknown_ones() {
         let e = EnvInjection::parse(
-            "fail_sync, panic_worker_copy_at=3,fail_populate_at=0,persist_fail_after=4096:EIO,\
-             persist_chunk_delay_ms=5,snapshots=2,panic_fault_path_at=1,hold_prepare,fail_prepare_at=7",
+            "fail_sync, panic_worker_copy_at=3,persist_fail_after=4096:EIO,\
+             persist_chunk_delay_ms=5,snapshots=2,panic_fault_path_at=1,fail_staging",
         )
         .unwrap();
         assert!(e.engine.fail_sync);
-        assert!(e.engine.hold_prepare);
-        assert_eq!(e.engine.fail_prepare_at, Some(7));
+        assert!(e.engine.fail_staging);
         assert_eq!(e.engine.panic_worker_copy_at, Some(3));
         assert_eq!(e.engine.panic_fault_path_at, Some(1));
-        assert_eq!(e.engine.fail_populate_at, Some(0));
         assert_eq!(e.persist.fail_after_bytes, Some((4096, libc::EIO)));
         assert_eq!(e.persist.chunk_delay_ms, 5);
         assert_eq!(e.snapshots, 2);

@@ -3,14 +3,17 @@
 //! memory with threads standing in for vCPUs.
 //!
 //! ```text
-//! VMM: pause vCPUs ─ engine.begin(regions) ─ resume vCPUs ─ ... ─ engine.wait() → Snapshot
-//!                     (sync phase: register,   workers copy chunks; writes to
-//!                      write-protect, table)   uncopied chunks copy first
+//! VMM: w = SnapshotWriter::create(dir, regions)     (temp dir + memory.img)
+//!      engine.arm(regions, w.image())                (guest runs: pool, protect)
+//!      pause vCPUs ─ engine.begin(regions, image) ─ resume ─ engine.start_copy()
+//!                    (the snapshot's instant)         workers write chunks from
+//!                                                     guest RAM to memory.img;
+//!                                                     writes to unsaved chunks
+//!                                                     stage (or write) first
 //!      device writes into guest RAM: engine.before_write(gpa, len) first
 //!      discards (MADV_DONTNEED):     engine.before_discard(gpa, len) first
-//!      optional, off the vCPU path: engine.prepare_destination(bytes) (and/or
-//!      Config::keep_destination) so the copy does not touch fresh memory
-//!      persist:  persist::write_snapshot(&snapshot, vm_state, dir, opts, progress)
+//!      engine.wait() → Snapshot (chunk checksums) ─ w.commit(&snapshot, vm_state)
+//!                    (fsync, state.bin, rename into place, fsync the parent)
 //!      restore:  SnapshotDir::open(dir) → vm_state() + map_region(i) (lazy MAP_PRIVATE)
 //! ```
 //!
@@ -30,6 +33,7 @@ pub mod persist;
 pub mod priority;
 pub mod recover;
 pub mod region;
+pub mod save;
 mod shared;
 mod snapshot;
 mod staging;
@@ -37,14 +41,15 @@ mod supervisor;
 pub mod uffd;
 mod worker;
 
+pub use chunk_table::Record;
 pub use cpus::{CpuListError, CpuSet};
 pub use engine::{Config, Engine, Strategy};
 pub use error::{Error, Phase, UffdError};
 pub use inject::FaultInjection;
-pub use memory::{Pagemap, PrepareControl};
+pub use memory::Pagemap;
 pub use metrics::{Metrics, Progress, SyncMetrics};
-pub use persist::{write_snapshot, PersistError, SnapshotDir, WriteOptions, WriteProgress};
+pub use persist::{ImageFile, PersistError, SnapshotDir, SnapshotWriter, WriteOptions};
 pub use priority::BackgroundPriority;
 pub use region::{Region, CHUNK_SIZE, PAGE_SIZE};
 pub use snapshot::Snapshot;
-pub use staging::{StagingSlots, DEFAULT_STAGING_SLOTS};
+pub use staging::{StagingPool, DEFAULT_BUDGET};

@@ -8,9 +8,6 @@ use hdrhistogram::Histogram;
 /// Time spent in `begin()` while the writers are paused.
 #[derive(Debug, Clone, Default)]
 pub struct SyncMetrics {
-    /// Taking the prepared/kept destination, or mmap of a fresh (untouched)
-    /// one.
-    pub dest_alloc: Duration,
     /// UFFDIO_REGISTER (MISSING|WP) of every region.
     pub register: Duration,
     /// UFFDIO_WRITEPROTECT of every region (one call per region; one per
@@ -18,16 +15,18 @@ pub struct SyncMetrics {
     pub write_protect: Duration,
     /// Chunk table allocation (O(chunks); O(pages) for sync-wp).
     pub table_init: Duration,
-    /// Stop-the-world only: copying all memory inside `begin()`.
+    /// Stop-the-world only: writing all memory inside `begin()`.
     pub copy: Duration,
     /// Starting the fault handler and supervisor threads.
     pub spawn: Duration,
     /// Everything `begin()` did, end to end.
     pub total: Duration,
-    /// `arm()` (before the pause, writers running): destination, register
-    /// and write-protect of every region (and, the first time, populating
-    /// the fault path's staging slots). Not part of the pause.
+    /// `arm()` (before the pause, writers running): register and
+    /// write-protect every region. Not part of the pause.
     pub arm: Duration,
+    /// Allocating the VM's staging pool, the first time (before `arm`'s
+    /// protection, writers running). Not part of the pause.
+    pub staging_alloc: Duration,
     /// After `arm()`: chunks written between their protection and the
     /// pause, protected again in `begin()` (its `write_protect`).
     pub reprotected_chunks: u64,
@@ -37,7 +36,7 @@ pub struct SyncMetrics {
 #[derive(Clone)]
 pub struct Metrics {
     pub sync: SyncMetrics,
-    /// From the end of `begin()` until every chunk was copied.
+    /// From the end of `begin()` until every unit was in the image.
     pub copy_total: Duration,
     /// Unregistering the regions at the end.
     pub finish: Duration,
@@ -49,21 +48,30 @@ pub struct Metrics {
     pub chunks_by_workers: u64,
     pub chunks_by_fault_path: u64,
     pub chunks_by_hook: u64,
-    /// Of the fault path's chunks, those copied into a warm staging slot
-    /// (cold destination) and moved to the destination by a worker later.
+    /// Of the fault path's (and hooks') units, those copied into a staging
+    /// slot and written out by a worker later.
     pub chunks_staged: u64,
-    /// 2 MiB chunks with no populated page (holes; never copied).
+    /// Of the fault path's (and hooks') units, those it wrote to the image
+    /// itself because every staging slot was taken (or there is no pool).
+    pub direct_fault_writes: u64,
+    /// 2 MiB chunks that are holes in the image (no data at the fork).
     pub zero_chunks: u64,
-    pub bytes_copied: u64,
+    /// Bytes written to the image.
+    pub bytes_written: u64,
     /// Write faults on protected pages handled.
     pub wp_faults: u64,
     /// First-touch faults on never-populated pages handled.
     pub missing_faults: u64,
     /// Fault latency in ns, from reading the event to waking the writer.
     pub fault_latency_ns: Histogram<u64>,
-    /// Destination memory populated (populated chunks × 2 MiB).
-    pub peak_extra_memory: u64,
+    /// The staging pool lent to this snapshot (bytes).
+    pub staging_bytes: u64,
+    /// The most staging memory in use at once.
+    pub staging_peak_bytes: u64,
     pub workers: usize,
+    /// The image was written with O_DIRECT (false: through the page cache,
+    /// where the file system refuses O_DIRECT).
+    pub direct_io: bool,
 }
 
 impl Metrics {
@@ -91,8 +99,9 @@ impl std::fmt::Debug for Metrics {
             .field("chunks_by_fault_path", &self.chunks_by_fault_path)
             .field("chunks_by_hook", &self.chunks_by_hook)
             .field("chunks_staged", &self.chunks_staged)
+            .field("direct_fault_writes", &self.direct_fault_writes)
             .field("zero_chunks", &self.zero_chunks)
-            .field("bytes_copied", &self.bytes_copied)
+            .field("bytes_written", &self.bytes_written)
             .field("wp_faults", &self.wp_faults)
             .field("missing_faults", &self.missing_faults)
             .field(
@@ -103,8 +112,10 @@ impl std::fmt::Debug for Metrics {
                     h.max() / 1000,
                 ),
             )
-            .field("peak_extra_memory", &self.peak_extra_memory)
+            .field("staging_bytes", &self.staging_bytes)
+            .field("staging_peak_bytes", &self.staging_peak_bytes)
             .field("workers", &self.workers)
+            .field("direct_io", &self.direct_io)
             .finish()
     }
 }
@@ -116,9 +127,9 @@ pub(crate) struct Counters {
     pub by_fault_path: AtomicU64,
     pub by_hook: AtomicU64,
     pub staged: AtomicU64,
-    pub zero_chunks: AtomicU64,
-    pub bytes_copied: AtomicU64,
-    pub dest_chunks: AtomicU64,
+    pub direct_fault_writes: AtomicU64,
+    pub zero_units: AtomicU64,
+    pub bytes_written: AtomicU64,
 }
 
 impl Counters {
@@ -136,7 +147,8 @@ impl Counters {
 pub struct Progress {
     pub chunks_done: usize,
     pub chunks_total: usize,
-    pub bytes_copied: u64,
+    /// Bytes written to the image so far.
+    pub bytes_written: u64,
     /// The snapshot has failed or was cancelled and is rolling back.
     pub failed: bool,
 }

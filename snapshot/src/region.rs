@@ -33,7 +33,7 @@ impl Region {
 
 /// Regions plus the global chunk numbering: region `i` owns chunks
 /// `first_chunk[i] .. first_chunk[i] + len / CHUNK_SIZE`, and its bytes sit at
-/// `first_chunk[i] * CHUNK_SIZE` in the destination.
+/// `first_chunk[i] * CHUNK_SIZE` in the memory image.
 #[derive(Debug, Clone)]
 pub struct Layout {
     regions: Vec<Region>,
@@ -49,8 +49,8 @@ pub struct ChunkLoc {
     pub region: usize,
     pub host_addr: u64,
     pub guest_addr: u64,
-    /// Offset in the destination image.
-    pub dest_offset: u64,
+    /// Offset in the memory image (memory.img).
+    pub image_offset: u64,
 }
 
 impl Layout {
@@ -144,7 +144,7 @@ impl Layout {
             region,
             host_addr: r.host_addr + within,
             guest_addr: r.guest_addr + within,
-            dest_offset: i as u64 * unit,
+            image_offset: i as u64 * unit,
         }
     }
 
@@ -227,7 +227,7 @@ mod tests {
         // Page units: 512 per chunk, same numbering.
         let p = PAGE_SIZE;
         assert_eq!(l.unit(512 * 4 + 3, p).host_addr, 10 * M2 + 3 * p);
-        assert_eq!(l.unit(512 * 4 + 3, p).dest_offset, 4 * M2 + 3 * p);
+        assert_eq!(l.unit(512 * 4 + 3, p).image_offset, 4 * M2 + 3 * p);
         assert_eq!(l.unit_of_host(10 * M2 + 3 * p + 7, p), Some(512 * 4 + 3));
         assert_eq!(l.units_of_guest(p - 1, 2, p), vec![0..2]);
         assert_eq!(l.units_of_guest(1 << 32, 1, p), vec![2048..2049]);

@@ -1,17 +1,26 @@
 //! State shared by one in-flight snapshot's threads: the "twin" of the
-//! running VM's memory map (DESIGN.md §2), and the copy-first primitive used
-//! by workers, the fault handler and the VMM's hooks alike.
+//! running VM's memory map (DESIGN.md §2), and the save-first primitives
+//! used by workers, the fault handler and the VMM's hooks alike.
+//!
+//! Saving a unit means getting its bytes as of the fork instant somewhere
+//! the guest can no longer change them — the image (`save_units`, straight
+//! from guest RAM) or a staging slot (`stage`, written out later by
+//! `drain_one`) — and only then lifting its write protection. A unit being
+//! saved is `Copying` in the table; a fault on it waits until it settles,
+//! so protection is never lifted while a write still reads guest RAM.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::chunk_table::{ChunkState, ChunkTable, Copier};
+use crate::chunk_table::{ChunkState, ChunkTable, Copier, Record};
 use crate::error::{Error, Phase};
 use crate::eventfd::EventFd;
 use crate::inject::FaultInjection;
-use crate::memory::{copy_populated, copy_unit, Destination, Pagemap};
+use crate::memory::{copy_populated, Pagemap};
 use crate::metrics::Counters;
-use crate::region::{ChunkLoc, Layout, CHUNK_SIZE, PAGE_SIZE};
+use crate::persist::ImageFile;
+use crate::region::{Layout, CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
+use crate::save::{examine, write_runs};
 use crate::staging::Staging;
 use crate::uffd::Uffd;
 
@@ -28,32 +37,32 @@ pub(crate) struct Shared {
     /// (sync-wp). The table has one entry per unit, numbered like chunks.
     pub unit: u64,
     pub table: ChunkTable,
-    pub dest: Arc<Destination>,
+    /// memory.img, being written.
+    pub image: Arc<ImageFile>,
     pub pagemap: Pagemap,
     pub uffd: Uffd,
     pub counters: Counters,
     pub injection: FaultInjection,
-    /// Fault-path copies started (for `fail_fault_path_at`).
+    /// Fault-path saves started (for `fail_fault_path_at`).
     pub fault_copies: AtomicUsize,
-    /// Worker copies started (for `fail_worker_copy_at`).
+    /// Worker saves started (for `fail_worker_copy_at`).
     pub worker_copies: AtomicUsize,
     /// Set on the first failure or on cancel: stop copying, roll back.
     pub aborted: AtomicBool,
-    /// Set once every chunk is copied: hooks return at once (the O(1)
+    /// Set once every unit is saved: hooks return at once (the O(1)
     /// check async-fork gets from clearing the VMA's twin pointer).
     pub all_copied: AtomicBool,
     pub error: Mutex<Option<Error>>,
-    /// Copier → handler: a chunk with a parked fault settled.
+    /// Copier → handler: a unit with a parked fault settled.
     pub handler_nudge: EventFd,
     /// Supervisor → handler: registrations are gone, drain and exit.
     pub handler_stop: EventFd,
     /// Between `Engine::arm` and the pause: the fork instant has not come,
-    /// so a write fault just lifts its chunk's protection and notes it.
+    /// so a write fault just lifts its unit's protection and notes it.
     pub armed: AtomicBool,
     /// Chunks whose protection a write lifted while armed.
     pub written_while_armed: Mutex<Vec<usize>>,
-    /// Warm slots for fault-path copies when the destination is fresh
-    /// (staging.rs); None on a warm destination and for sync-wp.
+    /// The VM's staging pool, lent to this snapshot (None: no budget).
     pub staging: Option<Staging>,
 }
 
@@ -91,12 +100,22 @@ impl Shared {
         (CHUNK_SIZE / self.unit) as usize
     }
 
+    fn pages_per_unit(&self) -> usize {
+        (self.unit / PAGE_SIZE) as usize
+    }
+
+    /// Lifts the write protection of units `first..first + n` (adjacent,
+    /// in one chunk) and wakes threads blocked on them.
+    fn unprotect_units(&self, first: usize, n: usize, phase: Phase) -> Result<(), Error> {
+        let host = self.layout.unit(first, self.unit).host_addr;
+        self.uffd
+            .write_protect(host, n as u64 * self.unit, false, false)
+            .map_err(|source| Error::Uffd { phase, source })
+    }
+
     /// Lifts unit `i`'s write protection and wakes threads blocked on it.
     pub fn unprotect_unit(&self, i: usize, phase: Phase) -> Result<(), Error> {
-        let host = self.layout.unit(i, self.unit).host_addr;
-        self.uffd
-            .write_protect(host, self.unit, false, false)
-            .map_err(|source| Error::Uffd { phase, source })
+        self.unprotect_units(i, 1, phase)
     }
 
     fn injected(&self, i: usize, copier: Copier) -> Option<Injected> {
@@ -119,14 +138,37 @@ impl Shared {
         };
         if panic == Some(n) {
             return Some(Injected::Panic(format!(
-                "injected {who} panic at copy {n} (chunk {i})"
+                "injected {who} panic at copy {n} (unit {i})"
             )));
         }
         (fail == Some(n)).then(|| {
             Injected::Fail(Error::Injected {
                 phase,
-                what: format!("{who} failure at copy {n} (chunk {i})"),
+                what: format!("{who} failure at copy {n} (unit {i})"),
             })
+        })
+    }
+
+    /// Runs a save: injections first, and a panic (a bug) becomes this
+    /// save's error instead of leaving its units Copying forever.
+    fn guarded(
+        &self,
+        i: usize,
+        copier: Copier,
+        save: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let phase = phase_of(copier);
+        crate::recover::catching(phase, || match self.injected(i, copier) {
+            Some(Injected::Fail(e)) => Err(e),
+            Some(Injected::Panic(what)) => std::panic::panic_any(what),
+            None => save(),
+        })
+        .map_err(|e| match e {
+            Error::Panicked { phase, what } => Error::Panicked {
+                phase,
+                what: format!("copying unit {i}: {what}"),
+            },
+            e => e,
         })
     }
 
@@ -190,129 +232,163 @@ impl Shared {
             })
     }
 
-    /// Copies chunk `i`, which the caller has claimed, then lifts its
-    /// protection and settles it. On failure the protection is lifted all
-    /// the same (a writer must never stay blocked), the chunk is Failed and
-    /// the snapshot switches to rollback (the error is kept in `error`).
-    /// Returns whether the copy succeeded.
-    pub fn copy_claimed(&self, i: usize, copier: Copier) -> bool {
-        let phase = match copier {
-            Copier::Worker => Phase::Worker,
-            Copier::FaultPath | Copier::Hook => Phase::FaultPath,
+    /// Saves the claimed units `units` (ascending, all in one chunk)
+    /// straight from guest RAM into the image: checksums them, writes
+    /// their populated pages (holes stay holes), and only then lifts their
+    /// protection and settles them. On failure the protection is lifted
+    /// all the same (a writer must never stay blocked), the units are
+    /// Failed and the snapshot switches to rollback. Returns whether the
+    /// save succeeded.
+    pub fn save_units(&self, units: &[usize], copier: Copier) -> bool {
+        let Some(&first) = units.first() else {
+            return true;
         };
-        let loc = self.layout.unit(i, self.unit);
-        // A panic while copying (a bug) must not leave the chunk Copying and
-        // protected forever: it becomes this chunk's error, and the snapshot
-        // rolls back like any other failure.
-        let res = crate::recover::catching(phase, || match self.injected(i, copier) {
-            Some(Injected::Fail(e)) => Err(e),
-            Some(Injected::Panic(what)) => std::panic::panic_any(what),
-            // SAFETY: the chunk is claimed (no other copier) and
-            // write-protected (no writer); source and destination chunks are
-            // mapped for `unit` bytes (layout validated, dest sized to it).
-            None if copier == Copier::FaultPath => unsafe { self.copy_for_fault(&loc, phase) },
-            // SAFETY: as above.
-            None => unsafe {
-                copy_unit(
-                    &self.pagemap,
-                    &self.dest,
-                    loc.host_addr,
-                    loc.dest_offset,
-                    (self.unit / PAGE_SIZE) as usize,
-                    phase,
-                )
-            },
-        })
-        .map_err(|e| match e {
-            Error::Panicked { phase, what } => Error::Panicked {
-                phase,
-                what: format!("copying unit {i}: {what}"),
-            },
-            e => e,
+        let phase = phase_of(copier);
+        let res = self.guarded(first, copier, || {
+            // SAFETY: the units are claimed by this thread (no other
+            // saver) and write-protected (no writer) until settled below;
+            // the layout maps every unit inside a registered region.
+            unsafe { self.write_units(units, phase) }
         });
-        let unprotect = self.unprotect_unit(i, phase);
-        let res = res.and_then(|r| unprotect.map(|()| r));
-        let nudge = match &res {
-            Ok((zero, bytes)) => {
-                Counters::add(&self.counters.bytes_copied, *bytes);
-                if *zero {
-                    Counters::add(&self.counters.zero_chunks, 1);
-                } else {
-                    Counters::add(&self.counters.dest_chunks, 1);
-                }
-                Counters::add(
-                    match copier {
-                        Copier::Worker => &self.counters.by_workers,
-                        Copier::FaultPath => &self.counters.by_fault_path,
-                        Copier::Hook => &self.counters.by_hook,
-                    },
-                    1,
-                );
-                self.table.settle(i, true, *zero)
+        // Lift protection run by run of adjacent units (one ioctl per run).
+        let mut unprotect = Ok(());
+        let mut k = 0;
+        while k < units.len() {
+            let start = k;
+            while k + 1 < units.len() && units[k + 1] == units[k] + 1 {
+                k += 1;
             }
-            Err(_) => self.table.settle(i, false, false),
-        };
+            k += 1;
+            if let Err(e) = self.unprotect_units(units[start], k - start, phase) {
+                unprotect = unprotect.and(Err(e));
+            }
+        }
+        let res = res.and(unprotect);
+        let ok = res.is_ok();
+        if ok {
+            Counters::add(self.counter_of(copier), units.len() as u64);
+        }
+        let mut nudge = false;
+        for &u in units {
+            nudge |= self.table.settle(u, ok);
+        }
         if nudge {
             self.handler_nudge.signal();
         }
-        match res {
-            Ok(_) => true,
-            Err(e) => {
-                self.fail(e);
-                false
-            }
+        if let Err(e) = res {
+            self.fail(e);
+        }
+        ok
+    }
+
+    fn counter_of(&self, copier: Copier) -> &std::sync::atomic::AtomicU64 {
+        match copier {
+            Copier::Worker => &self.counters.by_workers,
+            Copier::FaultPath => &self.counters.by_fault_path,
+            Copier::Hook => &self.counters.by_hook,
         }
     }
 
-    /// The fault path's copy: into a free staging slot when there is one
-    /// (fresh destination: no populate on the writer's path), else straight
-    /// into the destination. A zero chunk needs neither (a fresh
-    /// destination reads as zero).
+    /// The I/O of `save_units`: records every unit and writes the data
+    /// ones' populated pages, in as few writes as the runs allow.
     ///
     /// # Safety
-    /// As for `copy_unit`: `loc`'s unit is claimed and write-protected.
-    unsafe fn copy_for_fault(&self, loc: &ChunkLoc, phase: Phase) -> Result<(bool, u64), Error> {
-        let pages = (self.unit / PAGE_SIZE) as usize;
+    /// As `save_units` guarantees: the units are claimed and protected.
+    unsafe fn write_units(&self, units: &[usize], phase: Phase) -> Result<(), Error> {
+        let per = self.units_per_chunk();
+        let ppu = self.pages_per_unit();
+        let chunk = units[0] / per;
+        let loc = self.layout.chunk(chunk);
+        let pop = self
+            .pagemap
+            .populated(loc.host_addr, PAGES_PER_CHUNK, phase)?;
+        let mut write = [false; PAGES_PER_CHUNK];
+        for &u in units {
+            debug_assert_eq!(u / per, chunk, "units of one chunk");
+            let p0 = (u % per) * ppu;
+            // SAFETY: the unit's populated pages are mapped, readable and
+            // not written (claimed and protected).
+            let rec = unsafe {
+                examine(
+                    (loc.host_addr + p0 as u64 * PAGE_SIZE) as *const u8,
+                    &pop[p0..p0 + ppu],
+                )
+            };
+            if rec != Record::Zero {
+                write[p0..p0 + ppu].copy_from_slice(&pop[p0..p0 + ppu]);
+            }
+            self.table.record(u, rec);
+            if rec == Record::Zero {
+                Counters::add(&self.counters.zero_units, 1);
+            }
+        }
+        let written = unsafe {
+            // SAFETY: the marked pages are populated (readable) guest RAM
+            // of claimed, protected units: nobody writes them until the
+            // write returned and the protection is lifted.
+            write_runs(&self.image, loc.host_addr, loc.image_offset, &write)
+        }
+        .map_err(|source| Error::Write { phase, source })?;
+        Counters::add(&self.counters.bytes_written, written);
+        Ok(())
+    }
+
+    /// The fault path's save of claimed unit `i`: into a free staging slot
+    /// (one memcpy; a worker writes it out), or, with the pool full or
+    /// absent, straight to the image on this thread. Then the protection
+    /// goes and the unit settles. Returns whether it succeeded (on failure
+    /// the snapshot rolls back and the writer is released all the same).
+    pub fn save_for_fault(&self, i: usize, copier: Copier) -> bool {
         let slot = self
             .staging
             .as_ref()
             .and_then(|st| st.take_free().map(|slot| (st, slot)));
         let Some((st, slot)) = slot else {
-            // SAFETY: forwarded from this function's contract.
-            return unsafe {
-                copy_unit(
-                    &self.pagemap,
-                    &self.dest,
-                    loc.host_addr,
-                    loc.dest_offset,
-                    pages,
-                    phase,
-                )
-            };
+            Counters::add(&self.counters.direct_fault_writes, 1);
+            return self.save_units(&[i], copier);
         };
-        let pop = match self.pagemap.populated(loc.host_addr, pages, phase) {
-            Ok(p) => p,
-            Err(e) => {
-                st.give_back(slot);
-                return Err(e);
+        let phase = phase_of(copier);
+        let loc = self.layout.unit(i, self.unit);
+        let pages = self.pages_per_unit();
+        let mut filled = false;
+        let res = self.guarded(i, copier, || {
+            let pop = self.pagemap.populated(loc.host_addr, pages, phase)?;
+            if !pop.iter().any(|&p| p) {
+                self.table.record(i, Record::Zero);
+                Counters::add(&self.counters.zero_units, 1);
+                return Ok(());
             }
-        };
-        if !pop.iter().any(|&p| p) {
+            // SAFETY: the source unit is claimed and write-protected; the
+            // slot is `unit` bytes taken by this thread alone. Gaps are
+            // zeroed: the slot holds an earlier unit's bytes.
+            unsafe {
+                copy_populated(&pop, loc.host_addr, st.slot_ptr(slot), pages, true);
+            }
+            filled = true;
+            Ok(())
+        });
+        if filled {
+            st.fill(slot, i);
+            Counters::add(&self.counters.staged, 1);
+        } else {
             st.give_back(slot);
-            return Ok((true, 0));
         }
-        // SAFETY: the source unit as per this function's contract; the slot
-        // is CHUNK_SIZE (= unit) bytes taken by this thread alone. Gaps are
-        // zeroed: the slot holds an earlier chunk's bytes.
-        let copied = unsafe { copy_populated(&pop, loc.host_addr, st.slot_ptr(slot), pages, true) };
-        st.fill(slot, loc.dest_offset);
-        Counters::add(&self.counters.staged, 1);
-        Ok((false, copied))
+        let res = res.and(self.unprotect_unit(i, phase));
+        let ok = res.is_ok();
+        if ok {
+            Counters::add(self.counter_of(copier), 1);
+        }
+        if self.table.settle(i, ok) {
+            self.handler_nudge.signal();
+        }
+        if let Err(e) = res {
+            self.fail(e);
+        }
+        ok
     }
 
-    /// Moves one staged chunk to the destination (populating it there) and
-    /// frees its slot. Returns whether there was one to move. A failure
-    /// (the destination cannot be allocated) fails the snapshot.
+    /// Writes one staged unit out and frees its slot. Returns whether there
+    /// was one. A failure (the disk) fails the snapshot.
     pub fn drain_one(&self) -> bool {
         let Some(st) = &self.staging else {
             return false;
@@ -320,24 +396,35 @@ impl Shared {
         let Some(f) = st.take_filled() else {
             return false;
         };
-        let res = self.dest.populate(f.dest_offset, CHUNK_SIZE, Phase::Worker);
-        if res.is_ok() {
-            // SAFETY: the slot was filled by a settled fault-path copy and
-            // is this thread's (taken off the filled list); its destination
-            // chunk is written by nobody else (the chunk is Copied, so no
-            // copier claims it again) and is CHUNK_SIZE bytes inside the
-            // destination.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    st.slot_ptr(f.slot),
-                    self.dest.ptr(f.dest_offset),
-                    CHUNK_SIZE as usize,
-                )
-            };
-        }
+        let ptr = st.slot_ptr(f.slot);
+        let pages = self.pages_per_unit();
+        let all = [true; PAGES_PER_CHUNK];
+        // SAFETY: the slot is this thread's (taken off the filled queue)
+        // and holds the whole unit (gaps zeroed when it was filled).
+        let rec = unsafe { examine(ptr, &all[..pages]) };
+        let res = match rec {
+            Record::Zero => Ok(()),
+            Record::Data(_) => {
+                let off = self.layout.unit(f.unit, self.unit).image_offset;
+                // SAFETY: as above; the slot stays untouched until
+                // `give_back` below.
+                unsafe { self.image.write_from(ptr, self.unit as usize, off) }
+                    .map(|()| Counters::add(&self.counters.bytes_written, self.unit))
+                    .map_err(|source| Error::Write {
+                        phase: Phase::Worker,
+                        source,
+                    })
+            }
+        };
         st.give_back(f.slot);
         match res {
-            Ok(()) => true,
+            Ok(()) => {
+                self.table.record(f.unit, rec);
+                if rec == Record::Zero {
+                    Counters::add(&self.counters.zero_units, 1);
+                }
+                true
+            }
             Err(e) => {
                 self.fail(e);
                 false
@@ -345,16 +432,23 @@ impl Shared {
         }
     }
 
-    /// Copy-first for a thread that may block (a VMM hook): make sure chunk
-    /// `i` is in the snapshot before the caller modifies it. Never fails the
-    /// caller: on error the snapshot is failed and the write may proceed.
+    /// Save-first for a thread that may block (a VMM hook): make sure unit
+    /// `i` is saved before the caller modifies it. Never fails the caller:
+    /// on error the snapshot is failed and the write may proceed.
     pub fn ensure_copied(&self, i: usize) {
         if self.table.try_claim(i) {
-            self.copy_claimed(i, Copier::Hook);
+            self.save_for_fault(i, Copier::Hook);
             return;
         }
         if self.table.state(i) == ChunkState::Copying {
             self.table.wait_settled(i);
         }
+    }
+}
+
+fn phase_of(copier: Copier) -> Phase {
+    match copier {
+        Copier::Worker => Phase::Worker,
+        Copier::FaultPath | Copier::Hook => Phase::FaultPath,
     }
 }

@@ -1,18 +1,17 @@
-//! The finished snapshot: the snapshot VM's memory and what it cost.
+//! The finished snapshot: what the image holds, chunk by chunk, and what
+//! it cost. The bytes themselves are in the image file the engine wrote
+//! (`persist::SnapshotWriter` makes it a snapshot directory).
 
-use std::sync::Arc;
-
-use crate::error::Error;
-use crate::memory::Destination;
 use crate::metrics::Metrics;
-use crate::region::{Layout, Region, CHUNK_SIZE};
+use crate::persist::ChunkEntry;
+use crate::region::{Layout, Region};
 
-/// Guest memory as it was when `begin()` ran, bit for bit.
+/// Guest memory as it was when `begin()` ran, bit for bit, written to the
+/// image: one entry per 2 MiB chunk, regions in `begin()` order.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub(crate) dest: Arc<Destination>,
     pub(crate) layout: Layout,
-    pub(crate) zero: Vec<bool>,
+    pub(crate) chunks: Vec<ChunkEntry>,
     pub(crate) metrics: Metrics,
 }
 
@@ -23,43 +22,19 @@ impl Snapshot {
         self.layout.regions()
     }
 
-    /// Region `i`'s memory in the snapshot.
-    pub fn region_memory(&self, i: usize) -> &[u8] {
-        let r = &self.layout.regions()[i];
-        let off = self.layout.first_chunk(i) as u64 * CHUNK_SIZE;
-        &self.dest.as_slice()[off as usize..(off + r.len) as usize]
-    }
-
-    /// The whole image: regions back to back in `begin()` order.
-    pub fn image(&self) -> &[u8] {
-        self.dest.as_slice()
-    }
-
     pub fn chunk_count(&self) -> usize {
-        self.zero.len()
+        self.chunks.len()
     }
 
-    /// Chunk `i` (global numbering, image order) had no populated page at
-    /// the fork: it reads as zero and can be persisted as a hole.
+    /// Chunk `i` (global numbering, image order) read as zero at the fork:
+    /// a hole in the image.
     pub fn chunk_is_zero(&self, i: usize) -> bool {
-        self.zero[i]
+        self.chunks[i].zero
     }
 
-    pub fn zero_chunks(&self) -> &[bool] {
-        &self.zero
-    }
-
-    /// Copies guest-physical `[guest_addr, +buf.len())` out of the snapshot.
-    pub fn read(&self, guest_addr: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let len = buf.len() as u64;
-        for (i, r) in self.layout.regions().iter().enumerate() {
-            if guest_addr >= r.guest_addr && guest_addr + len <= r.guest_addr + r.len {
-                let off = (guest_addr - r.guest_addr) as usize;
-                buf.copy_from_slice(&self.region_memory(i)[off..off + buf.len()]);
-                return Ok(());
-            }
-        }
-        Err(Error::OutOfRange { guest_addr, len })
+    /// Every chunk's entry: a hole, or data with its crc32c.
+    pub fn chunks(&self) -> &[ChunkEntry] {
+        &self.chunks
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -1,99 +1,115 @@
-//! Warm landing slots for the fault path when the destination is cold.
+//! The staging pool: where the fault path puts a unit so the writer can go
+//! on before the unit is on disk.
 //!
-//! A write fault on an uncopied chunk waits for that chunk's copy. Into a
-//! fresh destination the copy first has to populate 2 MiB of memory the
-//! host has never backed, which on the nested hosts here faults in the
-//! outer host 4 KiB at a time: fault p50 4.3–5.1 ms and p99 10–15 ms at
-//! 8 GiB against 0.21–0.25 ms into warm memory (docs/BENCHMARKS.md,
-//! 2026-12-02). The guest's first writes after the pause are such faults,
-//! so on a first (cold) snapshot they were 20–50 ms of the guest's stall
-//! across the pause.
+//! A write fault on a unit not yet saved must wait until the unit's bytes
+//! as of the fork instant are safe. Written straight to the image that is a
+//! disk write of up to 2 MiB on the faulting vCPU's time; copied into a warm
+//! slot it is one memcpy, and a worker writes the slot out later. So each
+//! VM keeps a pool of `budget` bytes (`--snapshot-memory-budget`, default
+//! [`DEFAULT_BUDGET`]), allocated and populated once — before the first
+//! snapshot's pause — and kept: nothing is allocated on the fault path, and
+//! the pool is the only memory a snapshot adds (DESIGN.md §2, "bounded
+//! extra memory"). With every slot full the fault path writes the unit from
+//! guest RAM itself (`Shared::save_units`), so a guest writing faster than
+//! the disk slows down instead of growing the snapvm process.
 //!
-//! So each VM keeps a few chunks of populated memory (`StagingSlots`,
-//! [`DEFAULT_STAGING_SLOTS`] × 2 MiB, populated when its first snapshot is
-//! armed, then kept and lent to each snapshot in turn). On a cold destination the fault
-//! path copies its chunk into a free slot — warm memory, no populate — and
-//! releases the writer at once; a worker later populates the real
-//! destination chunk and moves the slot's bytes there (`Shared::drain_one`),
-//! which frees the slot for the next fault. The snapshot completes only
-//! once every slot is drained. When all slots are full the fault path
-//! copies directly, as before. A warm (prepared or kept) destination does
-//! not use the slots: its chunks are already backed.
+//! Invariants: a slot is owned by exactly one of the free list, one filler
+//! (between `take_free` and `fill`/`give_back`), the filled queue, or one
+//! drainer (between `take_filled` and `give_back`); the queues are sized to
+//! the slot count when lent, so pushing never allocates.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Phase};
 use crate::memory::Mapping;
 use crate::region::CHUNK_SIZE;
 
-/// Slots kept by default: 32 MiB of memory per VM, enough for the guest's
-/// first faults after the pause (2–10 chunks in the benchmarks) with room
-/// while the workers drain.
-pub const DEFAULT_STAGING_SLOTS: usize = 16;
+/// The default staging budget: 256 MiB (128 chunks).
+pub const DEFAULT_BUDGET: u64 = 256 << 20;
 
-/// The staging slots of one VM, shared by its successive snapshots' engines
-/// (`Config::staging`): populated by the first `arm`, lent to one snapshot
-/// at a time, kept mapped in between (memory kept mapped stays backed here;
-/// freed memory goes back to the outer host and is cold again).
+/// One VM's staging memory, shared by its successive snapshots' engines
+/// (`Config::staging`), lent to one snapshot at a time.
 #[derive(Debug)]
-pub struct StagingSlots {
-    slots: usize,
-    state: Mutex<AreaState>,
+pub struct StagingPool {
+    budget: u64,
+    state: Mutex<PoolState>,
 }
 
 #[derive(Debug)]
-enum AreaState {
+enum PoolState {
     Unprepared,
-    Ready(StagingArea),
+    Ready(Mapping),
     Lent,
 }
 
-impl Default for StagingSlots {
-    fn default() -> StagingSlots {
-        StagingSlots::new(DEFAULT_STAGING_SLOTS)
-    }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl StagingSlots {
-    /// `slots` chunks' worth, prepared on first use; 0 disables staging.
-    pub fn new(slots: usize) -> StagingSlots {
-        StagingSlots {
-            slots,
-            state: Mutex::new(AreaState::Unprepared),
+impl StagingPool {
+    /// A pool of `budget` bytes (rounded down to whole 2 MiB chunks),
+    /// allocated on first use; 0 disables staging (every fault then
+    /// writes its unit itself).
+    pub fn new(budget: u64) -> StagingPool {
+        StagingPool {
+            budget: budget / CHUNK_SIZE * CHUNK_SIZE,
+            state: Mutex::new(PoolState::Unprepared),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, AreaState> {
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    /// Bytes the pool holds once prepared (at most this; capped at the
+    /// guest's size by `prepare`).
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Bytes allocated now.
+    pub fn resident_bytes(&self) -> u64 {
+        match &*lock(&self.state) {
+            PoolState::Ready(m) => m.len() as u64,
+            _ => 0,
         }
     }
 
-    /// Populates the slots the first time (at most `max` of them). Without
-    /// them snapshots still work, with slower first faults, so a failure
-    /// is only logged.
-    pub(crate) fn prepare(&self, max: usize) {
-        let mut st = self.lock();
-        if !matches!(*st, AreaState::Unprepared) || self.slots == 0 {
-            return;
+    /// Allocates and populates the pool the first time, at most `cap`
+    /// bytes (a pool larger than the guest is never needed). Returns how
+    /// long that took (zero when already prepared or lent). Call it with
+    /// nothing protected: on a host where fresh memory is slow this takes
+    /// a while, and the guest runs meanwhile.
+    pub(crate) fn prepare(&self, cap: u64, fail: bool) -> Result<Duration, Error> {
+        let mut st = lock(&self.state);
+        if !matches!(*st, PoolState::Unprepared) {
+            return Ok(Duration::ZERO);
         }
-        let slots = self.slots.min(max);
-        let t = std::time::Instant::now();
-        match StagingArea::prepare(slots) {
-            Ok(a) => {
-                tracing::debug!(slots, took = ?t.elapsed(), "fault-path staging slots ready");
-                *st = AreaState::Ready(a);
-            }
-            Err(e) => tracing::warn!("fault-path staging slots unavailable: {e}"),
+        let len = self.budget.min(cap / CHUNK_SIZE * CHUNK_SIZE);
+        if len == 0 {
+            return Ok(Duration::ZERO);
         }
+        let t = Instant::now();
+        let map = Mapping::new(len)?;
+        if fail {
+            return Err(Error::Memory {
+                phase: Phase::Sync,
+                op: "populate the staging pool (injected)",
+                start: 0,
+                len,
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            });
+        }
+        map.populate(0, len, Phase::Sync)?;
+        *st = PoolState::Ready(map);
+        Ok(t.elapsed())
     }
 
-    /// The prepared slots for one snapshot, if ready and not lent already.
-    pub(crate) fn lend(self: &Arc<Self>) -> Option<Staging> {
-        let mut st = self.lock();
-        match std::mem::replace(&mut *st, AreaState::Lent) {
-            AreaState::Ready(area) => Some(Staging::new(self.clone(), area)),
+    /// The pool for one snapshot, cut into slots of `unit` bytes; None if
+    /// it is not prepared (or empty) or lent already.
+    pub(crate) fn lend(self: &Arc<Self>, unit: u64) -> Option<Staging> {
+        let mut st = lock(&self.state);
+        match std::mem::replace(&mut *st, PoolState::Lent) {
+            PoolState::Ready(map) => Some(Staging::new(self.clone(), map, unit)),
             other => {
                 *st = other;
                 None
@@ -101,55 +117,34 @@ impl StagingSlots {
         }
     }
 
-    fn give_back(&self, area: StagingArea) {
-        *self.lock() = AreaState::Ready(area);
+    fn give_back(&self, map: Mapping) {
+        *lock(&self.state) = PoolState::Ready(map);
     }
 }
 
-/// Populated memory for `slots` chunks.
-#[derive(Debug)]
-struct StagingArea {
-    map: Mapping,
-    slots: usize,
-}
-
-impl StagingArea {
-    /// Maps and populates `slots` chunks now (slow on fresh memory: call it
-    /// off the vCPU path).
-    fn prepare(slots: usize) -> Result<StagingArea, Error> {
-        let len = slots as u64 * CHUNK_SIZE;
-        let map = Mapping::new(len)?;
-        map.populate(0, len, Phase::Prepare)?;
-        Ok(StagingArea { map, slots })
-    }
-
-    fn ptr(&self, slot: usize) -> *mut u8 {
-        debug_assert!(slot < self.slots);
-        self.map.ptr(slot as u64 * CHUNK_SIZE)
-    }
-}
-
-/// A slot holding a chunk copied on the fault path, not yet moved to the
-/// destination.
+/// A slot holding a unit copied on the fault path, not yet written out.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Filled {
     pub slot: usize,
-    pub dest_offset: u64,
+    pub unit: usize,
 }
 
 #[derive(Debug)]
-struct SlotState {
+struct Slots {
     free: Vec<usize>,
-    filled: Vec<Filled>,
+    filled: VecDeque<Filled>,
 }
 
-/// One snapshot's loan of the VM's staging slots; back to the
-/// `StagingSlots` when dropped.
+/// One snapshot's loan of the pool; back to the pool when dropped.
 #[derive(Debug)]
 pub(crate) struct Staging {
-    owner: Arc<StagingSlots>,
-    area: Option<StagingArea>,
-    state: Mutex<SlotState>,
+    owner: Arc<StagingPool>,
+    area: Option<Mapping>,
+    unit: u64,
+    slots: usize,
+    state: Mutex<Slots>,
+    in_use: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 impl Drop for Staging {
@@ -161,58 +156,65 @@ impl Drop for Staging {
 }
 
 impl Staging {
-    fn new(owner: Arc<StagingSlots>, area: StagingArea) -> Staging {
-        let free = (0..area.slots).rev().collect();
+    fn new(owner: Arc<StagingPool>, area: Mapping, unit: u64) -> Staging {
+        let slots = (area.len() as u64 / unit) as usize;
         Staging {
             owner,
             area: Some(area),
-            state: Mutex::new(SlotState {
-                free,
-                filled: Vec::new(),
+            unit,
+            slots,
+            state: Mutex::new(Slots {
+                free: (0..slots).rev().collect(),
+                filled: VecDeque::with_capacity(slots),
             }),
+            in_use: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, SlotState> {
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    /// A free slot for the fault path, if any: the caller fills it and
-    /// hands it back with `fill` or `give_back`.
+    /// A free slot, if any: the caller fills it and hands it back with
+    /// `fill` or `give_back`.
     pub fn take_free(&self) -> Option<usize> {
-        self.lock().free.pop()
+        let slot = lock(&self.state).free.pop()?;
+        let n = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(n, Ordering::Relaxed);
+        Some(slot)
     }
 
-    /// Start of `slot`'s 2 MiB (only its taker writes it).
+    /// Start of `slot`'s `unit` bytes (only its current owner touches them).
     pub fn slot_ptr(&self, slot: usize) -> *mut u8 {
+        debug_assert!(slot < self.slots);
         match &self.area {
-            Some(a) => a.ptr(slot),
+            Some(a) => a.ptr(slot as u64 * self.unit),
             None => unreachable!("the area is only taken in drop"),
         }
     }
 
-    /// `slot` now holds the chunk for `dest_offset`.
-    pub fn fill(&self, slot: usize, dest_offset: u64) {
-        self.lock().filled.push(Filled { slot, dest_offset });
+    /// `slot` now holds unit `unit`, for a worker to write out.
+    pub fn fill(&self, slot: usize, unit: usize) {
+        lock(&self.state).filled.push_back(Filled { slot, unit });
     }
 
-    /// A slot taken and not filled (zero chunk, or a failed copy).
+    /// A slot back on the free list (written out, or not needed).
     pub fn give_back(&self, slot: usize) {
-        self.lock().free.push(slot);
+        lock(&self.state).free.push(slot);
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The oldest filled slot, for a drainer that moves it to the
-    /// destination and then calls `give_back`.
+    /// The oldest filled slot, for a worker that writes it out and then
+    /// calls `give_back`.
     pub fn take_filled(&self) -> Option<Filled> {
-        let mut s = self.lock();
-        if s.filled.is_empty() {
-            None
-        } else {
-            Some(s.filled.remove(0))
-        }
+        lock(&self.state).filled.pop_front()
+    }
+
+    /// The most bytes held in slots at once during this loan.
+    pub fn peak_bytes(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed) as u64 * self.unit
+    }
+
+    /// Bytes of the pool lent.
+    pub fn bytes(&self) -> u64 {
+        self.slots as u64 * self.unit
     }
 }
 
@@ -222,44 +224,57 @@ mod tests {
 
     #[test]
     fn slots_cycle_free_filled_free_and_are_lent_once() {
-        let slots = Arc::new(StagingSlots::new(2));
-        assert!(slots.lend().is_none(), "not prepared yet");
-        slots.prepare(16);
-        let st = slots.lend().expect("prepared");
-        assert!(slots.lend().is_none(), "lent to one snapshot at a time");
+        let pool = Arc::new(StagingPool::new(2 * CHUNK_SIZE + 5));
+        assert_eq!(pool.budget(), 2 * CHUNK_SIZE, "whole chunks");
+        assert!(pool.lend(CHUNK_SIZE).is_none(), "not prepared yet");
+        pool.prepare(u64::MAX, false).unwrap();
+        assert_eq!(pool.resident_bytes(), 2 * CHUNK_SIZE);
+        let st = pool.lend(CHUNK_SIZE).expect("prepared");
+        assert!(
+            pool.lend(CHUNK_SIZE).is_none(),
+            "lent to one snapshot at a time"
+        );
         let a = st.take_free().unwrap();
         let b = st.take_free().unwrap();
         assert_ne!(a, b);
         assert!(st.take_free().is_none(), "only two slots");
-        st.fill(a, 4 * CHUNK_SIZE);
+        assert_eq!(st.peak_bytes(), 2 * CHUNK_SIZE);
+        st.fill(a, 4);
         st.give_back(b);
         let f = st.take_filled().unwrap();
-        assert_eq!((f.slot, f.dest_offset), (a, 4 * CHUNK_SIZE));
+        assert_eq!((f.slot, f.unit), (a, 4));
         assert!(st.take_filled().is_none());
         st.give_back(f.slot);
         assert!(st.take_free().is_some() && st.take_free().is_some());
         drop(st);
-        assert!(slots.lend().is_some(), "back after the snapshot");
+        assert!(pool.lend(CHUNK_SIZE).is_some(), "back after the snapshot");
     }
 
     #[test]
-    fn slots_are_populated_writable_and_capped() {
-        let slots = Arc::new(StagingSlots::new(8));
-        slots.prepare(1);
-        let st = slots.lend().expect("prepared");
-        let p = st.take_free().expect("one slot");
-        assert!(st.take_free().is_none(), "capped at the VM's chunk count");
-        // SAFETY: the slot is CHUNK_SIZE bytes of the area, taken above.
-        let s = unsafe { std::slice::from_raw_parts_mut(st.slot_ptr(p), CHUNK_SIZE as usize) };
-        s[0] = 7;
-        s[CHUNK_SIZE as usize - 1] = 9;
-        assert_eq!((s[0], s[CHUNK_SIZE as usize - 1]), (7, 9));
+    fn page_units_cut_the_same_pool_finer_and_the_pool_is_capped() {
+        let pool = Arc::new(StagingPool::new(8 * CHUNK_SIZE));
+        pool.prepare(CHUNK_SIZE, false).unwrap();
+        assert_eq!(pool.resident_bytes(), CHUNK_SIZE, "capped at the guest");
+        let st = pool.lend(4096).expect("prepared");
+        let mut n = 0;
+        while let Some(s) = st.take_free() {
+            // SAFETY: the slot is 4096 bytes of the area, taken above.
+            unsafe { st.slot_ptr(s).write_bytes(7, 4096) };
+            n += 1;
+        }
+        assert_eq!(n, 512);
+        assert_eq!(st.bytes(), CHUNK_SIZE);
     }
 
     #[test]
-    fn zero_slots_disable_staging() {
-        let slots = Arc::new(StagingSlots::new(0));
-        slots.prepare(16);
-        assert!(slots.lend().is_none());
+    fn zero_budget_and_a_failed_preparation_disable_staging() {
+        let pool = Arc::new(StagingPool::new(0));
+        pool.prepare(u64::MAX, false).unwrap();
+        assert!(pool.lend(CHUNK_SIZE).is_none());
+        let pool = Arc::new(StagingPool::new(CHUNK_SIZE));
+        let e = pool.prepare(u64::MAX, true).unwrap_err();
+        assert!(e.to_string().contains("staging pool"), "{e}");
+        assert!(pool.lend(CHUNK_SIZE).is_none());
+        assert_eq!(pool.resident_bytes(), 0);
     }
 }

@@ -1,15 +1,18 @@
 //! The snapshot's supervisor thread: runs the workers, then either finishes
-//! (unregister) or rolls back (lift every protection, drop the copy), stops
-//! the fault handler and hands the result to `Engine::wait`.
+//! (every unit recorded in the image, unregister) or rolls back (lift every
+//! protection), stops the fault handler and hands the result to
+//! `Engine::wait`. The image file itself is the caller's: a rolled-back
+//! snapshot's directory is removed by whoever created it.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::chunk_table::{ChunkState, Copier};
+use crate::chunk_table::{ChunkState, Copier, Record};
 use crate::error::{Error, Phase};
 use crate::metrics::{Counters, HandlerStats, Metrics, SyncMetrics};
+use crate::persist::ChunkEntry;
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
 use crate::worker;
@@ -93,15 +96,11 @@ impl StartGate {
 ///
 /// Starting a thread maps memory (its stack; in the thread, the signal
 /// stack and, at its first allocation, a malloc arena: mmap_lock taken
-/// for writing each time). If a worker were already populating fresh
-/// destination memory (mmap_lock held for reading for milliseconds on
-/// these hosts), those would queue behind it and every later reader,
-/// the fault handler's pagemap read and the vCPUs' own page faults
-/// included, behind them: the guest's first fault after the pause
-/// waited 7.9 ms so, and strace showed a worker's arena mprotect wait
-/// 5 ms. So no worker starts copying before every one has started up.
-/// (Starting them in `arm` instead, before the pause, measured worse:
-/// docs/BENCHMARKS.md.)
+/// for writing each time). A worker already writing (its O_DIRECT pins
+/// guest pages with mmap_lock held for reading) would make those wait,
+/// and every later reader — the fault handler's pagemap read, the vCPUs'
+/// own page faults — queue behind them. So no worker starts before every
+/// one has started up.
 fn start_workers(shared: &Arc<Shared>, n: usize) -> Vec<JoinHandle<()>> {
     let gate = Arc::new(StartGate::default());
     let mut workers = Vec::with_capacity(n);
@@ -142,22 +141,22 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
 
     let table = &shared.table;
     if !shared.is_aborted() {
-        // Workers have claimed every chunk they could; wait for the ones the
-        // fault path or a hook is still copying. A chunk left Protected can
-        // only mean no worker ran: copy it here rather than hang.
+        // Workers have claimed every unit they could; wait for the ones the
+        // fault path or a hook is still saving. A unit left Protected can
+        // only mean no worker ran: save it here rather than hang.
         for i in 0..table.len() {
             match table.state(i) {
                 ChunkState::Copying => {
                     table.wait_settled(i);
                 }
                 ChunkState::Protected if table.try_claim(i) => {
-                    shared.copy_claimed(i, Copier::Worker);
+                    shared.save_units(&[i], Copier::Worker);
                 }
                 _ => {}
             }
         }
-        // Every chunk is settled, so no fault fills a slot any more: move
-        // what is still staged.
+        // Every unit is settled, so no fault fills a slot any more: write
+        // out what is still staged.
         while shared.drain_one() {}
     }
     let copy_total = plan.resumed.elapsed();
@@ -200,36 +199,74 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
     if shared.is_aborted() {
         return Err(shared.take_error().unwrap_or(Error::Cancelled));
     }
+    let chunks = chunk_entries(&shared)?;
     let c = &shared.counters;
-    // Per-chunk zero flags (a chunk is zero when all its units are).
-    let per = shared.units_per_chunk();
-    let zero: Vec<bool> = (0..table.len() / per)
-        .map(|ch| (ch * per..(ch + 1) * per).all(|u| table.is_zero(u)))
-        .collect();
+    let staging = shared.staging.as_ref();
     let metrics = Metrics {
         sync: plan.sync,
         copy_total,
         finish,
         unit_size: shared.unit,
-        chunks_total: zero.len(),
+        chunks_total: chunks.len(),
         chunks_by_workers: Counters::get(&c.by_workers),
         chunks_by_fault_path: Counters::get(&c.by_fault_path),
         chunks_by_hook: Counters::get(&c.by_hook),
         chunks_staged: Counters::get(&c.staged),
-        zero_chunks: zero.iter().filter(|z| **z).count() as u64,
-        bytes_copied: Counters::get(&c.bytes_copied),
+        direct_fault_writes: Counters::get(&c.direct_fault_writes),
+        zero_chunks: chunks.iter().filter(|c| c.zero).count() as u64,
+        bytes_written: Counters::get(&c.bytes_written),
         wp_faults: stats.wp_faults,
         missing_faults: stats.missing_faults,
         fault_latency_ns: stats.latency_ns,
-        peak_extra_memory: Counters::get(&c.dest_chunks) * shared.unit,
+        staging_bytes: staging.map_or(0, |s| s.bytes()),
+        staging_peak_bytes: staging.map_or(0, |s| s.peak_bytes()),
         workers: plan.workers,
+        direct_io: shared.image.is_direct(),
     };
     Ok(Snapshot {
-        dest: shared.dest.clone(),
         layout: shared.layout.clone(),
-        zero,
+        chunks,
         metrics,
     })
+}
+
+/// Each 2 MiB chunk's entry for the state file, from its units' records:
+/// a hole if every unit is, else data with the chunk's crc32c (the units'
+/// crcs combined in order; a hole unit counts as zero bytes).
+fn chunk_entries(shared: &Shared) -> Result<Vec<ChunkEntry>, Error> {
+    let per = shared.units_per_chunk();
+    let table = &shared.table;
+    let zero_unit = crate::save::zero_crc(shared.unit);
+    let mut out = Vec::with_capacity(table.len() / per);
+    for ch in 0..table.len() / per {
+        let mut crc = 0u32;
+        let mut data = false;
+        for u in ch * per..(ch + 1) * per {
+            let unit_crc = match table.recorded(u) {
+                Some(Record::Zero) => zero_unit,
+                Some(Record::Data(c)) => {
+                    data = true;
+                    c
+                }
+                None => {
+                    return Err(Error::ThreadPanicked(format!(
+                        "unit {u} was never saved (a bug); snapshot rolled back"
+                    )))
+                }
+            };
+            crc = if u == ch * per {
+                unit_crc
+            } else {
+                crc32c::crc32c_combine(crc, unit_crc, shared.unit as usize)
+            };
+        }
+        out.push(if data {
+            ChunkEntry { zero: false, crc }
+        } else {
+            ChunkEntry { zero: true, crc: 0 }
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
-//! Worker threads: the child's background copiers of async-fork. Each claims
-//! the next unclaimed chunk in address order, copies it and lifts its
+//! Worker threads: the child's background copiers of async-fork. Each takes
+//! the next chunk in address order, claims its units that nobody claimed
+//! yet, saves them straight from guest RAM into the image and lifts their
 //! protection, until none is left or the snapshot is aborted. Between
-//! chunks they move the fault path's staged chunks to the destination
-//! (staging.rs).
+//! chunks they write out the fault path's staged units first (each frees a
+//! slot for the next fault).
 
 use std::sync::Arc;
 
@@ -19,17 +20,20 @@ pub(crate) fn run(shared: Arc<Shared>) {
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
     }
+    let per = shared.units_per_chunk();
+    let mut units = Vec::with_capacity(per);
     while !shared.is_aborted() {
-        // Staged chunks first: each frees a warm slot for the next fault.
         if shared.drain_one() {
             continue;
         }
-        let Some(i) = shared.table.claim_next() else {
+        let Some(chunk) = shared.table.next_chunk(per) else {
             break;
         };
-        // A claimed chunk is always settled by copy_claimed, even after an
-        // abort, so nobody waits on it forever.
-        if !shared.copy_claimed(i, Copier::Worker) {
+        units.clear();
+        units.extend((chunk * per..(chunk + 1) * per).filter(|&u| shared.table.try_claim(u)));
+        // Claimed units are always settled by save_units, even after an
+        // abort, so nobody waits on them forever.
+        if !shared.save_units(&units, Copier::Worker) {
             break;
         }
     }

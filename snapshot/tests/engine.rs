@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use snapshot::{
-    Engine, Error, FaultInjection, Phase, PrepareControl, Region, Strategy, CHUNK_SIZE, PAGE_SIZE,
+    Engine, Error, FaultInjection, PersistError, Phase, Region, Strategy, WriteOptions, CHUNK_SIZE,
+    PAGE_SIZE,
 };
 
 /// Copy units per 2 MiB chunk for a strategy.
@@ -38,8 +39,11 @@ fn snapshot_under_load(strategy: Strategy, workers: usize) {
             ..FaultInjection::default()
         },
     );
-    // SAFETY: `mem` outlives the snapshot (wait() below).
-    let sync = unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let sink = Sink::new(&mem);
+    let sync = begin(&eng, &mem, &sink).expect("begin");
+    if strategy != Strategy::StopTheWorld {
+        eng.start_copy().expect("start");
+    }
 
     // Deterministic coverage of each path, writers still paused and workers
     // held until these four fault-path copies are done (stop-the-world has
@@ -63,7 +67,8 @@ fn snapshot_under_load(strategy: Strategy, workers: usize) {
     ws.run_for(10_000);
     ws.stop_and_check();
 
-    compare(&snap, &reference);
+    let img = sink.commit(&snap);
+    compare(&snap, &img, &reference);
     let m = snap.metrics();
     assert_eq!(
         m.chunks_by_workers + m.chunks_by_fault_path + m.chunks_by_hook,
@@ -77,7 +82,9 @@ fn snapshot_under_load(strategy: Strategy, workers: usize) {
         assert!(m.missing_faults >= 2 && m.wp_faults >= 1, "{m:?}");
     }
     assert!(m.zero_chunks >= 30, "never-touched chunks are holes: {m:?}");
-    assert!(m.peak_extra_memory <= 34 * CHUNK_SIZE);
+    assert!(m.staging_peak_bytes <= TEST_BUDGET, "{m:?}");
+    assert!(m.bytes_written <= 34 * CHUNK_SIZE, "{m:?}");
+    assert!(m.direct_io, "a disk file system takes O_DIRECT");
     assert_eq!(mem.wp_pages(), 0, "protection left behind");
     assert!(sync.total >= sync.write_protect);
     assert!(!eng.in_progress());
@@ -113,19 +120,26 @@ fn snapshot_idle_memory(strategy: Strategy) {
     let mem = Mem::new(3, 2, 3, 7);
     let reference = mem.reference();
     let eng = engine_with(strategy, 2, FaultInjection::default());
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let sink = Sink::new(&mem);
+    begin(&eng, &mem, &sink).expect("begin");
     let snap = eng.wait().expect("snapshot");
-    compare(&snap, &reference);
+    let img = sink.commit(&snap);
+    compare(&snap, &img, &reference);
     assert_eq!(
         snap.metrics().chunks_by_workers,
         8 * units_per_chunk(strategy)
     );
-    assert_eq!(
-        snap.zero_chunks(),
-        &[false, false, false, false, false, true, true, true]
-    );
+    let zero: Vec<bool> = snap.chunks().iter().map(|c| c.zero).collect();
+    assert_eq!(zero, &[false, false, false, false, false, true, true, true]);
     assert_eq!(snap.metrics().zero_chunks, 3);
+    // Only populated pages were written: 3 full chunks, and of the 2
+    // partial ones every third page or (THP backs it) all of them.
+    let partial_pages = (CHUNK / PAGE).div_ceil(3) as u64;
+    let written = snap.metrics().bytes_written;
+    assert!(
+        written >= 3 * CHUNK_SIZE + 2 * partial_pages * PAGE_SIZE && written <= 5 * CHUNK_SIZE,
+        "{written}"
+    );
     // Untouched chunks were not even populated by the snapshot.
     assert_eq!(mem.reference(), reference);
 }
@@ -156,15 +170,17 @@ fn sync_wp_protects_every_page_in_begin() {
             ..FaultInjection::default()
         },
     );
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let sink = Sink::new(&mem);
+    begin(&eng, &mem, &sink).expect("begin");
+    eng.start_copy().expect("start");
     assert_eq!(mem.wp_pages(), 2 * CHUNK / PAGE);
-    // A write fault copies exactly one page and unprotects only it.
+    // A write fault saves exactly one page and unprotects only it.
     mem.write(CHUNK + 3 * PAGE, 1);
     assert_eq!(mem.wp_pages(), 2 * CHUNK / PAGE - 1);
     eng.cancel().expect("cancel");
     assert!(matches!(eng.wait(), Err(Error::Cancelled)));
     assert_eq!(mem.wp_pages(), 0);
+    sink.abandon();
 }
 
 #[test]
@@ -179,8 +195,8 @@ fn stop_the_world_failure_leaves_nothing_and_next_succeeds() {
             ..FaultInjection::default()
         },
     );
-    // SAFETY: `mem` outlives the snapshot.
-    let err = unsafe { eng.begin(&[mem.region()]) }.expect_err("injected");
+    let sink = Sink::new(&mem);
+    let err = begin(&eng, &mem, &sink).expect_err("injected");
     assert!(
         matches!(
             err,
@@ -193,14 +209,16 @@ fn stop_the_world_failure_leaves_nothing_and_next_succeeds() {
     );
     assert!(!eng.in_progress());
     assert!(matches!(eng.wait(), Err(Error::NoSnapshot)));
+    sink.abandon();
     let eng = engine_with(Strategy::StopTheWorld, 2, FaultInjection::default());
-    // SAFETY: as above.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let sink = Sink::new(&mem);
+    begin(&eng, &mem, &sink).expect("begin");
     assert!(eng.in_progress());
-    // SAFETY: as above.
-    let again = unsafe { eng.begin(&[mem.region()]) }.expect_err("uncollected");
+    let again = begin(&eng, &mem, &sink).expect_err("uncollected");
     assert!(matches!(again, Error::SnapshotInProgress));
-    compare(&eng.wait().expect("snapshot"), &reference);
+    let snap = eng.wait().expect("snapshot");
+    let img = sink.commit(&snap);
+    compare(&snap, &img, &reference);
 }
 
 #[test]
@@ -247,8 +265,8 @@ fn rollback_case_with(
     ws.run_for(5_000);
     ws.pause();
     let eng = engine_with(strategy, 2, injection);
-    // SAFETY: `mem` outlives the snapshot.
-    let begun = unsafe { eng.begin(&[mem.region()]) };
+    let sink = Sink::new(&mem);
+    let begun = begin(&eng, &mem, &sink);
     ws.anywhere.store(true, Ordering::SeqCst);
     if writers_during_copy {
         ws.resume();
@@ -259,6 +277,7 @@ fn rollback_case_with(
             e
         }
         Ok(_) => {
+            eng.start_copy().expect("start");
             // Fault-path coverage: a write to a protected chunk.
             mem.write(3 * CHUNK + 64, 1);
             if cancel {
@@ -282,6 +301,7 @@ fn rollback_case_with(
     ws.run_for(10_000);
     assert_eq!(mem.wp_pages(), 0, "protection left behind");
     assert!(!eng.in_progress());
+    sink.abandon();
 
     // The next snapshot (no injection) succeeds and is exact.
     let eng = engine_with(strategy, 2, FaultInjection::default());
@@ -347,7 +367,8 @@ fn rollback_worker_failure_sync_wp() {
     rollback_case_with(
         Strategy::SyncWp,
         FaultInjection {
-            fail_worker_copy_at: Some(100),
+            // Sync-wp's worker saves a chunk's pages together.
+            fail_worker_copy_at: Some(5),
             ..FaultInjection::default()
         },
         Some(Phase::Worker),
@@ -381,16 +402,18 @@ fn second_begin_refused_while_in_flight() {
             ..FaultInjection::default()
         },
     );
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
-    // SAFETY: as above.
-    let err = unsafe { eng.begin(&[mem.region()]) }.expect_err("second begin");
+    let sink = Sink::new(&mem);
+    begin(&eng, &mem, &sink).expect("begin");
+    let err = begin(&eng, &mem, &sink).expect_err("second begin");
     assert!(matches!(err, Error::SnapshotInProgress));
     assert_eq!(err.to_string(), "snapshot in progress");
+    let err = arm(&eng, &mem, &sink).expect_err("arm while in flight");
+    assert!(matches!(err, Error::SnapshotInProgress));
     eng.cancel().expect("cancel");
     assert!(matches!(eng.wait(), Err(Error::Cancelled)));
     assert!(matches!(eng.wait(), Err(Error::NoSnapshot)));
     assert_eq!(mem.wp_pages(), 0);
+    sink.abandon();
 }
 
 #[test]
@@ -413,8 +436,9 @@ fn discard_hook_copies_first() {
             ..FaultInjection::default()
         },
     );
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let sink = Sink::new(&mem);
+    begin(&eng, &mem, &sink).expect("begin");
+    eng.start_copy().expect("start");
     let gpa = mem.region().guest_addr + CHUNK_SIZE;
     eng.before_discard(gpa, CHUNK_SIZE);
     // SAFETY: discarding a range of our own mapping (chunk 1).
@@ -423,50 +447,54 @@ fn discard_hook_copies_first() {
     // A discarded page reads zero (via the MISSING path while in flight).
     assert_eq!(mem.read(CHUNK + 8), 0);
     let snap = eng.wait().expect("snapshot");
-    compare(&snap, &reference);
+    let img = sink.commit(&snap);
+    compare(&snap, &img, &reference);
     assert_eq!(snap.metrics().chunks_by_hook, 1);
 }
 
 #[test]
 fn invalid_regions_rejected_before_anything_happens() {
     let eng = engine(1, FaultInjection::default());
+    let mem = Mem::new(1, 0, 0, 1);
+    let sink = Sink::new(&mem);
     // SAFETY: rejected before any memory is touched.
-    let err = unsafe { eng.begin(&[Region::new(0, 4096, CHUNK_SIZE)]) }.expect_err("unaligned");
+    let err = unsafe { eng.begin(&[Region::new(0, 4096, CHUNK_SIZE)], sink.image()) }
+        .expect_err("unaligned");
     assert!(matches!(err, Error::InvalidRegion { .. }), "{err}");
     assert!(!eng.in_progress());
-}
-
-fn engine_keeping(strategy: Strategy) -> Engine {
-    Engine::new(snapshot::Config {
-        workers: 2,
-        strategy,
-        keep_destination: true,
-        ..snapshot::Config::default()
-    })
-    .expect("engine (needs root and userfaultfd)")
-}
-
-#[test]
-fn kept_destination_is_reused_bit_exact_async_fork() {
-    kept_destination_is_reused_bit_exact(Strategy::AsyncFork);
+    // An image of another size than the regions is refused too.
+    let big = Mem::new(2, 0, 0, 1);
+    let err = begin(&eng, &big, &sink).expect_err("image too small");
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: the memory image's length differs from the regions'"
+    );
+    assert!(!eng.in_progress());
+    assert_eq!(big.wp_pages(), 0);
 }
 
 #[test]
-fn kept_destination_is_reused_bit_exact_stop_the_world() {
-    kept_destination_is_reused_bit_exact(Strategy::StopTheWorld);
+fn successive_snapshots_follow_discards_bit_exact_async_fork() {
+    successive_snapshots_follow_discards(Strategy::AsyncFork);
 }
 
 #[test]
-fn kept_destination_is_reused_bit_exact_sync_wp() {
-    kept_destination_is_reused_bit_exact(Strategy::SyncWp);
+fn successive_snapshots_follow_discards_bit_exact_stop_the_world() {
+    successive_snapshots_follow_discards(Strategy::StopTheWorld);
 }
 
-/// A kept destination holds the previous snapshot's bytes: the next snapshot
-/// must still be exact where the source has since become zero (a discarded
-/// chunk, discarded pages of a chunk) and where it is still never-touched.
-fn kept_destination_is_reused_bit_exact(strategy: Strategy) {
+#[test]
+fn successive_snapshots_follow_discards_bit_exact_sync_wp() {
+    successive_snapshots_follow_discards(Strategy::SyncWp);
+}
+
+/// One engine, three snapshots under writers, memory discarded between
+/// them: each image is exact where memory became zero since (a discarded
+/// chunk is a hole, a chunk that lost every other page holds zeros there)
+/// and where it is still never-touched.
+fn successive_snapshots_follow_discards(strategy: Strategy) {
     let mem = Mem::new(6, 4, 6, 21);
-    let eng = engine_keeping(strategy);
+    let eng = engine_with(strategy, 2, FaultInjection::default());
     for round in 0..3 {
         if round > 0 {
             // Chunk 1 becomes a hole, chunk 2 loses every other page.
@@ -484,191 +512,35 @@ fn kept_destination_is_reused_bit_exact(strategy: Strategy) {
         }
         let ws = Writers::start(&mem, 2);
         ws.run_for(5_000);
-        ws.pause();
-        let reference = mem.reference();
-        // SAFETY: `mem` outlives the snapshot.
-        let sync = unsafe { eng.begin(&[mem.region()]) }.expect("begin");
         ws.anywhere.store(true, Ordering::SeqCst);
-        ws.resume();
-        ws.run_for(20_000);
-        let snap = eng.wait().expect("snapshot");
+        exact_snapshot_under(&eng, &mem, &ws, true, 20_000);
         ws.stop_and_check();
-        compare(&snap, &reference);
-        assert!(sync.total >= sync.dest_alloc);
-        drop(snap);
-        assert_eq!(
-            eng.kept_destination_bytes(),
-            mem.len as u64,
-            "round {round}"
-        );
-    }
-    eng.release_destination();
-    assert_eq!(eng.kept_destination_bytes(), 0);
-
-    // Without writers: a chunk copied last time and discarded since is a
-    // hole now, and reads zero although the kept memory held its bytes.
-    let mem = Mem::new(4, 0, 0, 22);
-    for round in 0..2 {
-        if round == 1 {
-            // SAFETY: discarding chunk 1 of our own mapping, no writer runs.
-            let rc =
-                unsafe { libc::madvise(mem.base.add(CHUNK).cast(), CHUNK, libc::MADV_DONTNEED) };
-            assert_eq!(rc, 0);
-        }
-        let reference = mem.reference();
-        // SAFETY: `mem` outlives the snapshot.
-        unsafe { eng.begin(&[mem.region()]) }.expect("begin");
-        let snap = eng.wait().expect("snapshot");
-        compare(&snap, &reference);
-        assert_eq!(snap.chunk_is_zero(1), round == 1);
-        let hole = snap.image()[CHUNK..2 * CHUNK].iter().all(|&b| b == 0);
-        assert_eq!(hole, round == 1);
     }
 }
 
-/// Preparation fails (ENOMEM injected): an error, nothing kept, the running
-/// VM untouched, and snapshots work as without preparation.
+/// The staging pool cannot be allocated (ENOMEM injected): the snapshot
+/// goes on without it, every fault writing its chunk itself, and is exact.
 #[test]
-fn prepare_failure_keeps_nothing_and_snapshot_works() {
-    let mem = Mem::new(4, 2, 2, 5);
-    let reference = mem.reference();
-    let eng = engine_with(
-        Strategy::AsyncFork,
-        2,
-        FaultInjection {
-            fail_prepare_at: Some(3),
-            ..FaultInjection::default()
-        },
-    );
-    let err = eng
-        .prepare_destination(mem.len as u64)
-        .expect_err("injected");
-    assert!(
-        matches!(
-            err,
-            Error::Memory {
-                phase: Phase::Prepare,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert_eq!(eng.kept_destination_bytes(), 0);
-    assert!(!eng.in_progress());
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
-    let again = eng.prepare_destination(mem.len as u64);
-    assert!(matches!(again, Err(Error::SnapshotInProgress)));
-    compare(&eng.wait().expect("snapshot"), &reference);
-    assert_eq!(mem.reference(), reference);
-}
-
-/// A prepared destination survives a sync-phase failure (it was never
-/// written) and is used, then given back (keep_destination off), by the
-/// next snapshot.
-#[test]
-fn prepared_destination_survives_sync_failure() {
-    let mem = Mem::new(3, 2, 3, 8);
-    let reference = mem.reference();
+fn snapshot_without_a_staging_pool_is_exact() {
+    let mem = Mem::new(8, 4, 8, 31);
+    let ws = Writers::start(&mem, 2);
+    ws.anywhere.store(true, Ordering::SeqCst);
+    ws.run_for(5_000);
     let eng = engine_with(
         Strategy::AsyncFork,
         1,
         FaultInjection {
-            fail_sync: true,
+            fail_staging: true,
+            hold_workers_until_fault_copies: Some(3),
             ..FaultInjection::default()
         },
     );
-    eng.prepare_destination(mem.len as u64).expect("prepare");
-    assert_eq!(eng.kept_destination_bytes(), mem.len as u64);
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect_err("injected");
-    assert_eq!(eng.kept_destination_bytes(), mem.len as u64);
-
-    for strategy in [Strategy::AsyncFork, Strategy::StopTheWorld] {
-        let eng = engine_with(strategy, 2, FaultInjection::default());
-        eng.prepare_destination(mem.len as u64).expect("prepare");
-        // SAFETY: as above.
-        unsafe { eng.begin(&[mem.region()]) }.expect("begin");
-        assert_eq!(eng.kept_destination_bytes(), 0, "in use");
-        let snap = eng.wait().expect("snapshot");
-        compare(&snap, &reference);
-        drop(snap);
-        assert_eq!(
-            eng.kept_destination_bytes(),
-            0,
-            "not kept without keep_destination"
-        );
-    }
-}
-
-/// Preparing for a snapshot populates the destination of exactly the chunks
-/// that hold data (full and partial, not untouched ones); the snapshot that
-/// follows copies into it without staging, stays bit-exact although the
-/// writers also fill untouched chunks after the preparation, and gives the
-/// memory back afterwards (no keep_destination).
-#[test]
-fn prepare_for_populates_chunks_with_data_and_the_snapshot_stays_exact() {
-    let mem = Mem::new(3, 2, 4, 41);
-    let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
-    let control = PrepareControl::default();
-    eng.prepare_for(&[mem.region()], &control).expect("prepare");
-    assert_eq!(control.total.load(Ordering::SeqCst), 5 * CHUNK_SIZE);
-    assert_eq!(control.done.load(Ordering::SeqCst), 5 * CHUNK_SIZE);
-    assert_eq!(eng.kept_destination_bytes(), mem.len as u64);
-
-    let ws = Writers::start(&mem, 2);
-    ws.anywhere.store(true, Ordering::SeqCst);
-    ws.run_for(5_000);
-    let snap = next_snapshot_is_exact(&eng, &mem, ws, false);
-    assert_eq!(snap.metrics().chunks_staged, 0, "prepared memory is warm");
-    drop(snap);
-    assert_eq!(eng.kept_destination_bytes(), 0, "not kept");
-}
-
-/// A preparation that fails (ENOMEM injected at its second chunk) or is
-/// cancelled keeps nothing, says why, and the next snapshot is exact.
-#[test]
-fn prepare_for_failure_or_cancel_keeps_nothing() {
-    let mem = Mem::new(3, 1, 2, 43);
-    let reference = mem.reference();
-    let eng = engine_with(
-        Strategy::AsyncFork,
-        2,
-        FaultInjection {
-            fail_prepare_at: Some(1),
-            ..FaultInjection::default()
-        },
-    );
-    let control = PrepareControl::default();
-    let err = eng
-        .prepare_for(&[mem.region()], &control)
-        .expect_err("injected");
-    assert!(
-        matches!(
-            err,
-            Error::Memory {
-                phase: Phase::Prepare,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert_eq!(control.done.load(Ordering::SeqCst), CHUNK_SIZE);
-    assert_eq!(eng.kept_destination_bytes(), 0);
-
-    let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
-    let control = PrepareControl::default();
-    control.cancel.store(true, Ordering::SeqCst);
-    let err = eng
-        .prepare_for(&[mem.region()], &control)
-        .expect_err("cancelled");
-    assert!(matches!(err, Error::Cancelled), "{err}");
-    assert_eq!(control.done.load(Ordering::SeqCst), 0);
-    assert_eq!(eng.kept_destination_bytes(), 0);
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
-    compare(&eng.wait().expect("snapshot"), &reference);
-    assert_eq!(mem.reference(), reference);
+    let snap = exact_snapshot_under(&eng, &mem, &ws, true, 20_000);
+    ws.stop_and_check();
+    let m = snap.metrics();
+    assert_eq!(m.staging_bytes, 0, "{m:?}");
+    assert_eq!(m.chunks_staged, 0, "{m:?}");
+    assert!(m.chunks_by_fault_path >= 3, "{m:?}");
 }
 
 /// `begin` only sets the copy up: no copier runs until `start_copy` (the
@@ -682,8 +554,8 @@ fn copiers_start_only_with_start_copy() {
     ws.run_for(2_000);
     ws.pause();
     let reference = mem.reference();
-    // SAFETY: `mem` outlives the snapshot.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    let sink = Sink::new(&mem);
+    begin(&eng, &mem, &sink).expect("begin");
     std::thread::sleep(std::time::Duration::from_millis(50));
     let p = eng.progress().expect("in flight");
     assert_eq!(p.chunks_done, 0, "a copier ran before start_copy: {p:?}");
@@ -693,7 +565,8 @@ fn copiers_start_only_with_start_copy() {
     eng.start_copy().expect("a second call does nothing");
     let snap = eng.wait().expect("snapshot");
     ws.stop_and_check();
-    compare(&snap, &reference);
+    let img = sink.commit(&snap);
+    compare(&snap, &img, &reference);
     assert!(snap.metrics().chunks_by_workers > 0);
 }
 
@@ -715,14 +588,13 @@ fn armed_snapshot_bit_exact_under_load() {
             ..snapshot::Config::default()
         })
         .expect("engine (needs root and userfaultfd)");
-        // SAFETY: `mem` outlives the snapshot (wait() below).
-        unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+        let sink = Sink::new(&mem);
+        arm(&eng, &mem, &sink).expect("arm");
         assert!(eng.in_progress(), "armed counts as in flight");
         ws.run_for(50_000);
         ws.pause();
         let reference = mem.reference();
-        // SAFETY: as above.
-        let sync = unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+        let sync = begin(&eng, &mem, &sink).expect("begin");
         assert!(sync.reprotected_chunks > 0, "writes while armed: {sync:?}");
         assert!(sync.reprotected_chunks <= 64, "{sync:?}");
         // 8 steps, with a (sleep-guaranteed) 100 µs gap between each two.
@@ -731,11 +603,13 @@ fn armed_snapshot_bit_exact_under_load() {
             "{sync:?}"
         );
         ws.resume();
+        eng.start_copy().expect("start");
         ws.run_for(50_000);
         let snap = eng.wait().expect("snapshot");
         ws.run_for(10_000);
         ws.stop_and_check();
-        compare(&snap, &reference);
+        let img = sink.commit(&snap);
+        compare(&snap, &img, &reference);
         assert_eq!(mem.wp_pages(), 0, "protection left behind");
         assert!(!eng.in_progress());
     }
@@ -747,10 +621,9 @@ fn arm_twice_is_refused_and_disarm_leaves_nothing() {
     let ws = Writers::start(&mem, 2);
     ws.anywhere.store(true, Ordering::SeqCst);
     let eng = engine(2, FaultInjection::default());
-    // SAFETY: `mem` outlives the engine's use of it (disarm / wait below).
-    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
-    // SAFETY: as above.
-    let err = unsafe { eng.arm(&[mem.region()]) }.expect_err("second arm");
+    let sink = Sink::new(&mem);
+    arm(&eng, &mem, &sink).expect("arm");
+    let err = arm(&eng, &mem, &sink).expect_err("second arm");
     assert!(matches!(err, Error::SnapshotInProgress), "{err}");
     ws.run_for(20_000);
     eng.disarm();
@@ -761,11 +634,11 @@ fn arm_twice_is_refused_and_disarm_leaves_nothing() {
     // The next snapshot, armed or not, is exact.
     ws.pause();
     let reference = mem.reference();
-    // SAFETY: as above.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    begin(&eng, &mem, &sink).expect("begin");
     ws.resume();
     let snap = eng.wait().expect("snapshot");
-    compare(&snap, &reference);
+    let img = sink.commit(&snap);
+    compare(&snap, &img, &reference);
     ws.stop_and_check();
     assert_eq!(mem.wp_pages(), 0);
 }
@@ -775,15 +648,17 @@ fn armed_begin_with_other_regions_takes_the_full_path() {
     let mem = Mem::new(4, 2, 4, 11);
     let other = Mem::new(4, 0, 4, 12);
     let eng = engine(1, FaultInjection::default());
-    // SAFETY: both outlive the engine's use of them.
-    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    let sink = Sink::new(&mem);
+    arm(&eng, &mem, &sink).expect("arm");
     let reference = other.reference();
-    // SAFETY: as above.
-    let sync = unsafe { eng.begin(&[other.region()]) }.expect("begin");
+    let other_sink = Sink::new(&other);
+    let sync = begin(&eng, &other, &other_sink).expect("begin");
     assert_eq!(sync.reprotected_chunks, 0);
     assert_eq!(mem.wp_pages(), 0, "the armed regions were released");
     let snap = eng.wait().expect("snapshot");
-    compare(&snap, &reference);
+    let img = other_sink.commit(&snap);
+    compare(&snap, &img, &reference);
+    sink.abandon();
 }
 
 #[test]
@@ -797,12 +672,11 @@ fn armed_sync_failure_rolls_back_and_next_succeeds() {
             ..FaultInjection::default()
         },
     );
-    // SAFETY: `mem` outlives the engine's use of it.
-    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    let sink = Sink::new(&mem);
+    arm(&eng, &mem, &sink).expect("arm");
     ws.run_for(20_000);
     ws.pause();
-    // SAFETY: as above.
-    let err = unsafe { eng.begin(&[mem.region()]) }.expect_err("injected");
+    let err = begin(&eng, &mem, &sink).expect_err("injected");
     assert!(
         matches!(
             err,
@@ -815,52 +689,44 @@ fn armed_sync_failure_rolls_back_and_next_succeeds() {
     );
     assert!(!eng.in_progress());
     assert_eq!(mem.wp_pages(), 0);
+    sink.abandon();
     ws.resume();
     ws.run_for(20_000);
     ws.stop_and_check();
 }
 
-/// An armed engine with `slots` staging slots (staging.rs).
-fn staging_engine(workers: usize, slots: usize, keep: bool, injection: FaultInjection) -> Engine {
-    Engine::new(snapshot::Config {
-        workers,
-        staging: std::sync::Arc::new(snapshot::StagingSlots::new(slots)),
-        keep_destination: keep,
-        injection,
-        ..snapshot::Config::default()
-    })
-    .expect("engine (needs root and userfaultfd)")
-}
-
-/// Fault-path copies into a fresh destination land in warm slots and are
-/// moved to the destination later; the image is exact either way, with as
-/// many slots as faults or fewer (the rest copy directly), and a kept (warm)
-/// destination does not use them.
+/// Fault-path saves land in the staging pool while it has room and are
+/// written out later; with the pool full (or no pool) the fault path writes
+/// the chunk itself. The image is exact in every case, and the pool is
+/// allocated once for the engine's successive snapshots.
 #[test]
-fn staged_fault_copies_are_bit_exact() {
+fn staged_and_direct_fault_saves_are_bit_exact() {
     const FAULTED: [usize; 5] = [1, 4, 7, 10, 13];
-    for slots in [16, 2] {
-        let mem = Mem::new(24, 8, 32, 80 + slots as u64);
+    for slots in [16u64, 2, 0] {
+        let mem = Mem::new(24, 8, 32, 80 + slots);
         let ws = Writers::start(&mem, 3);
         ws.run_for(20_000);
         ws.pause();
-        let eng = staging_engine(
+        let eng = engine_budget(
+            Strategy::AsyncFork,
             2,
-            slots,
-            true,
+            slots * CHUNK_SIZE,
             FaultInjection {
-                // Workers wait for the five fault-path copies below, so no
-                // slot is drained before they all happened.
+                // Workers wait for the five fault-path saves below, so no
+                // slot is written out before they all happened.
                 hold_workers_until_fault_copies: Some(FAULTED.len() as u64),
                 ..FaultInjection::default()
             },
         );
         for round in 0..2 {
-            // SAFETY: `mem` outlives the snapshot (wait() below).
-            unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+            let sink = Sink::new(&mem);
+            arm(&eng, &mem, &sink).expect("arm");
             let reference = mem.reference();
-            // SAFETY: as above.
-            unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+            let sync = begin(&eng, &mem, &sink).expect("begin");
+            if round == 1 {
+                assert!(sync.staging_alloc.is_zero(), "allocated once: {sync:?}");
+            }
+            eng.start_copy().expect("start");
             for c in FAULTED {
                 mem.write(c * CHUNK + 8 * c, 0xD000 + c as u64);
             }
@@ -869,19 +735,20 @@ fn staged_fault_copies_are_bit_exact() {
             ws.run_for(30_000);
             let snap = eng.wait().expect("snapshot");
             ws.pause();
-            compare(&snap, &reference);
+            let img = sink.commit(&snap);
+            compare(&snap, &img, &reference);
             let m = snap.metrics();
-            assert!(m.chunks_by_fault_path >= FAULTED.len() as u64, "{m:?}");
-            if round == 0 {
-                // Fresh destination: every fault copy staged while a slot
-                // was free (the workers drain none before the fifth).
-                assert!(m.chunks_staged >= FAULTED.len().min(slots) as u64, "{m:?}");
-                assert!(m.chunks_staged <= m.chunks_by_fault_path, "{m:?}");
-            } else {
-                assert_eq!(m.chunks_staged, 0, "kept destination is warm: {m:?}");
+            let n = FAULTED.len() as u64;
+            assert!(m.chunks_by_fault_path >= n, "{m:?}");
+            // The first five saves: staged while a slot was free (nothing
+            // is written out before the fifth), the rest written directly.
+            assert!(m.chunks_staged >= n.min(slots), "{m:?}");
+            if slots < n {
+                assert!(m.direct_fault_writes >= n - slots, "{m:?}");
             }
+            assert!(m.staging_peak_bytes <= slots * CHUNK_SIZE, "{m:?}");
+            assert_eq!(m.staging_bytes, slots * CHUNK_SIZE, "{m:?}");
             assert_eq!(mem.wp_pages(), 0, "protection left behind");
-            drop(snap);
         }
         ws.resume();
         ws.stop_and_check();
@@ -889,46 +756,137 @@ fn staged_fault_copies_are_bit_exact() {
     }
 }
 
-/// Moving a staged chunk fails (its destination cannot be allocated): the
-/// snapshot rolls back like any worker failure and the next one is exact.
+/// Writers at full speed over all of memory with a pool of two chunks:
+/// most faults find the pool full and write their chunk themselves, and
+/// every snapshot is still exact.
 #[test]
-fn staged_chunk_drain_failure_rolls_back() {
+fn tiny_budget_under_full_speed_writers_is_bit_exact() {
+    let mem = Mem::new(24, 8, 16, 61);
+    let ws = Writers::start(&mem, 3);
+    ws.anywhere.store(true, Ordering::SeqCst);
+    ws.run_for(20_000);
+    let eng = engine_budget(
+        Strategy::AsyncFork,
+        2,
+        2 * CHUNK_SIZE,
+        FaultInjection::default(),
+    );
+    for _ in 0..3 {
+        let snap = exact_snapshot_under(&eng, &mem, &ws, true, 50_000);
+        let m = snap.metrics();
+        assert!(m.staging_peak_bytes <= 2 * CHUNK_SIZE, "{m:?}");
+        assert_eq!(
+            m.chunks_by_fault_path + m.chunks_by_workers + m.chunks_by_hook,
+            48,
+            "{m:?}"
+        );
+    }
+    ws.stop_and_check();
+}
+
+/// Writing a staged chunk out fails (EIO from the disk): the snapshot rolls
+/// back like any worker failure, nothing is left behind, and the next one
+/// is exact.
+#[test]
+fn staged_chunk_write_failure_rolls_back() {
     let mem = Mem::new(8, 4, 4, 91);
     let ws = Writers::start(&mem, 2);
     ws.run_for(5_000);
     ws.pause();
-    let eng = staging_engine(
+    let eng = engine_with(
+        Strategy::AsyncFork,
         1,
-        4,
-        false,
         FaultInjection {
-            // The fault-path copy goes to a slot (no populate), so the
-            // single worker's first populate is the drain's.
-            fail_populate_at: Some(0),
             hold_workers_until_fault_copies: Some(1),
             ..FaultInjection::default()
         },
     );
-    // SAFETY: `mem` outlives the snapshot (wait() below).
-    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
-    // SAFETY: as above.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
+    // The fault-path save goes to a slot (no write), so the first write of
+    // the image is the worker's, of that staged chunk.
+    let sink = Sink::with(
+        &mem,
+        &WriteOptions {
+            fail_after_bytes: Some((0, libc::EIO)),
+            ..WriteOptions::default()
+        },
+    );
+    arm(&eng, &mem, &sink).expect("arm");
+    begin(&eng, &mem, &sink).expect("begin");
+    eng.start_copy().expect("start");
     mem.write(3 * CHUNK + 64, 1);
-    let err = eng.wait().expect_err("the drain's populate fails");
+    let err = eng.wait().expect_err("the staged chunk's write fails");
     match &err {
-        Error::Memory { phase, op, .. } => {
-            assert_eq!(*phase, Phase::Worker, "{err}");
-            assert_eq!(*op, "populate destination (injected)", "{err}");
+        Error::Write {
+            phase: Phase::Worker,
+            source: PersistError::Io { op, source, .. },
+        } => {
+            assert_eq!(*op, "write");
+            assert_eq!(source.raw_os_error(), Some(libc::EIO));
         }
-        _ => panic!("unexpected error: {err}"),
+        _ => panic!("unexpected error: {err:?}"),
     }
+    assert!(
+        err.to_string().starts_with("worker: write ")
+            && err
+                .to_string()
+                .ends_with("/memory.img: Input/output error (os error 5)"),
+        "{err}"
+    );
     assert_eq!(mem.wp_pages(), 0, "protection left behind");
+    sink.abandon();
     ws.anywhere.store(true, Ordering::SeqCst);
     ws.resume();
     ws.run_for(10_000);
 
-    let eng = staging_engine(1, 4, false, FaultInjection::default());
+    let eng = engine_with(Strategy::AsyncFork, 1, FaultInjection::default());
     next_snapshot_is_exact(&eng, &mem, ws, true);
+}
+
+/// The disk fills up in the middle of the image (ENOSPC), with writers
+/// running: rolled back, the error says so, writers keep their data, and
+/// the next snapshot is exact.
+#[test]
+fn disk_full_mid_image_rolls_back() {
+    for strategy in [Strategy::AsyncFork, Strategy::SyncWp] {
+        let mem = Mem::new(12, 4, 4, 93);
+        let ws = Writers::start(&mem, 2);
+        ws.anywhere.store(true, Ordering::SeqCst);
+        ws.run_for(5_000);
+        let eng = engine_with(strategy, 2, FaultInjection::default());
+        let sink = Sink::with(
+            &mem,
+            &WriteOptions {
+                fail_after_bytes: Some((3 * CHUNK_SIZE + 4096, libc::ENOSPC)),
+                ..WriteOptions::default()
+            },
+        );
+        arm(&eng, &mem, &sink).expect("arm");
+        ws.pause();
+        begin(&eng, &mem, &sink).expect("begin");
+        ws.resume();
+        eng.start_copy().expect("start");
+        ws.run_for(10_000);
+        let err = eng.wait().expect_err("the disk is full");
+        assert!(
+            matches!(
+                &err,
+                Error::Write {
+                    source: PersistError::NoSpace { .. },
+                    ..
+                }
+            ),
+            "{strategy}: {err:?}"
+        );
+        assert!(
+            err.to_string()
+                .ends_with("/memory.img: no space left on device"),
+            "{err}"
+        );
+        ws.run_for(10_000);
+        assert_eq!(mem.wp_pages(), 0, "protection left behind");
+        sink.abandon();
+        next_snapshot_is_exact(&eng, &mem, ws, true);
+    }
 }
 
 /// `background_cpus` keeps the supervisor (and the copiers it starts,
@@ -952,8 +910,8 @@ fn background_cpus_place_the_supervisor_and_the_snapshot_stays_exact() {
         ..snapshot::Config::default()
     })
     .expect("engine (needs root and userfaultfd)");
-    // SAFETY: `mem` outlives the snapshot (wait() below).
-    unsafe { eng.arm(&[mem.region()]) }.expect("arm");
+    let sink = Sink::new(&mem);
+    arm(&eng, &mem, &sink).expect("arm");
     // The standby supervisor pins itself as it starts: give it a moment.
     let want = first.to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -967,6 +925,13 @@ fn background_cpus_place_the_supervisor_and_the_snapshot_stays_exact() {
     }
     ws.run_for(20_000);
     // Armed above: the snapshot it takes is as exact as an unplaced one.
-    next_snapshot_is_exact(&eng, &mem, ws, false);
+    ws.pause();
+    let reference = mem.reference();
+    begin(&eng, &mem, &sink).expect("begin");
+    ws.resume();
+    ws.run_for(10_000);
+    let snap = eng.wait().expect("snapshot");
+    ws.stop_and_check();
+    compare(&snap, &sink.commit(&snap), &reference);
     assert_eq!(mem.wp_pages(), 0);
 }

@@ -9,7 +9,8 @@
 //! threads (standing in for vCPUs) keep running with their data intact, no
 //! write protection is left, no thread or fd leaks, and the next snapshot
 //! succeeds and is bit-exact. A failed snapshot yields no `Snapshot` at all,
-//! so there is nothing incomplete to persist or restore.
+//! and dropping its writer removes the half-written directory, so there is
+//! nothing incomplete to restore.
 //!
 //! Needs root and userfaultfd, like `engine.rs`: without them every case
 //! FAILS with the reason.
@@ -20,7 +21,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 
 use common::*;
-use snapshot::{Error, FaultInjection, Phase, Strategy};
+use snapshot::{Error, FaultInjection, PersistError, Phase, Strategy, WriteOptions, CHUNK_SIZE};
 
 /// Threads and fds of this process.
 fn counts() -> (usize, usize) {
@@ -32,9 +33,8 @@ fn counts() -> (usize, usize) {
 enum Expect {
     Injected(Phase),
     Panicked(Phase),
-    /// A real allocation error path: `Error::Memory` with ENOMEM and an
-    /// operation naming the destination.
-    NoMemory(Phase, &'static str),
+    /// The image's write failed with this errno, in this phase.
+    Write(Phase, i32),
     Cancelled,
 }
 
@@ -45,11 +45,12 @@ fn check_error(err: &Error, expect: &Expect) {
             phase == p && what.contains("injected")
         }
         (
-            Expect::NoMemory(p, op_part),
-            Error::Memory {
-                phase, op, source, ..
+            Expect::Write(p, errno),
+            Error::Write {
+                phase,
+                source: PersistError::Io { source, .. },
             },
-        ) => phase == p && op.contains(op_part) && source.raw_os_error() == Some(libc::ENOMEM),
+        ) => phase == p && source.raw_os_error() == Some(*errno),
         (Expect::Cancelled, Error::Cancelled) => true,
         _ => false,
     };
@@ -61,15 +62,37 @@ fn check_error(err: &Error, expect: &Expect) {
 /// snapshot failed (else the fault path may copy every chunk before a
 /// worker runs, and a worker-side fault is never reached).
 fn fault_case(injection: FaultInjection, expect: Expect, writers_during_copy: bool, cancel: bool) {
+    fault_case_with(
+        injection,
+        TEST_BUDGET,
+        &WriteOptions::default(),
+        expect,
+        writers_during_copy,
+        cancel,
+    )
+}
+
+/// `fault_case` with a staging budget and a failing image.
+fn fault_case_with(
+    injection: FaultInjection,
+    budget: u64,
+    opts: &WriteOptions,
+    expect: Expect,
+    writers_during_copy: bool,
+    cancel: bool,
+) {
     let before = counts();
     {
         let mem = Mem::new(8, 4, 4, 77);
         let ws = Writers::start(&mem, 2);
         ws.run_for(5_000);
         ws.pause();
-        let eng = engine_with(Strategy::AsyncFork, 2, injection);
-        // SAFETY: `mem` outlives the snapshot (wait() below).
-        let begun = unsafe { eng.begin(&[mem.region()]) };
+        let eng = engine_budget(Strategy::AsyncFork, 2, budget, injection);
+        let sink = Sink::with(&mem, opts);
+        let begun = begin(&eng, &mem, &sink);
+        if begun.is_ok() {
+            eng.start_copy().expect("start");
+        }
         ws.anywhere.store(true, Ordering::SeqCst);
         let err = match begun {
             Err(e) => {
@@ -102,6 +125,7 @@ fn fault_case(injection: FaultInjection, expect: Expect, writers_during_copy: bo
         assert_eq!(mem.wp_pages(), 0, "write protection left behind");
         assert!(!eng.in_progress());
         drop(eng);
+        sink.abandon();
 
         // The next snapshot, without injection, succeeds bit for bit.
         let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
@@ -136,26 +160,36 @@ fn fault_path_panic() {
     );
 }
 
-fn worker_cannot_allocate_snapshot_memory() {
-    fault_case(
-        FaultInjection {
-            fail_populate_at: Some(1),
-            ..FaultInjection::default()
-        },
-        Expect::NoMemory(Phase::Worker, "populate destination"),
+fn eio(after: u64) -> WriteOptions {
+    WriteOptions {
+        fail_after_bytes: Some((after, libc::EIO)),
+        ..WriteOptions::default()
+    }
+}
+
+/// The disk fails under a worker's write from guest RAM.
+fn worker_write_fails() {
+    fault_case_with(
+        FaultInjection::default(),
+        TEST_BUDGET,
+        &eio(CHUNK_SIZE),
+        Expect::Write(Phase::Worker, libc::EIO),
         false,
         false,
     );
 }
 
-fn fault_path_cannot_allocate_snapshot_memory() {
-    fault_case(
+/// No staging pool: the fault path writes the chunk itself, and the disk
+/// fails under it. The writer is released all the same.
+fn fault_path_write_fails() {
+    fault_case_with(
         FaultInjection {
-            fail_populate_at: Some(0),
             hold_workers_until_fault_copies: Some(1),
             ..FaultInjection::default()
         },
-        Expect::NoMemory(Phase::FaultPath, "populate destination"),
+        0,
+        &eio(0),
+        Expect::Write(Phase::FaultPath, libc::EIO),
         true,
         false,
     );
@@ -211,18 +245,17 @@ fn cancel_mid_copy() {
 }
 
 /// A real allocation failure, not a simulated one: with the address-space
-/// limit just above what the process maps, the destination mmap in the
-/// sync phase fails with ENOMEM. The harness is single-threaded, so the
-/// limit touches nothing else.
-fn destination_mmap_enomem() {
+/// limit just above what the process maps, the staging pool's mmap in `arm`
+/// fails with ENOMEM. The snapshot goes on without a pool (every fault
+/// writes its chunk itself) and is exact; the next one gets its pool. The
+/// harness is single-threaded, so the limit touches nothing else.
+fn staging_pool_mmap_enomem() {
     let before = counts();
     {
         let mem = Mem::new(16, 0, 16, 5);
         let ws = Writers::start(&mem, 2);
         ws.run_for(5_000);
-        ws.pause();
-        let reference = mem.reference();
-        let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
+        let eng = engine_budget(Strategy::AsyncFork, 2, 64 << 20, FaultInjection::default());
         let vm_size = std::fs::read_to_string("/proc/self/status")
             .unwrap()
             .lines()
@@ -234,47 +267,37 @@ fn destination_mmap_enomem() {
             rlim_cur: 0,
             rlim_max: 0,
         };
+        let sink = Sink::new(&mem);
         // SAFETY: plain getrlimit/setrlimit on this process with valid
         // pointers; the old limit is restored below.
         unsafe {
             assert_eq!(libc::getrlimit(libc::RLIMIT_AS, &mut old), 0);
             let tight = libc::rlimit {
-                // Room for small allocations, not for a 64 MiB destination.
-                rlim_cur: vm_size + (8 << 20),
+                // Room for threads and small allocations, not for a
+                // 64 MiB pool.
+                rlim_cur: vm_size + (16 << 20),
                 rlim_max: old.rlim_max,
             };
             assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &tight), 0);
         }
-        // SAFETY: `mem` outlives the snapshot.
-        let begun = unsafe { eng.begin(&[mem.region()]) };
+        let armed = arm(&eng, &mem, &sink);
         // SAFETY: as above.
         unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &old), 0) };
-        let err = begun.expect_err("no address space for the destination");
-        check_error(&err, &Expect::NoMemory(Phase::Sync, "mmap destination"));
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "sync phase: mmap destination of [0x0, +{:#x}) failed: Cannot allocate memory (os error 12)",
-                mem.len
-            )
-        );
-        assert!(!eng.in_progress());
-        assert_eq!(mem.wp_pages(), 0);
-        // Memory untouched by the failed attempt, and the next one works.
-        assert!(
-            mem.reference() == reference,
-            "memory changed by a failed begin"
-        );
-        ws.resume();
-        ws.run_for(10_000);
+        armed.expect("arm goes on without a pool");
         ws.pause();
         let reference = mem.reference();
-        // SAFETY: `mem` outlives the snapshot.
-        unsafe { eng.begin(&[mem.region()]) }.expect("begin with the limit lifted");
+        begin(&eng, &mem, &sink).expect("begin");
+        ws.anywhere.store(true, Ordering::SeqCst);
         ws.resume();
+        eng.start_copy().expect("start");
+        ws.run_for(20_000);
         let snap = eng.wait().expect("snapshot");
-        ws.stop_and_check();
-        compare(&snap, &reference);
+        let img = sink.commit(&snap);
+        compare(&snap, &img, &reference);
+        assert_eq!(snap.metrics().staging_bytes, 0, "{:?}", snap.metrics());
+
+        let next = next_snapshot_is_exact(&eng, &mem, ws, true);
+        assert_eq!(next.metrics().staging_bytes, 32 * CHUNK_SIZE);
     }
     assert_eq!(counts(), before, "(threads, fds) leaked");
 }
@@ -292,7 +315,7 @@ fn repeated_failures_leak_nothing() {
                     ..FaultInjection::default()
                 },
                 1 => FaultInjection {
-                    fail_populate_at: Some(0),
+                    panic_fault_path_at: Some(0),
                     ..FaultInjection::default()
                 },
                 2 => FaultInjection {
@@ -305,17 +328,29 @@ fn repeated_failures_leak_nothing() {
                 },
             };
             let eng = engine_with(Strategy::AsyncFork, 2, injection);
-            // SAFETY: `mem` outlives the snapshot.
-            if unsafe { eng.begin(&[mem.region()]) }.is_ok() {
+            // Every other round the disk fails too.
+            let sink = if i % 2 == 0 {
+                Sink::new(&mem)
+            } else {
+                Sink::with(&mem, &eio(4096))
+            };
+            if begin(&eng, &mem, &sink).is_ok() {
+                if i % 4 == 1 {
+                    // The fault path's first save panics.
+                    mem.write(64, 1);
+                }
                 eng.wait().expect_err("injected");
             }
             assert_eq!(mem.wp_pages(), 0);
+            sink.abandon();
         }
         let reference = mem.reference();
         let eng = engine_with(Strategy::AsyncFork, 2, FaultInjection::default());
-        // SAFETY: `mem` outlives the snapshot.
-        unsafe { eng.begin(&[mem.region()]) }.expect("begin");
-        compare(&eng.wait().expect("snapshot"), &reference);
+        let sink = Sink::new(&mem);
+        begin(&eng, &mem, &sink).expect("begin");
+        let snap = eng.wait().expect("snapshot");
+        let img = sink.commit(&snap);
+        compare(&snap, &img, &reference);
     }
     assert_eq!(counts(), before, "(threads, fds) leaked");
 }
@@ -325,19 +360,13 @@ type Case = (&'static str, fn());
 const CASES: &[Case] = &[
     ("worker_panic", worker_panic),
     ("fault_path_panic", fault_path_panic),
-    (
-        "worker_cannot_allocate_snapshot_memory",
-        worker_cannot_allocate_snapshot_memory,
-    ),
-    (
-        "fault_path_cannot_allocate_snapshot_memory",
-        fault_path_cannot_allocate_snapshot_memory,
-    ),
+    ("worker_write_fails", worker_write_fails),
+    ("fault_path_write_fails", fault_path_write_fails),
     ("worker_failure", worker_failure),
     ("fault_handler_failure", fault_handler_failure),
     ("sync_phase_failure", sync_phase_failure),
     ("cancel_mid_copy", cancel_mid_copy),
-    ("destination_mmap_enomem", destination_mmap_enomem),
+    ("staging_pool_mmap_enomem", staging_pool_mmap_enomem),
     (
         "repeated_failures_leak_nothing",
         repeated_failures_leak_nothing,

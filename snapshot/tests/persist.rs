@@ -8,41 +8,59 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
-use snapshot::persist::{format, MEMORY_FILE, STATE_FILE};
+use snapshot::persist::{format, WriteSummary, MEMORY_FILE, STATE_FILE};
 use snapshot::{
-    write_snapshot, FaultInjection, PersistError, Snapshot, SnapshotDir, Strategy, WriteOptions,
-    WriteProgress, CHUNK_SIZE,
+    Error, FaultInjection, PersistError, SnapshotDir, SnapshotWriter, Strategy, WriteOptions,
+    CHUNK_SIZE, PAGE_SIZE,
 };
 
-const VM_STATE: &[u8] = b"vcpu0: rip=0x100000 rsp=0x8000; serial: lcr=3";
-
-/// A snapshot of 6 full + 2 partial + 24 untouched chunks (64 MiB), idle.
-fn take_snapshot() -> (Snapshot, Vec<u8>) {
-    take_snapshot_with(Strategy::AsyncFork)
+/// Why a snapshot into a directory failed.
+#[derive(Debug)]
+enum Failed {
+    Persist(PersistError),
+    Engine(Error),
 }
 
-fn take_snapshot_with(strategy: Strategy) -> (Snapshot, Vec<u8>) {
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::Persist(e) => e.fmt(f),
+            Failed::Engine(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Snapshots 6 full + 2 partial + 24 untouched chunks (64 MiB), idle, into
+/// `target` with `strategy`; returns what was written and the memory.
+fn take_with(
+    strategy: Strategy,
+    target: &Path,
+    opts: &WriteOptions,
+) -> Result<(WriteSummary, Vec<u8>), Failed> {
     let mem = Mem::new(6, 2, 24, 1234);
     let reference = mem.reference();
     let eng = engine_with(strategy, 2, FaultInjection::default());
+    let regions = [mem.region()];
+    let w = SnapshotWriter::create(target, &regions, opts).map_err(Failed::Persist)?;
     // SAFETY: `mem` outlives the snapshot (wait() below).
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin");
-    let snap = eng.wait().expect("snapshot");
-    // Plain slice equality (memcmp): the engine tests do the detailed diff.
-    assert!(snap.region_memory(0) == reference.as_slice());
-    (snap, reference)
+    unsafe { eng.arm(&regions, w.image()) }.map_err(Failed::Engine)?;
+    // SAFETY: as above.
+    unsafe { eng.begin(&regions, w.image()) }.map_err(Failed::Engine)?;
+    let snap = eng.wait().map_err(Failed::Engine)?;
+    let sum = w.commit(&snap, VM_STATE).map_err(Failed::Persist)?;
+    Ok((sum, reference))
 }
 
-fn write(snap: &Snapshot, target: &Path, opts: &WriteOptions) -> Result<(), PersistError> {
-    write_snapshot(snap, VM_STATE, target, opts, &mut |_| {}).map(|_| ())
+fn write(target: &Path, opts: &WriteOptions) -> Result<WriteSummary, Failed> {
+    take_with(Strategy::AsyncFork, target, opts).map(|(s, _)| s)
 }
 
 /// A written snapshot directory in a fresh temp dir.
 fn written() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
-    let (snap, reference) = take_snapshot();
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let target = tmp.path().join("snap");
-    write(&snap, &target, &WriteOptions::default()).expect("write");
+    let (_, reference) =
+        take_with(Strategy::AsyncFork, &target, &WriteOptions::default()).expect("write");
     (tmp, target, reference)
 }
 
@@ -63,40 +81,33 @@ fn open_err(dir: &Path) -> String {
 
 #[test]
 fn round_trip_bit_exact_through_lazy_mapping() {
-    let (snap, reference) = take_snapshot();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let target = tmp.path().join("snap");
-    let mut reports: Vec<WriteProgress> = Vec::new();
-    let sum = write_snapshot(
-        &snap,
-        VM_STATE,
-        &target,
-        &WriteOptions::default(),
-        &mut |p| reports.push(p),
-    )
-    .expect("write");
+    let (sum, reference) =
+        take_with(Strategy::AsyncFork, &target, &WriteOptions::default()).expect("write");
     assert_eq!(entries(tmp.path()), vec!["snap"], "no temp dir left");
     assert_eq!(entries(&target), vec![MEMORY_FILE, STATE_FILE]);
     for f in [MEMORY_FILE, STATE_FILE] {
         let mode = fs::metadata(target.join(f)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
-    // Progress: monotonic, ends at total.
-    let last = *reports.last().expect("progress reported");
-    assert_eq!(last.bytes_done, last.bytes_total);
-    assert!(reports
-        .windows(2)
-        .all(|w| w[0].bytes_done <= w[1].bytes_done));
     assert_eq!(sum.image_len, 32 * CHUNK_SIZE);
     assert_eq!(sum.data_bytes, 8 * CHUNK_SIZE);
     assert_eq!(sum.zero_chunks, 24);
+    // Only populated pages are written: 6 full chunks, and of the 2
+    // partial ones every third page or (THP backs it) all of them.
+    let partial = (CHUNK_SIZE / PAGE_SIZE).div_ceil(3) * PAGE_SIZE;
+    assert!(
+        sum.bytes_written >= 6 * CHUNK_SIZE + 2 * partial && sum.bytes_written <= 8 * CHUNK_SIZE,
+        "{sum:?}"
+    );
 
     let dir = SnapshotDir::open(&target).expect("open");
     assert_eq!(dir.vm_state(), VM_STATE);
     let h = dir.header();
     assert_eq!(h.chunk_size, CHUNK_SIZE);
     assert_eq!(h.regions.len(), 1);
-    assert_eq!(h.regions[0].guest_addr, snap.regions()[0].guest_addr);
+    assert_eq!(h.regions[0].guest_addr, 0x1_0000_0000);
     assert_eq!(h.chunks.iter().filter(|c| c.zero).count(), 24);
     dir.verify_chunks().expect("verify");
     let maps = dir.map_all().expect("map");
@@ -128,12 +139,15 @@ fn zero_chunks_are_holes() {
 
 #[test]
 fn existing_target_refused_without_overwrite_and_replaced_with_it() {
-    let (snap, _) = take_snapshot();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let target = tmp.path().join("snap");
     fs::create_dir(&target).unwrap();
     fs::write(target.join("keep"), b"old").unwrap();
-    let err = write(&snap, &target, &WriteOptions::default()).expect_err("refused");
+    let err = write(&target, &WriteOptions::default()).expect_err("refused");
+    assert!(matches!(
+        err,
+        Failed::Persist(PersistError::TargetExists(_))
+    ));
     assert_eq!(
         err.to_string(),
         format!(
@@ -148,14 +162,14 @@ fn existing_target_refused_without_overwrite_and_replaced_with_it() {
         overwrite: true,
         ..WriteOptions::default()
     };
-    write(&snap, &target, &opts).expect("overwrite");
+    write(&target, &opts).expect("overwrite");
     assert_eq!(entries(&target), vec![MEMORY_FILE, STATE_FILE]);
     assert_eq!(entries(tmp.path()), vec!["snap"], "old dir removed");
     SnapshotDir::open(&target).unwrap().verify_chunks().unwrap();
 
     let file = tmp.path().join("file");
     fs::write(&file, b"x").unwrap();
-    let err = write(&snap, &file, &opts).expect_err("not a dir");
+    let err = write(&file, &opts).expect_err("not a dir");
     assert_eq!(
         err.to_string(),
         format!(
@@ -165,46 +179,57 @@ fn existing_target_refused_without_overwrite_and_replaced_with_it() {
     );
 }
 
-/// The writer fails after N bytes (ENOSPC mid-image, EIO in the state
-/// file): typed error naming file and operation, nothing left behind, and
-/// with overwrite the old snapshot survives.
+/// The disk fails in the middle of the image (ENOSPC, then EIO over an
+/// existing snapshot): a typed error naming the file and operation,
+/// nothing left behind, and with overwrite the old snapshot survives.
 #[test]
 fn failing_writer_leaves_nothing_behind() {
-    let (snap, _) = take_snapshot();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let target = tmp.path().join("snap");
     let opts = WriteOptions {
         fail_after_bytes: Some((3 * CHUNK_SIZE + 100, libc::ENOSPC)),
         ..WriteOptions::default()
     };
-    let err = write(&snap, &target, &opts).expect_err("injected ENOSPC");
-    assert!(matches!(err, PersistError::NoSpace { .. }), "{err:?}");
+    let err = write(&target, &opts).expect_err("injected ENOSPC");
+    assert!(
+        matches!(
+            err,
+            Failed::Engine(Error::Write {
+                source: PersistError::NoSpace { .. },
+                ..
+            })
+        ),
+        "{err:?}"
+    );
     let tmp_dir = entries(tmp.path());
     assert!(tmp_dir.is_empty(), "left behind: {tmp_dir:?}");
     let msg = err.to_string();
     assert!(
-        msg.starts_with("write ") && msg.ends_with("/memory.img: no space left on device"),
+        msg.starts_with("worker: write ") && msg.ends_with("/memory.img: no space left on device"),
         "{msg}"
     );
     assert!(msg.contains("snap.incomplete-"), "{msg}");
 
-    // EIO while writing the state file (after all 8 data chunks), over an
-    // existing snapshot that must survive.
-    write(&snap, &target, &WriteOptions::default()).unwrap();
+    // EIO over an existing snapshot, which must survive.
+    write(&target, &WriteOptions::default()).unwrap();
     let opts = WriteOptions {
         overwrite: true,
-        fail_after_bytes: Some((8 * CHUNK_SIZE + 10, libc::EIO)),
+        fail_after_bytes: Some((5 * CHUNK_SIZE, libc::EIO)),
     };
-    let err = write(&snap, &target, &opts).expect_err("injected EIO");
-    let PersistError::Io { path, op, source } = &err else {
+    let err = write(&target, &opts).expect_err("injected EIO");
+    let Failed::Engine(Error::Write {
+        source: PersistError::Io { path, op, source },
+        ..
+    }) = &err
+    else {
         panic!("{err:?}");
     };
     assert_eq!(*op, "write");
-    assert!(path.ends_with(STATE_FILE));
+    assert!(path.ends_with(MEMORY_FILE));
     assert_eq!(source.raw_os_error(), Some(libc::EIO));
     assert_eq!(
         err.to_string(),
-        format!("write {}: {source}", path.display())
+        format!("worker: write {}: {source}", path.display())
     );
     assert_eq!(entries(tmp.path()), vec!["snap"]);
     SnapshotDir::open(&target).unwrap().verify_chunks().unwrap();
@@ -439,16 +464,15 @@ fn malformed_fields_refused_even_with_valid_checksum() {
 /// Every engine strategy persists the same memory to the same bytes.
 #[test]
 fn all_strategies_produce_identical_files() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let mut files: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     for s in [
         Strategy::AsyncFork,
         Strategy::StopTheWorld,
         Strategy::SyncWp,
     ] {
-        let (snap, _) = take_snapshot_with(s);
         let target = tmp.path().join(s.name());
-        write(&snap, &target, &WriteOptions::default()).expect("write");
+        take_with(s, &target, &WriteOptions::default()).expect("write");
         SnapshotDir::open(&target).unwrap().verify_chunks().unwrap();
         files.push((
             fs::read(target.join(STATE_FILE)).unwrap(),
@@ -468,12 +492,11 @@ fn all_strategies_produce_identical_files() {
 /// never a looser one for longer than this write.
 #[test]
 fn snapshot_dir_is_0700_and_files_0600_even_with_umask_0() {
-    let (snap, _) = take_snapshot();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let target = tmp.path().join("snap");
     // SAFETY: umask(2) only changes this process's file creation mask.
     let old = unsafe { libc::umask(0) };
-    let res = write(&snap, &target, &WriteOptions::default());
+    let res = write(&target, &WriteOptions::default());
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     res.expect("write");
@@ -516,8 +539,7 @@ fn interrupted_write_is_refused_and_cleaned_up_by_the_next_write() {
         .join(format!("other{}4194305-0", snapshot::persist::TMP_INFIX));
     fs::create_dir(&other).unwrap();
 
-    let (snap, _) = take_snapshot();
-    write(&snap, &tmp.path().join("snap2"), &WriteOptions::default()).expect("write");
+    write(&tmp.path().join("snap2"), &WriteOptions::default()).expect("write");
     let left = entries(tmp.path());
     assert_eq!(
         left,
@@ -538,20 +560,25 @@ fn interrupted_write_is_refused_and_cleaned_up_by_the_next_write() {
 /// without `overwrite`, and a symlink is never replaced even with it.
 #[test]
 fn target_symlink_is_never_followed() {
-    let (snap, _) = take_snapshot();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let elsewhere = tmp.path().join("elsewhere");
     fs::create_dir(&elsewhere).unwrap();
     let link = tmp.path().join("link");
     std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
-    let err = write(&snap, &link, &WriteOptions::default()).expect_err("exists");
-    assert!(matches!(err, PersistError::TargetExists(_)), "{err}");
+    let err = write(&link, &WriteOptions::default()).expect_err("exists");
+    assert!(
+        matches!(err, Failed::Persist(PersistError::TargetExists(_))),
+        "{err}"
+    );
     let opts = WriteOptions {
         overwrite: true,
         ..WriteOptions::default()
     };
-    let err = write(&snap, &link, &opts).expect_err("a symlink");
-    assert!(matches!(err, PersistError::TargetNotDirectory(_)), "{err}");
+    let err = write(&link, &opts).expect_err("a symlink");
+    assert!(
+        matches!(err, Failed::Persist(PersistError::TargetNotDirectory(_))),
+        "{err}"
+    );
     assert!(entries(&elsewhere).is_empty());
     assert_eq!(entries(tmp.path()), vec!["elsewhere", "link"]);
 }

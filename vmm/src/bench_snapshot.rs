@@ -12,16 +12,17 @@
 //!    largest gap the guest saw meanwhile is the *guest-visible pause*
 //!    (it covers the sync phase and every stall of the copy: write faults,
 //!    vCPU threads preempted by copiers);
-//! 3. record the engine's numbers, the peak RSS of this process (`VmHWM`,
-//!    reset before each snapshot through `/proc/self/clear_refs`; the fork
-//!    baseline's child is not included), then delete the snapshot.
+//! 3. record the engine's numbers and the extra memory: this process's peak
+//!    RSS (`VmHWM`, reset before each snapshot through
+//!    `/proc/self/clear_refs`) minus its RSS just before the request (the
+//!    fork baseline's child is not included);
+//! 4. write as many bytes as the snapshot wrote with `dd bs=2M
+//!    oflag=direct conv=fsync` into the same directory: the disk's own
+//!    speed, for the request-to-done ratio; then delete both.
 //!
-//! With `prepare` (the default, as in `snapvm run`) each snapshot populates
-//! its memory before the fork (`SnapshotRequest::prepare`): the window
-//! then starts with that preparation (guest running, nothing protected),
-//! and the destination column says `prepared` instead of `cold`. With
-//! `warm`, a second snapshot per mode goes into the destination memory kept
-//! from the first (`keep_memory`).
+//! The first snapshot of a VM allocates its staging pool (before the
+//! pause: part of request-to-done, and of the extra memory); with `warm`, a
+//! second snapshot per mode measures the steady state with the pool kept.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -30,7 +31,9 @@ use snapshot::{BackgroundPriority, Strategy};
 
 use crate::loader::{BootConfig, KernelImage};
 use crate::memory::PageBacking;
-use crate::snapshotting::{SnapshotError, SnapshotMetrics, SnapshotRequest, SnapshotState};
+use crate::snapshotting::{
+    SnapshotError, SnapshotMetrics, SnapshotRequest, SnapshotState, Snapshotter,
+};
 use crate::vm::{ProbeError, Vm, VmConfig, VmError};
 
 /// Worker threads for stop-the-world's copy inside the pause.
@@ -54,6 +57,8 @@ pub enum BenchError {
     },
     #[error("snapshot directory {0} already exists")]
     DirExists(PathBuf),
+    #[error("dd into {dir}: {why}")]
+    Dd { dir: PathBuf, why: String },
 }
 
 /// What to measure.
@@ -69,8 +74,8 @@ pub struct Params {
     pub dir: PathBuf,
     pub populate_fraction: f64,
     pub warm: bool,
-    /// Populate each snapshot's memory before its fork.
-    pub prepare: bool,
+    /// Staging budget of every snapshot.
+    pub memory_budget: u64,
     pub baseline: Duration,
     /// Persist-thread priorities tried for every mode but fork.
     pub priorities: Vec<BackgroundPriority>,
@@ -114,7 +119,13 @@ pub struct Row {
     /// during the snapshot (sum over vCPUs).
     pub passes_per_s_baseline: f64,
     pub passes_per_s_snapshot: f64,
+    /// This process's RSS just before the request, and its peak while the
+    /// snapshot ran (bytes).
+    pub rss_before: u64,
     pub peak_rss: u64,
+    /// `dd bs=2M oflag=direct conv=fsync` of the snapshot's bytes written,
+    /// into the same directory, right after it.
+    pub dd: Duration,
     pub metrics: SnapshotMetrics,
 }
 
@@ -139,36 +150,45 @@ impl Row {
         }
     }
 
-    /// The destination the copy went into: `warm` (kept from the previous
-    /// snapshot), `prepared` (populated before the fork) or `cold` (fresh,
-    /// populated as it copies).
-    pub fn destination(&self) -> &'static str {
+    /// `first` (the VM's first snapshot: it allocates the staging pool)
+    /// or `warm` (the pool kept from an earlier one).
+    pub fn pool(&self) -> &'static str {
         if self.warm {
             "warm"
-        } else if self.metrics.prepare.is_some() {
-            "prepared"
         } else {
-            "cold"
+            "first"
         }
     }
 
-    /// The preparation before the fork (zero without).
-    pub fn prepare(&self) -> Duration {
-        self.metrics.prepare.map_or(Duration::ZERO, |p| p.elapsed)
-    }
-
+    /// The commit (fsync, state file, rename, fsync of the parent).
     pub fn persist(&self) -> Duration {
-        match (&self.metrics.engine, &self.metrics.persist) {
-            (Some(_), Some(p)) => p.elapsed,
-            _ => Duration::ZERO,
-        }
+        self.metrics
+            .persist
+            .as_ref()
+            .map_or(Duration::ZERO, |p| p.commit)
     }
 
     pub fn bytes_copied(&self) -> u64 {
         match (&self.metrics.engine, &self.metrics.persist) {
-            (Some(e), _) => e.bytes_copied,
-            (None, Some(p)) => p.data_bytes,
+            (Some(e), _) => e.bytes_written,
+            (None, Some(p)) => p.bytes_written.max(p.data_bytes),
             _ => 0,
+        }
+    }
+
+    /// Peak RSS minus RSS before the request.
+    pub fn extra_memory(&self) -> u64 {
+        self.peak_rss.saturating_sub(self.rss_before)
+    }
+
+    /// Request to durable done, as a multiple of `dd` writing the same
+    /// bytes to the same disk.
+    pub fn done_vs_dd(&self) -> f64 {
+        let dd = self.dd.as_secs_f64();
+        if dd > 0.0 {
+            self.metrics.total.as_secs_f64() / dd
+        } else {
+            0.0
         }
     }
 
@@ -198,14 +218,14 @@ impl Row {
     pub fn to_json(&self) -> String {
         let (faults, p50, p99, max) = self.faults();
         format!(
-            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"destination\":\"{}\",\"prepare_us\":{:.1},\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"guest_stall_at_fork_us\":{},\"guest_stall_at_fork_before_after_us\":{},\"gaps_lost\":{},\"guest_longest_gap_us\":{},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"peak_rss_bytes\":{},\"metrics\":{}}}",
+            "{{\"memory_bytes\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"workers\":{},\"priority\":\"{}\",\"pool\":\"{}\",\"memory_budget\":{},\"noise_floor_us\":{:.1},\"baseline_ms\":{},\"guest_pause_us\":{:.1},\"guest_pause_copy_us\":{:.1},\"guest_pause_persist_us\":{:.1},\"guest_stall_at_fork_us\":{},\"guest_stall_at_fork_before_after_us\":{},\"gaps_lost\":{},\"guest_longest_gap_us\":{},\"engine_pause_us\":{:.1},\"copy_us\":{:.1},\"copy_gib_s\":{:.2},\"persist_us\":{:.1},\"total_us\":{:.1},\"window_us\":{:.1},\"bytes_copied\":{},\"faults\":{},\"fault_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}},\"guest_passes_per_s\":{{\"baseline\":{:.2},\"snapshot\":{:.2}}},\"rss_before_bytes\":{},\"peak_rss_bytes\":{},\"extra_memory_bytes\":{},\"dd_us\":{:.1},\"done_vs_dd\":{:.3},\"metrics\":{}}}",
             self.memory_size,
             self.backing.name(),
             self.mode,
             self.workers,
             self.priority.name(),
-            self.destination(),
-            us(self.prepare()),
+            self.pool(),
+            self.metrics.memory_budget,
             self.noise_us,
             self.baseline.as_millis(),
             self.guest_pause_us,
@@ -235,7 +255,11 @@ impl Row {
             max,
             self.passes_per_s_baseline,
             self.passes_per_s_snapshot,
+            self.rss_before,
             self.peak_rss,
+            self.extra_memory(),
+            us(self.dd),
+            self.done_vs_dd(),
             self.metrics.to_json(),
         )
     }
@@ -244,20 +268,19 @@ impl Row {
 /// The Markdown table of `rows`.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| RAM | backing | mode | workers | priority | dest | prepare (ms) | noise floor (µs) | guest stall across the pause (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | persist (ms) | total (ms) | faults | fault p50 / p99 / max (µs) | peak RSS (MiB) |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| RAM | backing | mode | workers | priority | pool | noise floor (µs) | guest stall across the pause (µs) | guest-visible pause (µs): all / sync+copy / persist | engine pause (µs) | copy (ms) | copy GiB/s | commit (ms) | request to done (ms) | dd (ms) | done / dd | guest speed during (%) | faults | fault p50 / p99 / max (µs) | extra memory (MiB) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows {
         let (faults, p50, p99, max) = r.faults();
         out.push_str(&format!(
-            "| {} GiB | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
+            "| {} GiB | {} | {} | {} | {} | {} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |\n",
             r.memory_size as f64 / (1u64 << 30) as f64,
             r.backing.name(),
             r.mode,
             r.workers,
             r.priority.name(),
-            r.destination(),
-            r.prepare().as_secs_f64() * 1e3,
+            r.pool(),
             r.noise_us,
             r.fork_stall_us
                 .map_or_else(|| "–".to_string(), |v| format!("{:.0}", v.0)),
@@ -269,22 +292,75 @@ pub fn markdown(rows: &[Row]) -> String {
             r.copy_gib_s(),
             r.persist().as_secs_f64() * 1e3,
             r.metrics.total.as_secs_f64() * 1e3,
+            r.dd.as_secs_f64() * 1e3,
+            r.done_vs_dd(),
+            guest_speed_pct(r),
             faults,
             p50,
             p99,
             max,
-            r.peak_rss >> 20,
+            r.extra_memory() >> 20,
         ));
     }
     out
 }
 
+/// The guest's passes per second during the snapshot, as a percentage of
+/// its rate without one.
+fn guest_speed_pct(r: &Row) -> f64 {
+    if r.passes_per_s_baseline > 0.0 {
+        100.0 * r.passes_per_s_snapshot / r.passes_per_s_baseline
+    } else {
+        0.0
+    }
+}
+
 /// `VmHWM` of this process in bytes.
 pub fn peak_rss() -> u64 {
+    status_bytes("VmHWM:")
+}
+
+/// `VmRSS` of this process in bytes.
+pub fn rss() -> u64 {
+    status_bytes("VmRSS:")
+}
+
+fn status_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| parse_status_kib(&s, "VmHWM:"))
+        .and_then(|s| parse_status_kib(&s, key))
         .map_or(0, |k| k * 1024)
+}
+
+/// `dd if=/dev/zero of=DIR/dd.img bs=2M count=N oflag=direct conv=fsync`
+/// for `bytes` (rounded up to 2 MiB), timed; the file is removed.
+fn dd(dir: &Path, bytes: u64) -> Result<Duration, BenchError> {
+    let file = dir.join(format!("snapvm-bench-dd-{}.img", std::process::id()));
+    let count = bytes.div_ceil(2 << 20).max(1);
+    let t = Instant::now();
+    let out = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .args([
+            "bs=2M",
+            &format!("count={count}"),
+            "oflag=direct",
+            "conv=fsync",
+        ])
+        .output();
+    let took = t.elapsed();
+    let _ = std::fs::remove_file(&file);
+    match out {
+        Ok(o) if o.status.success() => Ok(took),
+        Ok(o) => Err(BenchError::Dd {
+            dir: dir.into(),
+            why: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        }),
+        Err(e) => Err(BenchError::Dd {
+            dir: dir.into(),
+            why: e.to_string(),
+        }),
+    }
 }
 
 fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
@@ -378,7 +454,8 @@ pub fn run(p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchEr
         vm.set_cpu_placement(cpus.clone());
     }
     vm.start()?;
-    let result = measure(&vm, p, on_row);
+    let snapshotter = Snapshotter::new();
+    let result = measure(&vm, &snapshotter, p, on_row);
     vm.shutdown();
     result
 }
@@ -403,7 +480,12 @@ fn plan(p: &Params) -> Vec<(Strategy, usize, BackgroundPriority)> {
     out
 }
 
-fn measure(vm: &Vm, p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchError> {
+fn measure(
+    vm: &Vm,
+    snapshotter: &Snapshotter,
+    p: &Params,
+    on_row: &mut dyn FnMut(&Row),
+) -> Result<Vec<Row>, BenchError> {
     let gib = p.memory_size as f64 / (1u64 << 30) as f64;
     let timeout = Duration::from_secs_f64(60.0 + 60.0 * gib);
     let took = wait_populated(vm, p.vcpus, timeout)?;
@@ -420,15 +502,17 @@ fn measure(vm: &Vm, p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>
             &[false]
         };
         for &warm in runs {
-            let row = one(vm, p, (mode, workers, priority), warm)?;
+            let row = one(vm, snapshotter, p, (mode, workers, priority), warm)?;
             eprintln!(
-                "bench snapshot: {mode} x{workers} {} ({}): guest pause {:.0} us (noise {:.0} us), engine pause {:.0} us, total {:.0} ms",
+                "bench snapshot: {mode} x{workers} {} ({}): guest pause {:.0} us (noise {:.0} us), engine pause {:.0} us, done {:.0} ms ({:.2}x dd), extra memory {} MiB",
                 priority.name(),
-                row.destination(),
+                row.pool(),
                 row.guest_pause_us,
                 row.noise_us,
                 us(row.engine_pause()),
-                row.metrics.total.as_secs_f64() * 1e3
+                row.metrics.total.as_secs_f64() * 1e3,
+                row.done_vs_dd(),
+                row.extra_memory() >> 20,
             );
             on_row(&row);
             rows.push(row);
@@ -449,6 +533,7 @@ fn snapshot_dir(parent: &Path, what: (Strategy, usize, BackgroundPriority), warm
 
 fn one(
     vm: &Vm,
+    snapshotter: &Snapshotter,
     p: &Params,
     what: (Strategy, usize, BackgroundPriority),
     warm: bool,
@@ -468,16 +553,15 @@ fn one(
     let baseline_rate = (passes(vm)? - b0) as f64 / t.elapsed().as_secs_f64();
 
     reset_peak_rss();
+    let rss_before = rss();
     vm.reset_probe_gaps()?;
     let s0 = passes(vm)?;
     let t = Instant::now();
     let req = SnapshotRequest {
         mode,
         workers,
-        // The first snapshot keeps its destination for the warm one.
-        keep_memory: p.warm,
         priority,
-        prepare: p.prepare,
+        memory_budget: p.memory_budget,
         ..SnapshotRequest::new(&dir)
     };
     let err = |source| BenchError::Snapshot {
@@ -489,8 +573,9 @@ fn one(
     // Everything logged before the request is not this snapshot's.
     vm.probe_gaps(&mut cursors)?;
     let mut gaps = crate::probe_gaps::ProbeGaps::default();
-    // `Vm::snapshot` returns after arming and the pause (tens of ms, more
-    // on 4 KiB pages): read the guest's gap ring meanwhile, or it laps.
+    // `take` returns after arming and the pause (tens of ms, more on 4 KiB
+    // pages, and the pool's allocation the first time): read the guest's
+    // gap ring meanwhile, or it laps.
     let sync_done = std::sync::atomic::AtomicBool::new(false);
     let snapshotted = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
@@ -503,7 +588,7 @@ fn one(
             }
             got
         });
-        let r = vm.snapshot(req);
+        let r = snapshotter.take(vm, req);
         sync_done.store(true, std::sync::atomic::Ordering::Release);
         (r, reader.join())
     });
@@ -545,6 +630,18 @@ fn one(
         }
     }
     let metrics = waited.map_err(err)?;
+    let written = metrics
+        .engine
+        .as_ref()
+        .map(|e| e.bytes_written)
+        .or_else(|| {
+            metrics
+                .persist
+                .as_ref()
+                .map(|p| p.bytes_written.max(p.data_bytes))
+        })
+        .unwrap_or(0);
+    let dd = dd(&p.dir, written)?;
     let fork_stall_us = metrics.sync.guest_tsc.and_then(|tsc| gaps.spanning_us(tsc));
     let longest_gap_us = metrics.sync.guest_tsc.and_then(|tsc| gaps.longest_us(tsc));
     Ok(Row {
@@ -565,7 +662,9 @@ fn one(
         window,
         passes_per_s_baseline: baseline_rate,
         passes_per_s_snapshot: snapshot_rate,
+        rss_before,
         peak_rss: peak,
+        dd,
         metrics,
     })
 }
@@ -614,7 +713,7 @@ mod tests {
             dir: "/tmp".into(),
             populate_fraction: 0.75,
             warm: false,
-            prepare: true,
+            memory_budget: snapshot::DEFAULT_BUDGET,
             baseline: Duration::from_secs(1),
             priorities: vec![BackgroundPriority::Idle, BackgroundPriority::Normal],
             cpus: None,

@@ -76,10 +76,10 @@ pub struct SnapshotCreateArgs {
     /// Replace an existing directory at DIR.
     #[arg(long)]
     pub overwrite: bool,
-    /// Populate the snapshot's memory before its fork (default: the
-    /// server's `--snapshot-prepare`, on).
-    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
-    pub prepare: Option<bool>,
+    /// Staging memory for write faults during the snapshot, e.g. 256M or 0
+    /// (default: the server's --snapshot-memory-budget).
+    #[arg(long, value_name = "SIZE", value_parser = parse_budget)]
+    pub memory_budget: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -181,27 +181,22 @@ pub struct RunArgs {
     /// and the child writes the snapshot).
     #[arg(long, value_name = "MODE", default_value = "async-fork", value_parser = parse_strategy)]
     pub snapshot_mode: snapshot::Strategy,
-    /// Copier threads for the snapshot (default: the number of host cores).
+    /// Writer threads for the snapshot (default: the number of host cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub snapshot_workers: Option<u32>,
-    /// Hold one guest-sized buffer for snapshots: prepared in the
-    /// background at start and kept between snapshots, so a snapshot's
-    /// preparation finds its memory ready and every snapshot (the first
-    /// too) copies at memory speed.
-    #[arg(long)]
-    pub snapshot_keep_memory: bool,
-    /// Populate a snapshot's memory before its fork (on), while the guest
-    /// runs unprotected, so that the copy after the fork goes into warm
-    /// memory; the snapshot is then of the moment of its pause, not of the
-    /// request. `off` forks at once and populates as it copies. Per API
-    /// request: `"prepare"`.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    pub snapshot_prepare: bool,
-    /// Scheduling of the thread that writes the snapshot to disk: normal,
-    /// or idle (only spare CPU time: the guest wins every contended core,
-    /// but a guest that keeps every core busy delays the write without
-    /// bound). The copiers always run at normal priority (vCPU write
-    /// faults can wait on them).
+    /// Staging memory for write faults during a snapshot: a guest write to
+    /// memory not yet on disk copies the chunk here and goes on; with it
+    /// full, the write waits for the chunk's disk write. The most a
+    /// snapshot adds to snapvm's memory; allocated at the first snapshot
+    /// and kept. Rounded down to 2 MiB; 0 for none. Per API request:
+    /// `"memory_budget"`.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_budget)]
+    pub snapshot_memory_budget: u64,
+    /// Scheduling of the thread that commits the snapshot: normal, or idle
+    /// (only spare CPU time: the guest wins every contended core, but a
+    /// guest that keeps every core busy delays the commit without bound).
+    /// The writers always run at normal priority (vCPU write faults can
+    /// wait on them).
     #[arg(long, value_name = "idle|normal", default_value = "normal")]
     pub snapshot_priority: snapshot::BackgroundPriority,
     /// Restore the VM from this snapshot directory instead of booting a
@@ -419,15 +414,14 @@ pub struct BenchSnapshotArgs {
     /// Fraction of the guest heap the guest populates and keeps writing.
     #[arg(long, default_value = "0.75", value_parser = parse_fraction)]
     pub populate_fraction: f64,
-    /// Also take a second snapshot per mode into the kept (warm)
-    /// destination memory (`keep_memory`).
+    /// Also take a second snapshot per mode (the staging pool then exists
+    /// already: the steady state of a VM that snapshots regularly).
     #[arg(long)]
     pub warm: bool,
-    /// Populate each snapshot's memory before its fork (on, as `snapvm
-    /// run` does by default) or let the copy populate it (off: the cold
-    /// numbers).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    pub prepare: bool,
+    /// Staging memory for write faults, as `snapvm run
+    /// --snapshot-memory-budget`.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_budget)]
+    pub memory_budget: u64,
     /// Length of the no-snapshot window that measures the probe's noise
     /// floor before each snapshot, in milliseconds.
     #[arg(long, default_value_t = 1000)]
@@ -493,6 +487,11 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| err("number too large"))
 }
 
+/// Parses a staging budget (`--snapshot-memory-budget`): a size, 0 allowed.
+pub fn parse_budget(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
 /// Parses and validates a guest memory size against host RAM: the result is
 /// rounded up to 2 MiB.
 pub fn guest_memory_size(s: &str, host_ram: Option<u64>) -> Result<u64, ConfigError> {
@@ -513,8 +512,8 @@ pub fn guest_memory_size(s: &str, host_ram: Option<u64>) -> Result<u64, ConfigEr
     Ok(rounded)
 }
 
-/// Snapshot copier threads when `--snapshot-workers` is not given: one
-/// per host core, as the engine's workers are CPU-bound copies.
+/// Snapshot writer threads when `--snapshot-workers` is not given: one per
+/// host core (each has one disk write in flight at a time).
 pub fn default_snapshot_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }

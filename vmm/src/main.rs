@@ -262,24 +262,16 @@ fn run_to_exit(mut vm: Vm, args: &RunArgs, api: Option<Api>, source: VmSource) -
                     .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
                 mode: args.snapshot_mode,
                 workers: snapshot_workers(args),
-                keep_memory: args.snapshot_keep_memory,
                 priority: args.snapshot_priority,
-                prepare: args.snapshot_prepare,
+                memory_budget: args.snapshot_memory_budget,
             })
         }
         None => None,
     };
-    if args.snapshot_keep_memory && vm.memory().is_anonymous() {
-        prepare_snapshot_memory(&vm, args);
-    }
     let exit = match (api, plan) {
         (Some((server, calls)), plan) => {
             let mut owner = Owner::with_vm(vm, source, instance_id(), snapshot_workers(args));
-            owner.set_snapshot_options(
-                args.snapshot_keep_memory,
-                args.snapshot_priority,
-                args.snapshot_prepare,
-            );
+            owner.set_snapshot_options(args.snapshot_priority, args.snapshot_memory_budget);
             let mut trigger = plan.map(trigger::Trigger::new);
             api::serve(&mut owner, &calls, trigger.as_mut());
             let exit = owner.finish();
@@ -291,27 +283,6 @@ fn run_to_exit(mut vm: Vm, args: &RunArgs, api: Option<Api>, source: VmSource) -
         (None, None) => vm.wait(),
     };
     exit_status(exit)
-}
-
-/// `--snapshot-keep-memory`: populate the snapshot buffer now, in the
-/// background, so the first snapshot is as fast as the later ones. A
-/// failure only costs speed (logged).
-fn prepare_snapshot_memory(vm: &Vm, args: &RunArgs) {
-    if args.snapshot_mode == snapshot::Strategy::Fork {
-        tracing::warn!("--snapshot-keep-memory has nothing to keep for the fork baseline");
-        return;
-    }
-    match vm.prepare_snapshot_memory(
-        args.snapshot_mode,
-        snapshot_workers(args),
-        args.snapshot_priority,
-    ) {
-        Ok(_) => tracing::info!(
-            "preparing {} MiB of snapshot memory in the background",
-            vm.memory().size() >> 20
-        ),
-        Err(e) => tracing::warn!("cannot prepare snapshot memory: {e}"),
-    }
 }
 
 fn exit_status(exit: VmExit) -> ExitCode {
@@ -343,11 +314,7 @@ fn run_waiting(args: &RunArgs, api: Api, cpus: Option<CpuPlacement>) -> ExitCode
     };
     tracing::info!("no VM: waiting for PUT /snapshot/load");
     let mut owner = Owner::waiting(loader, instance_id(), snapshot_workers(args));
-    owner.set_snapshot_options(
-        args.snapshot_keep_memory,
-        args.snapshot_priority,
-        args.snapshot_prepare,
-    );
+    owner.set_snapshot_options(args.snapshot_priority, args.snapshot_memory_budget);
     api::serve(&mut owner, &calls, None);
     let exit = owner.finish();
     drop(server);
@@ -442,7 +409,7 @@ fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
         dir: args.dir,
         populate_fraction: args.populate_fraction,
         warm: args.warm,
-        prepare: args.prepare,
+        memory_budget: args.memory_budget,
         baseline: std::time::Duration::from_millis(args.baseline_ms.max(1)),
         priorities: args.priorities,
         cpus,

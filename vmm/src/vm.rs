@@ -137,8 +137,6 @@ pub struct Vm {
     event_loop: Option<EventLoop>,
     started: bool,
     exit: Option<VmExit>,
-    /// One snapshot in flight ([`crate::snapshotting`]).
-    snapshot_slot: Arc<crate::snapshotting::SnapshotSlot>,
     /// `--cpus`: where the guest's and the snapshots' threads run.
     cpus: Option<CpuPlacement>,
 }
@@ -239,7 +237,6 @@ impl Vm {
             event_loop: None,
             started: false,
             exit: None,
-            snapshot_slot: Arc::default(),
             cpus: None,
         })
     }
@@ -582,7 +579,6 @@ impl Vm {
             event_loop: None,
             started: false,
             exit: None,
-            snapshot_slot: Arc::default(),
             cpus: None,
         }
     }
@@ -608,9 +604,14 @@ impl Vm {
         self.cpus.as_ref().and_then(|p| p.background.as_ref())
     }
 
-    /// The VM's snapshot bookkeeping ([`crate::snapshotting`]).
-    pub(crate) fn snapshot_slot(&self) -> &Arc<crate::snapshotting::SnapshotSlot> {
-        &self.snapshot_slot
+    /// Guest RAM as the snapshot engine sees it: regions in memslot
+    /// order (the order of a snapshot's image).
+    pub fn snapshot_regions(&self) -> Vec<snapshot::Region> {
+        self.ram
+            .regions()
+            .iter()
+            .map(|r| snapshot::Region::new(r.guest_addr, r.host_addr as u64, r.len as u64))
+            .collect()
     }
 }
 

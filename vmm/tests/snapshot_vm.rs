@@ -1,5 +1,6 @@
-//! `Vm::snapshot` on real VMs with the embedded guest: async-fork while the
-//! guest runs, restore, bit-exactness, one-in-flight, rollback. Needs
+//! `Snapshotter::take` on real VMs with the embedded guest: async-fork while
+//! the guest runs, restore, bit-exactness, one-in-flight, rollback, the
+//! staging budget. Needs
 //! /dev/kvm and userfaultfd (root): where unusable the tests fail saying so.
 
 mod common;
@@ -9,10 +10,11 @@ use common::{require_kvm, wait_for_heartbeats_above, Console};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use snapshot::{BackgroundPriority, FaultInjection, Strategy};
+use snapshot::{FaultInjection, Strategy};
 use vmm::loader::{BootConfig, KernelImage};
 use vmm::snapshotting::{
-    restore_cli, snapshot_checksums, SnapshotError, SnapshotRequest, SnapshotState, METRICS_FILE,
+    restore_cli, snapshot_checksums, SnapshotError, SnapshotRequest, SnapshotState, Snapshotter,
+    METRICS_FILE,
 };
 use vmm::{PageBacking, Vm, VmConfig, VmExit};
 
@@ -89,14 +91,15 @@ fn async_fork_snapshot_of_a_running_counter_restores_and_continues() {
     let tmp = TempDir::new("a");
     let dir = tmp.path("snap");
     let before = vm.heartbeats().unwrap();
-    let h = vm
-        .snapshot(request(&dir, Strategy::AsyncFork, 2))
+    let snap = Snapshotter::new();
+    let h = snap
+        .take(&vm, request(&dir, Strategy::AsyncFork, 2))
         .expect("snapshot");
-    // The guest runs again as soon as snapshot() returns, during the copy.
+    // The guest runs again as soon as take() returns, during the copy.
     let after = wait_for_heartbeats_above(&vm, &vm.heartbeats().unwrap());
     let m = h.wait().expect("snapshot done");
     assert_eq!(h.state(), SnapshotState::Done);
-    assert!(!vm.snapshot_in_progress());
+    assert!(!snap.in_progress());
     wait_for_heartbeats_above(&vm, &after);
     let e = m.engine.as_ref().expect("engine metrics");
     assert_eq!(e.chunks_total, 128);
@@ -121,8 +124,11 @@ fn async_fork_snapshot_of_a_running_counter_restores_and_continues() {
     wait_for_heartbeats_above(&restored, &first);
     // Its memory is the image file, mapped: not snapshottable, refused
     // up front, and the VM runs on.
-    let err = restored
-        .snapshot(request(&tmp.path("again"), Strategy::AsyncFork, 2))
+    let err = Snapshotter::new()
+        .take(
+            &restored,
+            request(&tmp.path("again"), Strategy::AsyncFork, 2),
+        )
         .unwrap_err();
     assert!(err.to_string().contains("restored VM"), "{err}");
     wait_for_heartbeats_above(&restored, &restored.heartbeats().unwrap());
@@ -138,6 +144,7 @@ fn bit_exact_on(cmdline: &str, workers: usize, backing: PageBacking) {
     let vm = boot_with(cmdline, 2, 256 << 20, backing);
     wait_for_heartbeats_above(&vm, &[0, 0]);
     let tmp = TempDir::new("b");
+    let snap = Snapshotter::new();
     for mode in [
         Strategy::AsyncFork,
         Strategy::SyncWp,
@@ -145,11 +152,14 @@ fn bit_exact_on(cmdline: &str, workers: usize, backing: PageBacking) {
         Strategy::Fork,
     ] {
         let dir = tmp.path(mode.name());
-        let h = vm
-            .snapshot(SnapshotRequest {
-                capture_checksums: true,
-                ..request(&dir, mode, workers)
-            })
+        let h = snap
+            .take(
+                &vm,
+                SnapshotRequest {
+                    capture_checksums: true,
+                    ..request(&dir, mode, workers)
+                },
+            )
             .expect("snapshot");
         let hb = vm.heartbeats().unwrap();
         let m = h.wait().expect("snapshot done");
@@ -207,20 +217,24 @@ fn one_snapshot_in_flight_and_cancel_rolls_back() {
     let vm = boot("mode=counter", 2, 128 << 20);
     wait_for_heartbeats_above(&vm, &[0, 0]);
     let tmp = TempDir::new("c");
+    let snap = Snapshotter::new();
     // Workers held until the fault path copied more chunks than exist: the
     // snapshot stays in flight until cancelled.
     let held = FaultInjection {
         hold_workers_until_fault_copies: Some(u64::MAX),
         ..FaultInjection::default()
     };
-    let h = vm
-        .snapshot(SnapshotRequest {
-            injection: held,
-            ..request(&tmp.path("first"), Strategy::AsyncFork, 2)
-        })
+    let h = snap
+        .take(
+            &vm,
+            SnapshotRequest {
+                injection: held,
+                ..request(&tmp.path("first"), Strategy::AsyncFork, 2)
+            },
+        )
         .expect("first snapshot");
-    let err = vm
-        .snapshot(request(&tmp.path("second"), Strategy::AsyncFork, 2))
+    let err = snap
+        .take(&vm, request(&tmp.path("second"), Strategy::AsyncFork, 2))
         .unwrap_err();
     assert!(matches!(err, SnapshotError::InProgress));
     assert_eq!(err.to_string(), "snapshot in progress");
@@ -231,8 +245,8 @@ fn one_snapshot_in_flight_and_cancel_rolls_back() {
     assert!(why.contains("cancelled"), "{why}");
     assert!(!tmp.path("first").exists());
     let hb = wait_for_heartbeats_above(&vm, &hb);
-    let h = vm
-        .snapshot(request(&tmp.path("third"), Strategy::AsyncFork, 2))
+    let h = snap
+        .take(&vm, request(&tmp.path("third"), Strategy::AsyncFork, 2))
         .expect("snapshot after cancel");
     h.wait().expect("third snapshot");
     wait_for_heartbeats_above(&vm, &hb);
@@ -243,6 +257,7 @@ fn engine_failures_roll_back_and_the_vm_keeps_running() {
     let vm = boot("mode=counter", 2, 128 << 20);
     let mut hb = wait_for_heartbeats_above(&vm, &[0, 0]);
     let tmp = TempDir::new("d");
+    let snap = Snapshotter::new();
     let cases = [
         (
             "worker",
@@ -262,11 +277,14 @@ fn engine_failures_roll_back_and_the_vm_keeps_running() {
     ];
     for (name, injection) in cases {
         let dir = tmp.path(name);
-        let h = vm
-            .snapshot(SnapshotRequest {
-                injection,
-                ..request(&dir, Strategy::AsyncFork, 2)
-            })
+        let h = snap
+            .take(
+                &vm,
+                SnapshotRequest {
+                    injection,
+                    ..request(&dir, Strategy::AsyncFork, 2)
+                },
+            )
             .expect("snapshot begins");
         let err = h.wait().unwrap_err().to_string();
         assert!(err.contains("injected"), "{name}: {err}");
@@ -276,21 +294,24 @@ fn engine_failures_roll_back_and_the_vm_keeps_running() {
         hb = wait_for_heartbeats_above(&vm, &hb);
     }
     // Sync-phase failure: refused at once, the VM resumed.
-    let err = vm
-        .snapshot(SnapshotRequest {
-            injection: FaultInjection {
-                fail_sync: true,
-                ..FaultInjection::default()
+    let err = snap
+        .take(
+            &vm,
+            SnapshotRequest {
+                injection: FaultInjection {
+                    fail_sync: true,
+                    ..FaultInjection::default()
+                },
+                ..request(&tmp.path("sync"), Strategy::AsyncFork, 2)
             },
-            ..request(&tmp.path("sync"), Strategy::AsyncFork, 2)
-        })
+        )
         .unwrap_err();
     assert!(err.to_string().contains("injected"), "{err}");
     assert!(!vm.is_paused());
     hb = wait_for_heartbeats_above(&vm, &hb);
     // And the next snapshot succeeds.
-    let h = vm
-        .snapshot(request(&tmp.path("ok"), Strategy::AsyncFork, 2))
+    let h = snap
+        .take(&vm, request(&tmp.path("ok"), Strategy::AsyncFork, 2))
         .expect("snapshot after failures");
     h.wait().expect("snapshot after failures");
     wait_for_heartbeats_above(&vm, &hb);
@@ -300,40 +321,80 @@ fn engine_failures_roll_back_and_the_vm_keeps_running() {
 fn refusals() {
     let vm = boot("mode=idle", 1, 64 << 20);
     let tmp = TempDir::new("r");
-    // An existing target fails the snapshot (persist), not the VM.
+    let snap = Snapshotter::new();
+    // An existing target is refused up front, before any pause; the VM runs
+    // on and nothing is in flight.
     std::fs::create_dir_all(tmp.path("exists")).unwrap();
-    let h = vm
-        .snapshot(request(&tmp.path("exists"), Strategy::AsyncFork, 1))
-        .unwrap();
-    let err = h.wait().unwrap_err().to_string();
-    assert!(err.contains("already exists"), "{err}");
+    let err = snap
+        .take(&vm, request(&tmp.path("exists"), Strategy::AsyncFork, 1))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot create the snapshot directory: {} already exists (pass overwrite to replace it)",
+            tmp.path("exists").display()
+        )
+    );
+    assert!(!snap.in_progress());
     assert_eq!(vm.exit_reason(), None);
     // ... unless overwrite is asked for.
-    let h = vm
-        .snapshot(SnapshotRequest {
-            overwrite: true,
-            ..request(&tmp.path("exists"), Strategy::AsyncFork, 1)
-        })
+    let h = snap
+        .take(
+            &vm,
+            SnapshotRequest {
+                overwrite: true,
+                ..request(&tmp.path("exists"), Strategy::AsyncFork, 1)
+            },
+        )
         .unwrap();
     h.wait().expect("overwrite");
+    // A parent that does not exist.
+    let err = snap
+        .take(
+            &vm,
+            request(&tmp.path("no/such/dir"), Strategy::AsyncFork, 1),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot create the snapshot directory: create directory "),
+        "{err}"
+    );
+    assert!(matches!(
+        snap.take(&vm, request(&tmp.path("w0"), Strategy::AsyncFork, 0)),
+        Err(SnapshotError::Invalid(_))
+    ));
 }
 
+/// Successive snapshots of a guest writing every page share one staging
+/// pool, allocated at the first and kept, and each is bit-exact.
 #[test]
-fn kept_memory_is_reused_and_stays_bit_exact() {
+fn the_staging_pool_is_kept_and_snapshots_stay_bit_exact() {
     let vm = boot("mode=scribble", 2, 256 << 20);
     wait_for_heartbeats_above(&vm, &[0, 0]);
     let tmp = TempDir::new("k");
+    let snap = Snapshotter::new();
+    assert_eq!(snap.staging_bytes(), 0, "allocated at the first snapshot");
     for i in 0..3 {
         let dir = tmp.path(&format!("s{i}"));
-        let h = vm
-            .snapshot(SnapshotRequest {
-                capture_checksums: true,
-                keep_memory: true,
-                ..request(&dir, Strategy::AsyncFork, 2)
-            })
+        let h = snap
+            .take(
+                &vm,
+                SnapshotRequest {
+                    capture_checksums: true,
+                    memory_budget: 64 << 20,
+                    ..request(&dir, Strategy::AsyncFork, 2)
+                },
+            )
             .expect("snapshot");
         let m = h.wait().expect("snapshot done");
-        assert!(vm.snapshot_kept_bytes() > 0, "nothing kept after {i}");
+        assert_eq!(snap.staging_bytes(), 64 << 20, "kept after {i}");
+        let e = m.engine.as_ref().unwrap();
+        assert_eq!(e.staging_bytes, 64 << 20);
+        assert!(e.staging_peak_bytes <= 64 << 20, "{}", m.summary());
+        if i > 0 {
+            assert!(m.sync.engine.staging_alloc.is_zero(), "{}", m.summary());
+        }
         let want = h.sync_checksums().unwrap().to_vec();
         let got = snapshot_checksums(&dir).unwrap();
         let bad = (0..want.len()).filter(|&c| want[c] != got[c]).count();
@@ -346,50 +407,38 @@ fn kept_memory_is_reused_and_stays_bit_exact() {
     }
 }
 
+/// A tiny budget (two chunks) under a guest writing every page at full
+/// speed: most write faults find the pool full and write their chunk
+/// themselves; the snapshot is still bit-exact.
 #[test]
-fn prepared_memory_serves_the_first_snapshot_bit_exact() {
-    let vm = boot("mode=scribble", 1, 256 << 20);
-    wait_for_heartbeats_above(&vm, &[0]);
-    let tmp = TempDir::new("p");
-    let preparing = vm
-        .prepare_snapshot_memory(Strategy::AsyncFork, 2, BackgroundPriority::Idle)
-        .expect("prepare");
-    // The slot is held while preparing: a snapshot now is refused, not queued.
-    let early = vm.snapshot(SnapshotRequest {
-        keep_memory: true,
-        ..request(&tmp.path("early"), Strategy::AsyncFork, 2)
-    });
-    if let Err(e) = &early {
-        assert_eq!(e.to_string(), "snapshot in progress");
-    } else {
-        // Preparation of 256 MiB can finish before the request on a fast host.
-        early.unwrap().wait().expect("snapshot after preparation");
-    }
-    preparing.join().unwrap().expect("prepared");
-    assert_eq!(vm.snapshot_kept_bytes(), 256 << 20);
-    let dir = tmp.path("first");
-    let h = vm
-        .snapshot(SnapshotRequest {
-            capture_checksums: true,
-            keep_memory: true,
-            ..request(&dir, Strategy::AsyncFork, 2)
-        })
+fn a_tiny_budget_under_full_speed_writes_stays_bit_exact() {
+    let vm = boot("mode=scribble", 2, 256 << 20);
+    wait_for_heartbeats_above(&vm, &[0, 0]);
+    let tmp = TempDir::new("t");
+    let snap = Snapshotter::new();
+    let dir = tmp.path("tiny");
+    let h = snap
+        .take(
+            &vm,
+            SnapshotRequest {
+                capture_checksums: true,
+                memory_budget: 4 << 20,
+                ..request(&dir, Strategy::AsyncFork, 2)
+            },
+        )
         .expect("snapshot");
-    h.wait().expect("snapshot done");
+    let m = h.wait().expect("snapshot done");
+    let e = m.engine.as_ref().unwrap();
+    assert!(e.staging_peak_bytes <= 4 << 20, "{}", m.summary());
     assert_eq!(
-        vm.snapshot_kept_bytes(),
-        256 << 20,
-        "the prepared buffer was used and kept"
+        e.chunks_staged + e.direct_fault_writes,
+        e.chunks_by_fault_path + e.chunks_by_hook,
+        "{}",
+        m.summary()
     );
-    let want = h.sync_checksums().unwrap().to_vec();
-    let got = snapshot_checksums(&dir).unwrap();
-    assert_eq!(want, got);
-    let err = vm
-        .prepare_snapshot_memory(Strategy::Fork, 1, BackgroundPriority::Idle)
-        .unwrap_err();
     assert_eq!(
-        err.to_string(),
-        "invalid snapshot request: the fork baseline copies in a child process: there is no snapshot memory to prepare"
+        h.sync_checksums().unwrap().to_vec(),
+        snapshot_checksums(&dir).unwrap()
     );
 }
 
@@ -398,9 +447,12 @@ fn fork_snapshot_restores_and_can_be_cancelled() {
     let vm = boot("mode=counter", 2, 128 << 20);
     wait_for_heartbeats_above(&vm, &[0, 0]);
     let tmp = TempDir::new("f");
+    let snap = Snapshotter::new();
     let dir = tmp.path("fork");
     let before = vm.heartbeats().unwrap();
-    let h = vm.snapshot(request(&dir, Strategy::Fork, 1)).expect("fork");
+    let h = snap
+        .take(&vm, request(&dir, Strategy::Fork, 1))
+        .expect("fork");
     let m = h.wait().expect("fork snapshot");
     assert!(m.persist.is_some(), "{m:?}");
     let mut restored = restore(&dir);
@@ -410,7 +462,9 @@ fn fork_snapshot_restores_and_can_be_cancelled() {
     assert_eq!(restored.shutdown(), VmExit::Shutdown);
     // Killing the writer fails the snapshot and leaves no directory.
     let dir = tmp.path("killed");
-    let h = vm.snapshot(request(&dir, Strategy::Fork, 1)).expect("fork");
+    let h = snap
+        .take(&vm, request(&dir, Strategy::Fork, 1))
+        .expect("fork");
     h.cancel().unwrap();
     if h.wait().is_err() {
         assert!(!dir.exists());
@@ -422,12 +476,12 @@ fn fork_snapshot_restores_and_can_be_cancelled() {
         assert!(
             !left
                 .iter()
-                .any(|n| n.to_string_lossy().contains(".tmp-fork-")),
+                .any(|n| n.to_string_lossy().contains(".incomplete-")),
             "{left:?}"
         );
     }
-    let h = vm
-        .snapshot(request(&tmp.path("after"), Strategy::Fork, 1))
+    let h = snap
+        .take(&vm, request(&tmp.path("after"), Strategy::Fork, 1))
         .expect("fork after cancel");
     h.wait().expect("fork after cancel");
     wait_for_heartbeats_above(&vm, &vm.heartbeats().unwrap());

@@ -212,24 +212,18 @@ fn restore_from_a_persisted_snapshot_directory() {
         ..Default::default()
     })
     .expect("snapshot engine");
-    // SAFETY: the regions are the VM's anonymous private guest RAM, mapped
-    // read-write for as long as `vm` lives, which is past `wait()`.
-    unsafe { engine.begin(&regions) }.expect("begin");
-    let snap = engine.wait().expect("snapshot");
-    assert_eq!(vm.shutdown(), VmExit::Shutdown);
-
     let dir = std::env::temp_dir().join(format!("snapvm-vmstate-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let writer =
+        snapshot::SnapshotWriter::create(&dir, &regions, &snapshot::WriteOptions::default())
+            .expect("snapshot directory");
+    // SAFETY: the regions are the VM's anonymous private guest RAM, mapped
+    // read-write for as long as `vm` lives, which is past `wait()`.
+    unsafe { engine.begin(&regions, writer.image()) }.expect("begin");
+    let snap = engine.wait().expect("snapshot");
+    assert_eq!(vm.shutdown(), VmExit::Shutdown);
     let blob = state.encode().unwrap();
-    snapshot::write_snapshot(
-        &snap,
-        &blob,
-        &dir,
-        &snapshot::WriteOptions::default(),
-        &mut |_| {},
-    )
-    .expect("write snapshot");
-    drop(snap);
+    writer.commit(&snap, &blob).expect("commit snapshot");
 
     let opened = snapshot::SnapshotDir::open(&dir).expect("open snapshot");
     let state = VmState::decode(opened.vm_state()).unwrap();

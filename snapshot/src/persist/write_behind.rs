@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, RawFd};
 /// Bytes allowed between "writeback started" and "written and dropped".
 pub(crate) const DEFAULT_WINDOW: u64 = 64 << 20;
 
+#[derive(Debug)]
 pub(crate) struct WriteBehind {
     fd: RawFd,
     window: u64,

@@ -5,11 +5,16 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use snapshot::{Config, Engine, FaultInjection, Region, Snapshot, Strategy, CHUNK_SIZE, PAGE_SIZE};
+use snapshot::persist::{WriteSummary, MEMORY_FILE};
+use snapshot::{
+    Config, Engine, Error, FaultInjection, ImageFile, PersistError, Region, Snapshot, SnapshotDir,
+    SnapshotWriter, StagingPool, Strategy, SyncMetrics, WriteOptions, CHUNK_SIZE, PAGE_SIZE,
+};
 
 pub const CHUNK: usize = CHUNK_SIZE as usize;
 pub const PAGE: usize = PAGE_SIZE as usize;
@@ -254,11 +259,26 @@ pub fn engine(workers: usize, injection: FaultInjection) -> Engine {
     engine_with(Strategy::AsyncFork, workers, injection)
 }
 
+/// The staging budget of these tests' engines: small guests, and many
+/// tests at once.
+pub const TEST_BUDGET: u64 = 32 << 20;
+
 pub fn engine_with(strategy: Strategy, workers: usize, injection: FaultInjection) -> Engine {
+    engine_budget(strategy, workers, TEST_BUDGET, injection)
+}
+
+/// An engine with a staging pool of `budget` bytes.
+pub fn engine_budget(
+    strategy: Strategy,
+    workers: usize,
+    budget: u64,
+    injection: FaultInjection,
+) -> Engine {
     match Engine::new(Config {
         workers,
         strategy,
         injection,
+        staging: Arc::new(StagingPool::new(budget)),
         ..Config::default()
     }) {
         Ok(e) => e,
@@ -268,8 +288,97 @@ pub fn engine_with(strategy: Strategy, workers: usize, injection: FaultInjection
     }
 }
 
-pub fn compare(snap: &Snapshot, reference: &[u8]) {
-    let img = snap.region_memory(0);
+/// VM state stored beside the image by these tests.
+pub const VM_STATE: &[u8] = b"vcpu0: rip=0x100000 rsp=0x8000; serial: lcr=3";
+
+/// A snapshot directory being written for one `Mem`, in its own temp dir
+/// on a disk file system (O_DIRECT).
+pub struct Sink {
+    pub dir: tempfile::TempDir,
+    pub target: PathBuf,
+    writer: Option<SnapshotWriter>,
+}
+
+impl Sink {
+    pub fn new(mem: &Mem) -> Sink {
+        Sink::with(mem, &WriteOptions::default())
+    }
+
+    pub fn with(mem: &Mem, opts: &WriteOptions) -> Sink {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let target = dir.path().join("snap");
+        let writer = SnapshotWriter::create(&target, &[mem.region()], opts).expect("writer");
+        Sink {
+            dir,
+            target,
+            writer: Some(writer),
+        }
+    }
+
+    pub fn image(&self) -> &Arc<ImageFile> {
+        self.writer.as_ref().expect("not committed yet").image()
+    }
+
+    /// Commits `snap`, checks every chunk against its checksum, and
+    /// returns the image's bytes.
+    pub fn commit(mut self, snap: &Snapshot) -> Vec<u8> {
+        let w = self.writer.take().expect("not committed yet");
+        w.commit(snap, VM_STATE).expect("commit");
+        let opened = SnapshotDir::open(&self.target).expect("open");
+        assert_eq!(opened.vm_state(), VM_STATE);
+        opened
+            .verify_chunks()
+            .expect("every chunk matches its checksum");
+        std::fs::read(self.target.join(MEMORY_FILE)).expect("read image")
+    }
+
+    /// A failed snapshot: dropping the writer leaves nothing behind.
+    pub fn abandon(mut self) {
+        drop(self.writer.take());
+        let left: Vec<_> = std::fs::read_dir(self.dir.path())
+            .expect("read_dir")
+            .collect();
+        assert!(left.is_empty(), "a failed snapshot left {left:?}");
+    }
+}
+
+/// `eng.arm` of `mem` into `sink`.
+pub fn arm(eng: &Engine, mem: &Mem, sink: &Sink) -> Result<(), Error> {
+    // SAFETY: every test keeps `mem` alive until the snapshot is collected
+    // (wait) or disarmed.
+    unsafe { eng.arm(&[mem.region()], sink.image()) }
+}
+
+/// `eng.begin` of `mem` into `sink`.
+pub fn begin(eng: &Engine, mem: &Mem, sink: &Sink) -> Result<SyncMetrics, Error> {
+    // SAFETY: as for `arm`.
+    unsafe { eng.begin(&[mem.region()], sink.image()) }
+}
+
+/// Takes an idle snapshot of `mem` (nobody writes) into `target`:
+/// create, arm, begin, wait, commit.
+pub fn snapshot_into(
+    eng: &Engine,
+    mem: &Mem,
+    target: &Path,
+    opts: &WriteOptions,
+) -> Result<(Snapshot, WriteSummary), String> {
+    let w = SnapshotWriter::create(target, &[mem.region()], opts).map_err(|e| e.to_string())?;
+    let regions = [mem.region()];
+    // SAFETY: `mem` outlives the snapshot (wait() below).
+    unsafe { eng.arm(&regions, w.image()) }.map_err(|e| e.to_string())?;
+    // SAFETY: as above.
+    unsafe { eng.begin(&regions, w.image()) }.map_err(|e| e.to_string())?;
+    let snap = eng.wait().map_err(|e| e.to_string())?;
+    let sum = w
+        .commit(&snap, VM_STATE)
+        .map_err(|e: PersistError| e.to_string())?;
+    Ok((snap, sum))
+}
+
+/// The image equals the reference, byte for byte, and the chunks flagged
+/// as holes are zero in the reference.
+pub fn compare(snap: &Snapshot, img: &[u8], reference: &[u8]) {
     assert_eq!(img.len(), reference.len());
     let mismatches = img.iter().zip(reference).filter(|(a, b)| a != b).count();
     if mismatches > 0 {
@@ -280,33 +389,49 @@ pub fn compare(snap: &Snapshot, reference: &[u8]) {
         );
     }
     for c in 0..snap.chunk_count() {
-        if snap.chunk_is_zero(c) {
-            assert!(
-                reference[c * CHUNK..(c + 1) * CHUNK]
-                    .iter()
-                    .all(|&b| b == 0),
-                "chunk {c} flagged zero but is not"
-            );
-        }
+        let zero = reference[c * CHUNK..(c + 1) * CHUNK]
+            .iter()
+            .all(|&b| b == 0);
+        assert_eq!(
+            snap.chunk_is_zero(c),
+            zero,
+            "chunk {c}: a hole exactly where memory reads zero"
+        );
     }
 }
 
-/// After a rollback (or a preparation): the next snapshot (armed first
-/// with `arm`) succeeds and is exact, with the writers running around it;
-/// stops the writers and returns the snapshot.
-pub fn next_snapshot_is_exact(eng: &Engine, mem: &Mem, ws: Writers, arm: bool) -> Snapshot {
-    if arm {
-        // SAFETY: `mem` outlives the snapshot (wait() below).
-        unsafe { eng.arm(&[mem.region()]) }.expect("arm after rollback");
+/// A snapshot with the writers running around its pause: `arm` (if
+/// `arm_first`), pause the writers, `begin`, resume them, start the copy,
+/// let them make `accesses` more accesses, wait, commit. Checks the image
+/// against memory at `begin`, bit for bit, and returns the snapshot.
+pub fn exact_snapshot_under(
+    eng: &Engine,
+    mem: &Mem,
+    ws: &Writers,
+    arm_first: bool,
+    accesses: u64,
+) -> Snapshot {
+    let sink = Sink::new(mem);
+    if arm_first {
+        arm(eng, mem, &sink).expect("arm");
     }
     ws.pause();
     let reference = mem.reference();
-    // SAFETY: as above.
-    unsafe { eng.begin(&[mem.region()]) }.expect("begin after rollback");
+    begin(eng, mem, &sink).expect("begin");
     ws.resume();
-    ws.run_for(10_000);
-    let snap = eng.wait().expect("snapshot after rollback");
+    eng.start_copy().expect("start");
+    ws.run_for(accesses);
+    let snap = eng.wait().expect("snapshot");
+    let img = sink.commit(&snap);
+    compare(&snap, &img, &reference);
+    snap
+}
+
+/// After a rollback: the next snapshot (armed first with `arm_first`)
+/// succeeds and is exact, with the writers running around it; stops the
+/// writers (checking their data) and returns the snapshot.
+pub fn next_snapshot_is_exact(eng: &Engine, mem: &Mem, ws: Writers, arm_first: bool) -> Snapshot {
+    let snap = exact_snapshot_under(eng, mem, &ws, arm_first, 10_000);
     ws.stop_and_check();
-    compare(&snap, &reference);
     snap
 }

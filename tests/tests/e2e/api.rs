@@ -297,7 +297,7 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     let create = |body: Value| req(&sock, "PUT", "/snapshot/create", Some(&body.to_string()));
     create(json!({"snapshot_path": d, "bogus": 1})).assert_fault(
         400,
-        "invalid JSON body: unknown field `bogus`, expected one of `snapshot_path`, `mem_file_path`, `snapshot_type`, `mode`, `workers`, `overwrite`, `prepare` at line 1 column 8",
+        "invalid JSON body: unknown field `bogus`, expected one of `snapshot_path`, `mem_file_path`, `snapshot_type`, `mode`, `workers`, `overwrite`, `memory_budget` at line 1 column 8",
     );
     create(json!({"snapshot_path": d, "mode": "lazy"})).assert_fault(
         400,
@@ -305,9 +305,9 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     );
     create(json!({"snapshot_path": d, "workers": 0}))
         .assert_fault(400, "workers 0: expected 1..=64");
-    create(json!({"prepare": "yes", "snapshot_path": d})).assert_fault(
+    create(json!({"memory_budget": "lots", "snapshot_path": d})).assert_fault(
         400,
-        "invalid JSON body: invalid type: string \"yes\", expected a boolean at line 1 column 16",
+        "invalid JSON body: invalid type: string \"lots\", expected u64 at line 1 column 23",
     );
     create(json!({"snapshot_path": d, "snapshot_type": "Diff"}))
         .assert_fault(400, "unsupported snapshot_type 'Diff': only Full");
@@ -355,11 +355,13 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
         "unknown query parameter 'now=1': expected wait=true|false",
     );
 
-    // PUT /snapshot/create: success, answered at once with id 1, before
-    // the fork: the snapshot prepares its memory first (the default).
+    // PUT /snapshot/create: success, answered with id 1 once the pause is
+    // over (the snapshot's instant has passed; its memory is written in the
+    // background).
     let r = create(
         json!({"snapshot_path": d, "mem_file_path": format!("{d}/memory.img"),
-                          "snapshot_type": "Full", "mode": "async-fork", "workers": 2}),
+                          "snapshot_type": "Full", "mode": "async-fork", "workers": 2,
+                          "memory_budget": 64 << 20}),
     );
     assert_eq!(r.status, 201, "{r:?}");
     let s = r.json();
@@ -367,24 +369,29 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     assert_eq!(s["snapshot_path"], d);
     assert_eq!(s["mode"], "async-fork");
     assert_eq!(s["workers"], 2);
-    assert_eq!(s["state"], "preparing", "{s}");
-    assert_eq!(s["metrics"]["sync_us"]["total"], 0.0, "not forked yet: {s}");
-    let s = wait_snapshot(&vm, &sock, "1");
-    assert_eq!(s["state"], "done", "{s}");
     assert!(
-        s["metrics"]["sync_us"]["total"].as_f64().unwrap() > 0.0,
+        s["state"] == "copying" || s["state"] == "persisting" || s["state"] == "done",
         "{s}"
     );
-    // It populated the chunks that held data (the guest's kernel, heap
-    // and KV store: a few MiB at least), all of them, before the fork.
-    let prepared = s["metrics"]["prepare"]["bytes"].as_u64().unwrap();
-    assert!(prepared >= 2 << 20 && prepared % (2 << 20) == 0, "{s}");
-    assert_eq!(s["progress"]["bytes_prepared"], prepared, "{s}");
-    assert_eq!(s["progress"]["bytes_to_prepare"], prepared, "{s}");
+    assert!(
+        s["metrics"]["sync_us"]["total"].as_f64().unwrap() > 0.0,
+        "paused before the answer: {s}"
+    );
+    assert_eq!(s["metrics"]["memory_budget"], 64 << 20, "{s}");
+    let s = wait_snapshot(&vm, &sock, "1");
+    assert_eq!(s["state"], "done", "{s}");
     assert!(s.get("reason").is_none(), "{s}");
     let p = &s["progress"];
     assert_eq!(p["chunks_done"], p["chunks_total"]);
-    assert_eq!(p["bytes_written"], p["bytes_to_write"]);
+    let written = p["bytes_written"].as_u64().unwrap();
+    assert!(written >= 2 << 20, "the guest's data was written: {s}");
+    assert_eq!(s["metrics"]["engine"]["bytes_written"], written, "{s}");
+    assert_eq!(
+        s["metrics"]["engine"]["staging_bytes"],
+        64 << 20,
+        "the budget asked for: {s}"
+    );
+    assert_eq!(p["image_len"], s["metrics"]["persist"]["image_len"], "{s}");
     assert_eq!(s["metrics"]["strategy"], "async-fork");
     for f in ["state.bin", "memory.img", "metrics.json"] {
         assert!(dir.join(f).is_file(), "{f} missing");
@@ -472,7 +479,15 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     );
     assert_eq!(metric(m, "snapvm_snapshots_in_flight"), 0.0);
     assert!(metric(m, "snapvm_last_snapshot_pause_seconds") > 0.0, "{m}");
-    assert!(metric(m, "snapvm_snapshot_bytes_copied_total") > 0.0, "{m}");
+    assert!(
+        metric(m, "snapvm_snapshot_bytes_written_total") > 0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(m, "snapvm_snapshot_staging_bytes"),
+        (64u64 << 20) as f64,
+        "the pool of the last budget asked for: {m}"
+    );
     metric(m, "snapvm_snapshot_faults_total{kind=\"write_protect\"}");
     metric(m, "snapvm_snapshot_faults_total{kind=\"missing\"}");
 
@@ -588,15 +603,16 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
         (Some("1"), Some("done"))
     );
     assert_eq!(out.stderr, "", "no progress bar without a terminal");
-    assert!(
-        done["metrics"]["prepare"]["bytes"].as_u64() > Some(0),
-        "{done}"
+    assert_eq!(
+        done["metrics"]["memory_budget"],
+        256 << 20,
+        "the default budget: {done}"
     );
-    // On a terminal (script(1) gives it a pty) the progress bar is drawn.
-    // `--prepare off`: forked at once, nothing prepared.
+    // On a terminal (script(1) gives it a pty) the progress bar is drawn;
+    // `--memory-budget` reaches the server.
     let tty_dir = tmp.path().join("snap-tty");
     let line = format!(
-        "{} snapshot create --api-sock {s} --dir {} --prepare off --wait",
+        "{} snapshot create --api-sock {s} --dir {} --memory-budget 8M --wait",
         snapvm_bin().display(),
         tty_dir.display()
     );
@@ -608,7 +624,7 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
     assert!(out.status.success(), "{out:?}");
     assert!(text.contains("done ["), "no progress bar: {text:?}");
     assert!(text.contains("\"state\": \"done\""), "{text:?}");
-    assert!(!text.contains("\"prepare\": {"), "{text:?}");
+    assert!(text.contains("\"memory_budget\": 8388608"), "{text:?}");
     set(&mut kv, "k", "after");
     let out = cli(&["snapshot", "list", "--api-sock", s]);
     assert_eq!(out.code(), Some(0), "{out:?}");
@@ -766,13 +782,11 @@ fn snapshot_under_redis_benchmark_restores_every_key_as_at_the_fork() {
         Some(&json!({"snapshot_path": dir, "workers": 2}).to_string()),
     );
     assert_eq!(r.status, 201, "{r:?}");
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    // The snapshot prepares its memory, then forks: the fork instant comes
-    // before its state leaves `preparing` (the write in flight then may be
-    // in the snapshot).
-    wait_status(&sock, &id, "fork", |s| s["state"] != "preparing");
+    // The answer comes after the pause: the fork instant is behind us (the
+    // write in flight then may be in the snapshot).
     let last_possible = acked.load(Ordering::SeqCst) + 1;
     let keys_after: u64 = redis::cmd("DBSIZE").query(&mut kv).unwrap();
+    let id = r.json()["id"].as_str().unwrap().to_string();
     let s = wait_snapshot(&vm, &sock, &id);
     assert_eq!(s["state"], "done", "{s}");
     stop.store(true, Ordering::SeqCst);
@@ -848,12 +862,10 @@ fn cancel_mid_copy_leaves_the_guest_running_with_its_data() {
         set(&mut kv, &format!("before:{i}"), &format!("v{i}"));
     }
     let dir = tmp.path().join("cancelled");
-    // Without preparation the sync phase runs before the answer.
-    let body = json!({"snapshot_path": dir, "prepare": false}).to_string();
+    let body = json!({"snapshot_path": dir}).to_string();
     let r = req(&sock, "PUT", "/snapshot/create", Some(&body));
     assert_eq!(r.status, 201, "{r:?}");
     assert_eq!(r.json()["state"], "copying");
-    assert!(r.json()["metrics"].get("prepare").is_none(), "{r:?}");
     // The guest writes during the copy (the fault path copies what it
     // touches first).
     for i in 0..300 {
@@ -931,491 +943,145 @@ fn put(sock: &Path, path: &str, body: Value) -> Resp {
     req(sock, "PUT", path, Some(&body.to_string()))
 }
 
-/// Polls `GET /snapshot/{id}` until `done` says so (or fails after T).
-fn wait_status(sock: &Path, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let s = get(sock, &format!("/snapshot/{id}")).json();
-        if done(&s) {
-            return s;
-        }
-        assert!(
-            start.elapsed() < T,
-            "snapshot {id}: no {what} within {T:?}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
+/// The snapshot's instant is its pause, which the request starts and the
+/// answer follows: with writers running throughout, every write a client
+/// saw acknowledged before it sent the request is in the restored guest,
+/// and none it sent after the answer is — not even a FLUSHALL.
 #[test]
-fn a_snapshot_held_in_its_preparation_can_be_cancelled_and_the_next_succeeds() {
+fn point_in_time_every_write_acked_before_the_request_is_in_and_none_after_the_answer() {
     let tmp = tempfile::tempdir().unwrap();
-    // The first snapshot's preparation waits until cancelled.
-    let (vm, sock, port) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "hold_prepare")]);
+    let (vm, sock, port) = start_kv(tmp.path(), &[]);
     let mut kv = redis_con(port);
-    set(&mut kv, "before", "1");
-    let dir = tmp.path().join("held");
+    // Some bulk, so the memory takes a while to write after the answer.
+    redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(100_000)
+        .arg("bulk")
+        .arg(1000)
+        .query::<()>(&mut kv)
+        .unwrap();
+    // Writers of numbered keys: `acked[w]` is the last i writer w saw
+    // acknowledged (keys w:0 ..= w:acked exist once acked).
+    const WRITERS: usize = 3;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (acked, stop) = (acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = redis_con(port);
+                let mut i = 1u64;
+                while !stop.load(Ordering::SeqCst) {
+                    set(&mut c, &format!("w{w}:{i}"), &i.to_string());
+                    acked[w].store(i, Ordering::SeqCst);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    while acked.iter().any(|a| a.load(Ordering::SeqCst) < 500) {
+        assert!(start.elapsed() < T, "the writers do not write");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let dir = tmp.path().join("instant");
+    let before: Vec<u64> = acked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
     let r = put(&sock, "/snapshot/create", json!({"snapshot_path": dir}));
+    // The write each writer had in flight at the answer may or may not be
+    // in; the next ones may not.
+    let after: Vec<u64> = acked.iter().map(|a| a.load(Ordering::SeqCst) + 1).collect();
     assert_eq!(r.status, 201, "{r:?}");
-    assert_eq!(r.json()["state"], "preparing", "{r:?}");
-    // It has counted what it will populate and populated nothing yet.
-    let s = wait_status(&sock, "1", "preparation total", |s| {
-        s["progress"]["bytes_to_prepare"].as_u64() > Some(0)
-    });
-    assert_eq!(s["state"], "preparing", "{s}");
-    assert_eq!(s["progress"]["bytes_prepared"], 0, "{s}");
-    put(
-        &sock,
-        "/snapshot/create",
-        json!({"snapshot_path": tmp.path().join("second")}),
-    )
-    .assert_fault(409, "snapshot in progress");
-    // Nothing is protected: the guest serves as usual meanwhile.
-    set(&mut kv, "during", "2");
-    assert_eq!(get_key(&mut kv, "before").as_deref(), Some("1"));
-
-    let r = req(&sock, "DELETE", "/snapshot/1", None);
-    assert_eq!(r.status, 200, "{r:?}");
-    let s = r.json();
-    assert_eq!(s["state"], "failed", "{s}");
-    assert_eq!(
-        s["reason"], "snapshot cancelled while preparing its memory",
-        "{s}"
-    );
-    assert!(!dir.exists(), "a cancelled snapshot left {dir:?}");
-    let m = get(&sock, "/metrics").body;
-    assert_eq!(
-        metric(&m, "snapvm_snapshots_total{outcome=\"cancelled\"}"),
-        1.0
-    );
-    assert_eq!(metric(&m, "snapvm_snapshots_in_flight"), 0.0);
-
-    // The next snapshot prepares, forks and persists; it holds the values
-    // written before it.
-    let next = tmp.path().join("next");
-    let r = put(
-        &sock,
-        "/snapshot/create?wait=true",
-        json!({"snapshot_path": next}),
-    );
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.json()["state"], "done", "{r:?}");
-    assert!(r.json()["metrics"]["prepare"]["bytes"].as_u64() > Some(0));
-    set(&mut kv, "after", "3");
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    // What a user does next with the data the snapshot was taken to keep.
+    redis::cmd("FLUSHALL").query::<()>(&mut kv).unwrap();
+    set(&mut kv, "after-answer", "1");
+    let s = wait_snapshot(&vm, &sock, &id);
+    assert_eq!(s["state"], "done", "{s}");
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
     shutdown(vm, &sock);
 
     let (restored, sock2, port2) = start_waiting(tmp.path(), "restored");
-    let r = req(
+    let r = put(
         &sock2,
-        "PUT",
         "/snapshot/load",
-        Some(&json!({"snapshot_path": next, "resume_vm": true}).to_string()),
+        json!({"snapshot_path": dir, "resume_vm": true}),
     );
     assert_eq!(r.status, 204, "{r:?}");
     let mut kv2 = redis_con(port2);
-    assert_eq!(get_key(&mut kv2, "before").as_deref(), Some("1"));
-    assert_eq!(get_key(&mut kv2, "during").as_deref(), Some("2"));
-    assert_eq!(get_key(&mut kv2, "after"), None);
+    assert_eq!(get_key(&mut kv2, "after-answer"), None);
+    for w in 0..WRITERS {
+        // Every key acknowledged before the request.
+        for i in 1..=before[w] {
+            assert_eq!(
+                get_key(&mut kv2, &format!("w{w}:{i}")),
+                Some(i.to_string()),
+                "w{w}:{i} was acknowledged before the request"
+            );
+        }
+        // None written after the answer.
+        for i in after[w] + 1..after[w] + 200 {
+            assert_eq!(
+                get_key(&mut kv2, &format!("w{w}:{i}")),
+                None,
+                "w{w}:{i} was written after the answer"
+            );
+        }
+    }
+    let bulk: u64 = redis::cmd("DBSIZE").query(&mut kv2).unwrap();
+    assert!(bulk >= 100_000, "the bulk keys: {bulk}");
     shutdown(restored, &sock2);
 }
 
+/// The staging pool cannot be allocated (ENOMEM injected): the snapshot is
+/// taken all the same, write faults writing their chunk themselves, and it
+/// restores; the next snapshot gets its pool.
 #[test]
-fn a_failed_preparation_says_why_and_a_shutdown_ends_one_in_flight() {
+fn a_snapshot_without_its_staging_pool_still_completes_and_restores() {
     let tmp = tempfile::tempdir().unwrap();
-    let (vm, sock, port) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "fail_prepare_at=0")]);
+    let (vm, sock, port) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "fail_staging")]);
     let mut kv = redis_con(port);
     set(&mut kv, "k", "v");
-    let dir = tmp.path().join("failed");
+    let dir = tmp.path().join("no-pool");
     let r = put(
         &sock,
         "/snapshot/create?wait=true",
         json!({"snapshot_path": dir}),
     );
-    assert_eq!(r.status, 500, "{r:?}");
-    let why = r.json()["fault_message"].as_str().unwrap().to_string();
-    assert!(
-        why.starts_with(
-            "snapshot 1 failed: cannot prepare the snapshot's memory: destination preparation: \
-             populate destination (injected) of [0x"
-        ) && why.ends_with("+0x200000) failed: Cannot allocate memory (os error 12)"),
-        "{why}"
-    );
-    assert!(!dir.exists());
-    assert_eq!(get_key(&mut kv, "k").as_deref(), Some("v"));
+    assert_eq!(r.status, 200, "{r:?}");
+    let s = r.json();
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(s["metrics"]["engine"]["staging_bytes"], 0, "{s}");
+    let m = get(&sock, "/metrics").body;
+    assert_eq!(metric(&m, "snapvm_snapshot_staging_bytes"), 0.0, "{m}");
     let r = put(
         &sock,
         "/snapshot/create?wait=true",
-        json!({"snapshot_path": tmp.path().join("ok")}),
+        json!({"snapshot_path": tmp.path().join("with-pool")}),
     );
     assert_eq!(r.status, 200, "{r:?}");
-    shutdown(vm, &sock);
-
-    // A shutdown while a snapshot prepares ends it (nothing written) and
-    // snapvm exits 0.
-    let (vm, sock, _) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "hold_prepare")]);
-    let held = tmp.path().join("held-at-shutdown");
-    let r = put(&sock, "/snapshot/create", json!({"snapshot_path": held}));
-    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(
+        r.json()["metrics"]["engine"]["staging_bytes"],
+        256 << 20,
+        "{r:?}"
+    );
     let out = shutdown(vm, &sock);
-    assert!(!held.exists());
     assert!(
-        out.stderr
-            .contains("snapshot cancelled while preparing its memory"),
+        out.stderr.contains("snapshot staging pool unavailable"),
         "{}",
         out.stderr
     );
-}
 
-/// xorshift64*: reproducible noise without a dependency.
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-#[test]
-fn malformed_requests_never_stop_the_server() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (vm, sock, port) = start_kv(tmp.path(), &[]);
-    let alive = |why: &str| {
-        let r = get(&sock, "/");
-        assert_eq!(r.status, 200, "after {why}: {r:?}");
-        assert_eq!(r.json()["state"], "Running", "after {why}");
-    };
-    let send = |raw: &[u8]| exchange(&sock, raw);
-
-    // Random bytes, and random bytes after a valid request line.
-    let mut noise = Noise(0x5eed_1234_abcd_0001);
-    for i in 0..200 {
-        let n = (noise.next() % 4096) as usize + 1;
-        let mut raw = if i % 2 == 0 {
-            Vec::new()
-        } else {
-            b"PUT /snapshot/create HTTP/1.1\r\n".to_vec()
-        };
-        raw.extend(noise.bytes(n));
-        if let Some(r) = send(&raw) {
-            assert!(r.status >= 400, "{r:?}");
-        }
-    }
-    alive("random bytes");
-
-    // Truncated requests: the client hangs up mid-way.
-    let full = "PATCH /vm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n{\"state\": \"Paused\"}";
-    for cut in (1..full.len()).step_by(7) {
-        let mut s = UnixStream::connect(&sock).unwrap();
-        s.write_all(&full.as_bytes()[..cut]).unwrap();
-        drop(s);
-    }
-    alive("truncated requests");
-    assert_eq!(
-        get(&sock, "/").json()["state"],
-        "Running",
-        "a truncated PATCH took effect"
+    let (restored, sock2, port2) = start_waiting(tmp.path(), "restored");
+    let r = put(
+        &sock2,
+        "/snapshot/load",
+        json!({"snapshot_path": dir, "resume_vm": true, "verify": true}),
     );
-
-    // A body shorter than its Content-Length, then the write side closed.
-    let mut s = UnixStream::connect(&sock).unwrap();
-    s.write_all(b"PUT /actions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"action_type\"")
-        .unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    alive("short body");
-
-    // Huge head: one 1 MiB header, and 10 000 small ones.
-    let huge = format!(
-        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
-        "a".repeat(1 << 20)
-    );
-    if let Some(r) = send(huge.as_bytes()) {
-        assert_eq!(r.status, 431, "{r:?}");
-    }
-    let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
-    for i in 0..10_000 {
-        many.push_str(&format!("X-H{i}: v\r\n"));
-    }
-    many.push_str("Connection: close\r\n\r\n");
-    if let Some(r) = send(many.as_bytes()) {
-        assert!(r.status == 431 || r.status == 400, "{r:?}");
-    }
-    alive("huge heads");
-
-    // Huge bodies: declared and sent, declared only, chunked.
-    let body = "x".repeat(1 << 20);
-    let r = send(format!("PUT /actions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
-    if let Some(r) = r {
-        r.assert_fault(413, "request body larger than 65536 bytes");
-    }
-    let r = send(b"PUT /actions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 99999999999\r\n\r\n{}");
-    if let Some(r) = r {
-        assert!(r.status == 413 || r.status == 400, "{r:?}");
-    }
-    let mut chunked = String::from("PUT /snapshot/load HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n");
-    for _ in 0..100 {
-        chunked.push_str(&format!("400\r\n{}\r\n", "y".repeat(0x400)));
-    }
-    chunked.push_str("0\r\n\r\n");
-    send(chunked.as_bytes())
-        .unwrap()
-        .assert_fault(413, "request body larger than 65536 bytes");
-    send(b"PUT /actions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnonsense\r\n");
-    alive("huge bodies");
-
-    // Wrong content types and bodies that are not the JSON asked for.
-    for ctype in [
-        "text/plain",
-        "application/x-www-form-urlencoded",
-        "multipart/form-data; boundary=x",
-        "application/jsonx",
-        "\u{1}",
-    ] {
-        let raw = format!("PUT /actions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {ctype}\r\nContent-Length: 27\r\n\r\n{{\"action_type\": \"Shutdown\"}}");
-        let r = send(raw.as_bytes()).unwrap();
-        assert_eq!(r.status, 400, "{ctype}: {r:?}");
-    }
-    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    for body in [
-        "null",
-        "[]",
-        "\"Shutdown\"",
-        "{\"action_type\": 7}",
-        "\u{fffd}\u{fffd}",
-        "{\"action_type\": \"Shutdown\"} trailing",
-        &deep[..60_000],
-    ] {
-        let r = req(&sock, "PUT", "/actions", Some(body));
-        assert_eq!(r.status, 400, "{body:.40}: {r:?}");
-    }
-    let mut raw =
-        b"PATCH /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 6\r\n\r\n".to_vec();
-    raw.extend([0xff, 0xfe, b'{', 0x80, b'}', 0x00]);
-    assert_eq!(send(&raw).unwrap().status, 400);
-    alive("wrong bodies");
-
-    // Odd but valid HTTP: 1.0, keep-alive with pipelining, absolute URIs.
-    let r = send(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    assert_eq!(r.status, 200);
-    let mut s = UnixStream::connect(&sock).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /snapshots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
-    assert_eq!(out.matches("HTTP/1.1 404 Not Found").count(), 1, "{out}");
-    assert_eq!(get(&sock, "http://localhost/vm/config").status, 200);
-
-    // Many idle connections do not block the others.
-    let idle: Vec<UnixStream> = (0..64)
-        .map(|_| {
-            let mut s = UnixStream::connect(&sock).unwrap();
-            s.write_all(b"GET / HT").unwrap();
-            s
-        })
-        .collect();
-    alive("idle connections");
-    drop(idle);
-
-    // The VM was never touched by any of it.
-    let mut kv = redis_con(port);
-    set(&mut kv, "still", "here");
-    assert_eq!(get_key(&mut kv, "still").as_deref(), Some("here"));
-    let out = shutdown(vm, &sock);
-    assert!(!out.stderr.contains("ERROR"), "{}", out.stderr);
-}
-
-/// docs/API.md: every `sh` block that calls curl runs against live snapvms
-/// (the documented socket paths and directories mapped to temporary ones),
-/// and its status line is the one the `http` block after it shows.
-#[test]
-fn docs_api_examples_run() {
-    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/API.md");
-    let doc = std::fs::read_to_string(&doc_path).unwrap();
-    let examples = doc_examples(&doc);
-    assert!(
-        examples.len() >= 12,
-        "only {} examples found",
-        examples.len()
-    );
-
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path().to_str().unwrap();
-    let (vm, sock, _) = start_kv(tmp.path(), &[]);
-    let (waiting, sock2, _) = start_waiting(tmp.path(), "restore");
-    let map = |s: &str| {
-        s.replace("/tmp/snapvm.sock", sock.to_str().unwrap())
-            .replace("/tmp/snapvm-restore.sock", sock2.to_str().unwrap())
-            .replace("/var/tmp/snap", &format!("{t}/snap"))
-    };
-    for (i, (cmd, expected)) in examples.iter().enumerate() {
-        let out = Command::new("bash")
-            .args(["-euo", "pipefail", "-c", &map(cmd)])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
-        assert!(out.status.success(), "example {i} failed: {cmd}\n{out:?}");
-        let status = stdout
-            .lines()
-            .find(|l| l.starts_with("HTTP/1.1 "))
-            .unwrap_or("");
-        assert_eq!(status, expected, "example {i}: {cmd}\n{stdout}");
-        // A documented JSON body must have the same keys as the real one.
-        let body = stdout.split("\n\n").nth(1).unwrap_or("").trim();
-        if body.starts_with('{') {
-            serde_json::from_str::<Value>(body)
-                .unwrap_or_else(|e| panic!("example {i}: body is not JSON ({e}): {body}"));
-        }
-    }
-    for (p, s) in [(vm, sock), (waiting, sock2)] {
-        let out = p.wait(T);
-        assert_eq!(out.code(), Some(0), "the docs end with a Shutdown: {out:?}");
-        assert!(!s.exists());
-    }
-}
-
-/// (command, expected status line) for each curl example of the doc.
-fn doc_examples(doc: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut lines = doc.lines();
-    let mut pending: Option<String> = None;
-    while let Some(line) = lines.next() {
-        let fence = line.trim_start();
-        if fence == "```sh" || fence == "```http" {
-            let mut block = String::new();
-            for l in lines.by_ref() {
-                if l.trim_start().starts_with("```") {
-                    break;
-                }
-                block.push_str(l);
-                block.push('\n');
-            }
-            if fence == "```sh" && block.contains("curl ") {
-                pending = Some(block);
-            } else if fence == "```http" {
-                if let Some(cmd) = pending.take() {
-                    let status = block.lines().next().unwrap_or("").trim().to_string();
-                    out.push((cmd, status));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Issue #7: an API client that goes away mid-request changes nothing but
-/// its own answer — the snapshot it asked for still completes, the server
-/// keeps answering, the guest keeps its data, and the next snapshot works.
-#[test]
-fn a_client_disconnecting_mid_request_leaves_server_snapshot_and_guest_intact() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (vm, sock, port) = start_kv(tmp.path(), &[]);
-    let mut kv = redis_con(port);
-    for i in 0..200 {
-        set(&mut kv, &format!("k{i}"), &format!("v{i}"));
-    }
-    // 1. A waiting create whose client hangs up right after sending it.
-    let first = tmp.path().join("abandoned");
-    let body = json!({"snapshot_path": first, "workers": 2}).to_string();
-    {
-        let mut s = UnixStream::connect(&sock).unwrap();
-        let raw = format!(
-            "PUT /snapshot/create?wait=true HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(raw.as_bytes()).unwrap();
-    } // dropped: the reply has nobody to go to
-      // 2. A request cut off inside its body, then a hang-up.
-    {
-        let mut s = UnixStream::connect(&sock).unwrap();
-        s.write_all(
-            b"PUT /vm HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"state\": \"Pau",
-        )
-        .unwrap();
-    }
-    // 3. A request head cut off in the middle of a header line.
-    {
-        let mut s = UnixStream::connect(&sock).unwrap();
-        s.write_all(b"GET /snapshots HTTP/1.1\r\nHost: loc")
-            .unwrap();
-    }
-    // The abandoned snapshot still ran to completion.
-    let start = Instant::now();
-    let id = loop {
-        let list = get(&sock, "/snapshots");
-        assert_eq!(list.status, 200, "{list:?}");
-        if let Some(s) = list.json()["snapshots"]
-            .as_array()
-            .and_then(|a| a.first().cloned())
-        {
-            break s["id"].as_str().unwrap().to_string();
-        }
-        assert!(start.elapsed() < T, "the abandoned create never registered");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let s = wait_snapshot(&vm, &sock, &id);
-    assert_eq!(s["state"], "done", "{s}");
-    assert!(first.join("state.bin").exists());
-    // The cut-off PATCH did not pause the VM; the guest serves its keys.
-    let st = get(&sock, "/");
-    assert_eq!(st.json()["state"], "Running", "{st:?}");
-    for i in (0..200).step_by(17) {
-        assert_eq!(get_key(&mut kv, &format!("k{i}")), Some(format!("v{i}")));
-    }
-    // The next snapshot works, through an ordinary waiting request.
-    let second = tmp.path().join("after");
-    let r = req(
-        &sock,
-        "PUT",
-        "/snapshot/create?wait=true",
-        Some(&json!({"snapshot_path": second, "workers": 2}).to_string()),
-    );
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.json()["state"], "done", "{r:?}");
-    let out = shutdown(vm, &sock);
-    assert!(!out.stderr.contains("ERROR"), "{}", out.stderr);
-}
-
-/// `--cpus` shows in `GET /vm/config`: the guest's CPUs and what is left
-/// for snapshots' copiers.
-#[test]
-fn vm_config_reports_the_cpu_placement() {
-    let allowed = snapshot::CpuSet::allowed().expect("this process's CPUs");
-    let allowed_list = allowed.to_string();
-    let last: snapshot::CpuSet = allowed_list
-        .rsplit([',', '-'])
-        .next()
-        .expect("a CPU")
-        .parse()
-        .expect("a CPU number");
-    let background = allowed.without(&last).map(|c| c.to_string());
-    let tmp = tempfile::tempdir().unwrap();
-    let sock = tmp.path().join("api.sock");
-    let port = free_port();
-    let mut vm = Proc::spawn_cmd(
-        Command::new(snapvm_bin())
-            .args(["run", "--api-sock"])
-            .arg(&sock)
-            .args(["--cmdline", "mode=kv", "--memory", "256M", "--cpus"])
-            .arg(last.to_string())
-            .arg("--kv-listen")
-            .arg(format!("127.0.0.1:{port}")),
-    );
-    vm.wait_for_stdout(LISTENING, T);
-    wait_for_api(&vm, &sock);
-    let r = get(&sock, "/vm/config");
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        r.json()["machine_config"],
-        json!({"huge_pages": true, "mem_size_mib": 256, "vcpu_count": 1,
-               "cpus": {"guest": last.to_string(), "background": background}})
-    );
-    shutdown(vm, &sock);
+    assert_eq!(r.status, 204, "{r:?}");
+    let mut kv2 = redis_con(port2);
+    assert_eq!(get_key(&mut kv2, "k").as_deref(), Some("v"));
+    shutdown(restored, &sock2);
 }

@@ -74,9 +74,9 @@ fn smoke_run_writes_json_markdown_and_plots() {
         "smoke.json",
         "--markdown",
         md.to_str().unwrap(),
-        // Prepared copy buffers: snapvm gets --snapshot-keep-memory (after
-        // `run`) and the tool waits for the buffer before loading.
-        "--keep-memory",
+        // snapvm gets --snapshot-memory-budget.
+        "--memory-budget",
+        "16M",
     ];
     let done = run(&snapvm_bench_bin(), &args, Duration::from_secs(600));
     assert_eq!(done.code(), Some(0), "{done:?}");
@@ -85,7 +85,7 @@ fn smoke_run_writes_json_markdown_and_plots() {
     let r: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(r["errors"], serde_json::json!([]), "{text}");
     assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
-    assert_eq!(r["config"]["keep_memory"], true, "{text}");
+    assert_eq!(r["config"]["memory_budget"], "16M", "{text}");
 
     let kv = r["kv"].as_array().unwrap();
     let modes: Vec<&str> = kv.iter().map(|k| k["mode"].as_str().unwrap()).collect();

@@ -1,7 +1,7 @@
 //! Faults injected into a real snapvm's snapshots while a KV guest serves:
-//! a full disk (a small tmpfs), EIO, a panicking copier, snapshot memory
-//! that cannot be allocated, a failing fault path, and SIGKILL while
-//! persisting. In every case the guest keeps serving its keys, no page of
+//! a full disk (a small tmpfs), EIO under a worker and under the fault
+//! path, a panicking copier, a failing fault path, and SIGKILL while the
+//! memory is being written. In every case the guest keeps serving its keys, no page of
 //! snapvm is left write-protected (pagemap bit 57), snapvm's threads and
 //! fds come back to where they were, nothing incomplete sits at the
 //! snapshot's path or can be restored, and the next snapshot succeeds and
@@ -274,13 +274,15 @@ fn fault_path_panic_is_caught_and_rolled_back() {
     );
 }
 
+/// No staging pool (its allocation fails), so the fault path writes the
+/// chunk a guest write hits itself, and the disk fails under it.
 #[test]
-fn snapshot_memory_that_cannot_be_allocated_rolls_back() {
+fn a_failing_disk_under_the_fault_path_rolls_back() {
     first_snapshot_fails_then_next_restores(
-        "fail_populate_at=0",
+        "fail_staging,persist_fail_after=0:EIO,hold_workers_until_fault_copies=1",
         &[
-            "populate destination (injected)",
-            "Cannot allocate memory (os error 12)",
+            "copy failed: fault path: write ",
+            "memory.img: Input/output error (os error 5)",
         ],
     );
 }
@@ -298,7 +300,7 @@ fn eio_while_persisting_leaves_nothing_and_next_snapshot_restores() {
     first_snapshot_fails_then_next_restores(
         "persist_fail_after=1048576:EIO",
         &[
-            "persist failed: write ",
+            "copy failed: worker: write ",
             "memory.img: Input/output error (os error 5)",
         ],
     );
@@ -364,7 +366,8 @@ fn full_disk_fails_the_snapshot_and_the_guest_keeps_serving() {
     vm.sigusr1();
     let line = vm.outcome(1).expect_err("the disk is full");
     assert!(
-        line.contains("persist failed: write ")
+        line.contains("copy failed: ")
+            && line.contains(": write ")
             && line.contains("memory.img: no space left on device"),
         "{line}"
     );

@@ -107,8 +107,8 @@ fn create(args: &SnapshotCreateArgs) -> Result<(), CommandError> {
     if let Some(w) = args.workers {
         body["workers"] = w.into();
     }
-    if let Some(p) = args.prepare {
-        body["prepare"] = p.into();
+    if let Some(b) = args.memory_budget {
+        body["memory_budget"] = b.into();
     }
     let created: SnapshotStatus = client
         .call(Method::PUT, "/snapshot/create", Some(&body))?
@@ -145,20 +145,21 @@ fn wait(client: &ApiClient, id: &str) -> Result<SnapshotStatus, CommandError> {
         if let Some(bar) = &bar {
             let p = &s.progress;
             match s.state.as_str() {
-                "preparing" => {
-                    bar.set_message("preparing");
-                    bar.set_length(p.bytes_to_prepare);
-                    bar.set_position(p.bytes_prepared);
-                }
-                "copying" => {
+                // Chunks saved when the engine counts them; the fork
+                // baseline's child does not: bytes on disk of the image.
+                "copying" if p.chunks_total > 0 => {
                     bar.set_message("copying");
                     bar.set_length(p.chunks_total);
                     bar.set_position(p.chunks_done);
                 }
+                "copying" => {
+                    bar.set_message("copying");
+                    bar.set_length(p.image_len);
+                    bar.set_position(p.bytes_written);
+                }
                 "persisting" => {
                     bar.set_message("persisting");
-                    bar.set_length(p.bytes_to_write);
-                    bar.set_position(p.bytes_written);
+                    bar.set_position(bar.length().unwrap_or(0));
                 }
                 _ => {}
             }

@@ -17,7 +17,9 @@ pub struct Counters {
     pub last_pause: Option<Duration>,
     pub wp_faults: u64,
     pub missing_faults: u64,
-    pub bytes_copied: u64,
+    pub bytes_written: u64,
+    /// Staging memory the VM holds for snapshots (allocated at the first).
+    pub staging_bytes: u64,
 }
 
 impl Counters {
@@ -31,7 +33,7 @@ impl Counters {
         if let Some(m) = &h.metrics().engine {
             self.wp_faults += m.wp_faults;
             self.missing_faults += m.missing_faults;
-            self.bytes_copied += m.bytes_copied;
+            self.bytes_written += m.bytes_written;
         }
     }
 }
@@ -92,13 +94,19 @@ pub fn render(vm_state: &str, in_flight: usize, c: &Counters) -> Result<String, 
         .inc_by(c.missing_faults);
     let bytes = IntCounterVec::new(
         Opts::new(
-            "snapvm_snapshot_bytes_copied_total",
-            "Guest memory bytes copied by ended snapshots",
+            "snapvm_snapshot_bytes_written_total",
+            "Guest memory bytes written to memory images by ended snapshots",
         ),
         &[],
     )?;
     reg.register(Box::new(bytes.clone()))?;
-    bytes.with_label_values(&[]).inc_by(c.bytes_copied);
+    bytes.with_label_values(&[]).inc_by(c.bytes_written);
+    let staging = IntGauge::new(
+        "snapvm_snapshot_staging_bytes",
+        "Staging memory held for snapshots' write faults (--snapshot-memory-budget)",
+    )?;
+    reg.register(Box::new(staging.clone()))?;
+    staging.set(c.staging_bytes as i64);
     let mut out = Vec::new();
     prometheus::TextEncoder::new().encode(&reg.gather(), &mut out)?;
     String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
@@ -122,7 +130,8 @@ mod tests {
             last_pause: Some(Duration::from_micros(1500)),
             wp_faults: 7,
             missing_faults: 3,
-            bytes_copied: 4096,
+            bytes_written: 4096,
+            staging_bytes: 256 << 20,
         };
         let text = render("Running", 1, &c).unwrap();
         for line in [
@@ -137,7 +146,8 @@ mod tests {
             "snapvm_last_snapshot_pause_seconds 0.0015",
             "snapvm_snapshot_faults_total{kind=\"write_protect\"} 7",
             "snapvm_snapshot_faults_total{kind=\"missing\"} 3",
-            "snapvm_snapshot_bytes_copied_total 4096",
+            "snapvm_snapshot_bytes_written_total 4096",
+            "snapvm_snapshot_staging_bytes 268435456",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
         }

@@ -72,7 +72,7 @@ pub fn serve(owner: &mut Owner, calls: &Receiver<ApiCall>, mut trigger: Option<&
             return;
         }
         if let (Some(t), Some(vm)) = (trigger.as_deref_mut(), owner.vm()) {
-            if let Some(h) = t.poll(vm) {
+            if let Some(h) = t.poll(vm, owner.snapshotter()) {
                 let (mode, workers) = (t.plan().mode, t.plan().workers);
                 owner.register(h, mode, workers);
             }

@@ -41,11 +41,11 @@ pub struct SnapshotCreate {
     /// Replace an existing directory at `snapshot_path`.
     #[serde(default)]
     pub overwrite: bool,
-    /// Populate the snapshot's memory before the fork (default:
-    /// `--snapshot-prepare`, on). The answer then comes at once in state
-    /// `preparing`, and the snapshot is of the moment of its pause.
+    /// Staging memory for write faults during the snapshot, in bytes
+    /// (default: `--snapshot-memory-budget`, 256 MiB); rounded down to
+    /// 2 MiB, 0 for none.
     #[serde(default)]
-    pub prepare: Option<bool>,
+    pub memory_budget: Option<u64>,
 }
 
 /// `PUT /snapshot/load`.
@@ -85,14 +85,14 @@ pub struct InstanceInfo {
 /// Live progress of a snapshot.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Progress {
+    /// Copy units saved (2 MiB chunks; 4 KiB pages for sync-wp), of the
+    /// total (0 for the fork baseline).
     pub chunks_done: u64,
     pub chunks_total: u64,
-    pub bytes_copied: u64,
+    /// Bytes of guest memory in the image so far.
     pub bytes_written: u64,
-    pub bytes_to_write: u64,
-    /// Preparing: snapshot memory populated so far, of the total.
-    pub bytes_prepared: u64,
-    pub bytes_to_prepare: u64,
+    /// The image's length (guest RAM).
+    pub image_len: u64,
 }
 
 /// `GET /snapshot/{id}`.
@@ -102,7 +102,9 @@ pub struct SnapshotStatus {
     pub snapshot_path: String,
     pub mode: String,
     pub workers: u64,
-    /// `preparing`, `copying`, `persisting`, `done` or `failed`.
+    /// `copying` (memory streaming into the image; the snapshot's instant
+    /// has passed), `persisting` (fsync, state file, rename), `done`
+    /// (durable) or `failed`.
     pub state: String,
     /// Why it failed (`failed` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -20,7 +20,9 @@ use super::model::{
 use super::server::{ApiCall, ApiRequest, Reply};
 use crate::devices::virtio::vsock::{HostListener, ListenAddr};
 use crate::snapshotting::restore_cli::restore_from_dir;
-use crate::snapshotting::{SnapshotError, SnapshotHandle, SnapshotRequest, SnapshotState};
+use crate::snapshotting::{
+    copier_count, SnapshotError, SnapshotHandle, SnapshotRequest, SnapshotState, Snapshotter,
+};
 use crate::vcpu_control::VmExit;
 use crate::vm::Vm;
 
@@ -72,8 +74,6 @@ struct Entry {
     workers: usize,
     cancelled: bool,
     counted: bool,
-    /// Its pause is in `counters.last_pause` (or it never had one).
-    forked: bool,
 }
 
 enum Parked {
@@ -94,11 +94,12 @@ pub struct Owner {
     slot: Slot,
     instance_id: String,
     default_workers: usize,
-    /// `--snapshot-keep-memory` and `--snapshot-priority` for API snapshots.
-    keep_memory: bool,
+    /// `--snapshot-priority` for API snapshots.
     priority: BackgroundPriority,
-    /// `--snapshot-prepare`: the default of `"prepare"`.
-    prepare: bool,
+    /// `--snapshot-memory-budget`: the default of `"memory_budget"`.
+    memory_budget: u64,
+    /// The VM's snapshots: one in flight, the staging pool.
+    snapshotter: Snapshotter,
     snapshots: BTreeMap<u64, Entry>,
     next_id: u64,
     waiters: Vec<Waiter>,
@@ -120,17 +121,16 @@ impl Owner {
         )
     }
 
-    /// Applies `--snapshot-keep-memory`, `--snapshot-priority` and
-    /// `--snapshot-prepare` to the snapshots this owner takes.
-    pub fn set_snapshot_options(
-        &mut self,
-        keep_memory: bool,
-        priority: BackgroundPriority,
-        prepare: bool,
-    ) {
-        self.keep_memory = keep_memory;
-        self.prepare = prepare;
+    /// Applies `--snapshot-priority` and `--snapshot-memory-budget` to the
+    /// snapshots this owner takes.
+    pub fn set_snapshot_options(&mut self, priority: BackgroundPriority, memory_budget: u64) {
         self.priority = priority;
+        self.memory_budget = memory_budget;
+    }
+
+    /// The VM's snapshotter (the trigger takes its snapshots through it).
+    pub fn snapshotter(&self) -> &Snapshotter {
+        &self.snapshotter
     }
 
     /// An owner waiting for `PUT /snapshot/load`.
@@ -143,9 +143,9 @@ impl Owner {
             slot,
             instance_id,
             default_workers,
-            keep_memory: false,
-            prepare: true,
             priority: BackgroundPriority::default(),
+            memory_budget: snapshot::DEFAULT_BUDGET,
+            snapshotter: Snapshotter::new(),
             snapshots: BTreeMap::new(),
             next_id: 1,
             waiters: Vec::new(),
@@ -175,26 +175,23 @@ impl Owner {
         self.shutdown = true;
     }
 
-    /// Adds a snapshot started elsewhere (the SIGUSR1 / --snapshot-at
-    /// trigger) to the registry, so the API reports it too.
+    /// Adds a snapshot (taken by the API or by the SIGUSR1 /
+    /// --snapshot-at trigger) to the registry, so the API reports it.
     pub fn register(&mut self, handle: SnapshotHandle, mode: Strategy, workers: usize) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        // sync-wp and fork always copy with one (as the engine reports).
-        let workers = if matches!(mode, Strategy::SyncWp | Strategy::Fork) {
-            1
-        } else {
-            workers
-        };
+        let pause = handle.metrics().sync.total;
+        if !pause.is_zero() {
+            self.counters.last_pause = Some(pause);
+        }
         self.snapshots.insert(
             id,
             Entry {
                 handle,
                 mode,
-                workers,
+                workers: copier_count(mode, workers),
                 cancelled: false,
                 counted: false,
-                forked: false,
             },
         );
         id
@@ -249,30 +246,9 @@ impl Owner {
         let _ = reply.send(answer);
     }
 
-    /// Forks snapshots whose memory is prepared, counts finished ones and
-    /// answers the replies parked on them.
+    /// Counts finished snapshots and answers the replies parked on them.
     pub fn poll(&mut self) {
-        if let Slot::Vm { vm, .. } = &self.slot {
-            for e in self.snapshots.values() {
-                if e.handle.ready_to_fork() {
-                    // A failure is recorded in the handle (and logged).
-                    if let Err(err) = vm.fork_prepared(&e.handle) {
-                        tracing::error!(
-                            "snapshot {}: {err}; the VM keeps running",
-                            e.handle.dir().display()
-                        );
-                    }
-                }
-            }
-        }
         for entry in self.snapshots.values_mut() {
-            if !entry.forked && entry.handle.state() != SnapshotState::Preparing {
-                entry.forked = true;
-                let pause = entry.handle.metrics().sync.total;
-                if !pause.is_zero() {
-                    self.counters.last_pause = Some(pause);
-                }
-            }
             if entry.counted {
                 continue;
             }
@@ -313,11 +289,6 @@ impl Owner {
     /// finish a held copy), waits for the others, answers parked replies,
     /// and returns why the VM stopped.
     pub fn finish(mut self) -> VmExit {
-        // A snapshot not forked yet never will be: its VM is stopping.
-        for e in self.snapshots.values() {
-            e.handle
-                .abandon("the VM stopped before the snapshot's fork");
-        }
         if self.shutdown {
             for e in self.snapshots.values_mut() {
                 if e.handle.state() == SnapshotState::Copying && e.handle.cancel().is_ok() {
@@ -509,6 +480,7 @@ impl Owner {
                 ))
             }
         }
+        let memory_budget = body.memory_budget.unwrap_or(self.memory_budget);
         let (vm, _) = self.live_vm()?;
         if matches!(
             &self.slot,
@@ -526,9 +498,8 @@ impl Owner {
             mode,
             workers,
             overwrite: body.overwrite,
-            keep_memory: self.keep_memory,
             priority: self.priority,
-            prepare: body.prepare.unwrap_or(self.prepare),
+            memory_budget,
             ..SnapshotRequest::new(dir.clone())
         };
         let req = super::test_hooks::apply(req);
@@ -536,13 +507,17 @@ impl Owner {
             "snapshot {} (API): {mode} with {workers} workers",
             dir.display()
         );
-        match vm.start_snapshot(req) {
+        match self.snapshotter.take(vm, req) {
             Ok(handle) => Ok(self.register(handle, mode, workers)),
             Err(e) => {
                 let status = match &e {
-                    SnapshotError::InProgress => 409,
-                    SnapshotError::Invalid(_) | SnapshotError::Unsupported(_) => 400,
-                    SnapshotError::Pause(_) => 409,
+                    SnapshotError::InProgress | SnapshotError::Pause(_) => 409,
+                    SnapshotError::Invalid(_) => 400,
+                    SnapshotError::Target(
+                        snapshot::PersistError::TargetExists(_)
+                        | snapshot::PersistError::TargetNotDirectory(_)
+                        | snapshot::PersistError::InvalidTarget(_),
+                    ) => 400,
                     _ => 500,
                 };
                 tracing::error!(
@@ -574,11 +549,8 @@ impl Owner {
                 progress: Progress {
                     chunks_done: 0,
                     chunks_total: 0,
-                    bytes_copied: 0,
                     bytes_written: 0,
-                    bytes_to_write: 0,
-                    bytes_prepared: 0,
-                    bytes_to_prepare: 0,
+                    image_len: 0,
                 },
                 metrics: serde_json::Value::Null,
             };
@@ -598,14 +570,10 @@ impl Owner {
             progress: Progress {
                 chunks_done: p.chunks_done as u64,
                 chunks_total: p.chunks_total as u64,
-                bytes_copied: p.bytes_copied,
                 bytes_written: p.bytes_written,
-                bytes_to_write: p.bytes_to_write,
-                bytes_prepared: p.bytes_prepared,
-                bytes_to_prepare: p.bytes_to_prepare,
+                image_len: p.image_len,
             },
-            metrics: serde_json::from_str(&e.handle.metrics().to_json())
-                .unwrap_or(serde_json::Value::Null),
+            metrics: e.handle.metrics().to_value(),
         }
     }
 
@@ -615,7 +583,7 @@ impl Owner {
             return Err(Reply::fault(404, format!("unknown snapshot id '{id}'")));
         };
         match e.handle.state() {
-            SnapshotState::Preparing | SnapshotState::Copying => {}
+            SnapshotState::Copying => {}
             SnapshotState::Persisting => {
                 return Err(Reply::fault(
                     409,
@@ -726,7 +694,9 @@ impl Owner {
             .values()
             .filter(|e| !e.handle.state().is_finished())
             .count();
-        match metrics::render(self.vm_state_name(), in_flight, &self.counters) {
+        let mut counters = self.counters.clone();
+        counters.staging_bytes = self.snapshotter.staging_bytes();
+        match metrics::render(self.vm_state_name(), in_flight, &counters) {
             Ok(text) => Reply {
                 status: 200,
                 body: super::server::ReplyBody::Metrics(text),

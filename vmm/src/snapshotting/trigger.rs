@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use snapshot::Strategy;
 
-use super::{SnapshotHandle, SnapshotRequest, SnapshotState};
+use super::{SnapshotHandle, SnapshotRequest, SnapshotState, Snapshotter};
 use crate::vcpu_control::VmExit;
 use crate::vm::Vm;
 
@@ -26,12 +26,10 @@ pub struct TriggerPlan {
     pub at: Option<Duration>,
     pub mode: Strategy,
     pub workers: usize,
-    /// [`SnapshotRequest::keep_memory`].
-    pub keep_memory: bool,
     /// [`SnapshotRequest::priority`].
     pub priority: snapshot::BackgroundPriority,
-    /// [`SnapshotRequest::prepare`].
-    pub prepare: bool,
+    /// [`SnapshotRequest::memory_budget`].
+    pub memory_budget: u64,
 }
 
 static SIGUSR1_SEEN: AtomicBool = AtomicBool::new(false);
@@ -57,13 +55,18 @@ pub fn install_sigusr1() -> std::io::Result<()> {
     Ok(())
 }
 
-fn take(vm: &Vm, plan: &TriggerPlan, dir: PathBuf, why: &str) -> Option<SnapshotHandle> {
+fn take(
+    vm: &Vm,
+    snapshotter: &Snapshotter,
+    plan: &TriggerPlan,
+    dir: PathBuf,
+    why: &str,
+) -> Option<SnapshotHandle> {
     let req = SnapshotRequest {
         mode: plan.mode,
         workers: plan.workers,
-        keep_memory: plan.keep_memory,
         priority: plan.priority,
-        prepare: plan.prepare,
+        memory_budget: plan.memory_budget,
         ..SnapshotRequest::new(dir.clone())
     };
     tracing::info!(
@@ -72,7 +75,7 @@ fn take(vm: &Vm, plan: &TriggerPlan, dir: PathBuf, why: &str) -> Option<Snapshot
         plan.mode,
         plan.workers
     );
-    match vm.start_snapshot(req) {
+    match snapshotter.take(vm, req) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::error!(
@@ -114,19 +117,25 @@ impl Trigger {
 
     /// Takes the snapshot that is due, if any (returning its handle), and
     /// logs the progress of the one in flight once a second.
-    pub fn poll(&mut self, vm: &Vm) -> Option<SnapshotHandle> {
+    pub fn poll(&mut self, vm: &Vm, snapshotter: &Snapshotter) -> Option<SnapshotHandle> {
         let mut started = None;
         if let Some(d) = self.at {
             if self.start.elapsed() >= d {
                 self.at = None;
-                started = take(vm, &self.plan, self.plan.dir.clone(), "--snapshot-at");
+                started = take(
+                    vm,
+                    snapshotter,
+                    &self.plan,
+                    self.plan.dir.clone(),
+                    "--snapshot-at",
+                );
             }
         }
         if SIGUSR1_SEEN.swap(false, Ordering::SeqCst) {
             self.signals += 1;
             let mut name = self.plan.dir.clone().into_os_string();
             name.push(format!("-{}", self.signals));
-            if let Some(h) = take(vm, &self.plan, PathBuf::from(name), "SIGUSR1") {
+            if let Some(h) = take(vm, snapshotter, &self.plan, PathBuf::from(name), "SIGUSR1") {
                 started = Some(h);
             }
         }
@@ -134,14 +143,6 @@ impl Trigger {
             self.inflight = Some(h.clone());
         }
         if let Some(h) = &self.inflight {
-            if h.ready_to_fork() {
-                if let Err(e) = vm.fork_prepared(h) {
-                    tracing::error!(
-                        "snapshot {} failed: {e}; the VM keeps running",
-                        h.dir().display()
-                    );
-                }
-            }
             if h.state().is_finished() {
                 self.inflight = None;
             } else if self.last_log.elapsed() >= Duration::from_secs(1) {
@@ -155,7 +156,6 @@ impl Trigger {
     /// Waits for the snapshot still in flight (the VM has stopped).
     pub fn finish(&mut self) {
         if let Some(h) = self.inflight.take() {
-            h.abandon("the VM stopped before the snapshot's fork");
             tracing::info!(
                 "VM stopped; waiting for snapshot {} to finish",
                 h.dir().display()
@@ -169,8 +169,9 @@ impl Trigger {
 /// snapshot still in flight before returning.
 pub fn run_until_exit(vm: &mut Vm, plan: &TriggerPlan) -> VmExit {
     let mut trigger = Trigger::new(plan.clone());
+    let snapshotter = Snapshotter::new();
     while vm.exit_reason().is_none() {
-        trigger.poll(vm);
+        trigger.poll(vm, &snapshotter);
         std::thread::sleep(Duration::from_millis(10));
     }
     trigger.finish();
@@ -180,24 +181,17 @@ pub fn run_until_exit(vm: &mut Vm, plan: &TriggerPlan) -> VmExit {
 fn log_progress(h: &SnapshotHandle) {
     let p = h.progress();
     match p.state {
-        SnapshotState::Preparing => tracing::info!(
-            "snapshot {}: preparing its memory, {}/{} MiB",
-            h.dir().display(),
-            p.bytes_prepared >> 20,
-            p.bytes_to_prepare >> 20
-        ),
         SnapshotState::Copying => tracing::info!(
-            "snapshot {}: copying {}/{} units, {} bytes",
+            "snapshot {}: copying {}/{} units, {} MiB written",
             h.dir().display(),
             p.chunks_done,
             p.chunks_total,
-            p.bytes_copied
+            p.bytes_written >> 20
         ),
         SnapshotState::Persisting => tracing::info!(
-            "snapshot {}: persisting {}/{} bytes",
+            "snapshot {}: persisting {} MiB",
             h.dir().display(),
-            p.bytes_written,
-            p.bytes_to_write
+            p.bytes_written >> 20
         ),
         _ => {}
     }
