@@ -319,22 +319,17 @@ impl Engine {
         &self.config
     }
 
-    /// Allocates the VM's staging pool the first time (writers running,
-    /// nothing protected). A pool that cannot be had only costs fault
-    /// latency (every fault then writes its unit itself): logged.
-    fn prepare_staging(&self, layout: &Layout) -> Duration {
+    /// Starts populating the VM's staging pool the first time (on a thread
+    /// of its own: its chunks become usable as they are populated, so no
+    /// pause waits for it). A pool that cannot be had only costs fault
+    /// latency (faults then write their unit themselves): logged. Returns
+    /// how long starting took (zero when it had started before).
+    fn start_staging(&self, layout: &Layout) -> Duration {
+        let t = Instant::now();
         let fail = self.config.injection.fail_staging;
-        match self.config.staging.prepare(layout.total_bytes(), fail) {
-            Ok(took) => {
-                if !took.is_zero() {
-                    tracing::debug!(
-                        bytes = self.config.staging.resident_bytes(),
-                        ?took,
-                        "snapshot staging pool ready"
-                    );
-                }
-                took
-            }
+        match self.config.staging.start(layout.total_bytes(), fail) {
+            Ok(true) => t.elapsed(),
+            Ok(false) => Duration::ZERO,
             Err(e) => {
                 tracing::warn!(
                     "snapshot staging pool unavailable ({e}): write faults during snapshots will wait for the disk"
@@ -370,12 +365,12 @@ impl Engine {
         match self.config.strategy {
             Strategy::AsyncFork => {}
             Strategy::SyncWp => {
-                self.prepare_staging(&layout);
+                self.start_staging(&layout);
                 return Ok(());
             }
             Strategy::StopTheWorld | Strategy::Fork => return Ok(()),
         }
-        let staging_alloc = self.prepare_staging(&layout);
+        let staging_alloc = self.start_staging(&layout);
         let t = Instant::now();
         let (shared, handler, mut m) = self.set_up(layout, image, CHUNK_SIZE, true)?;
         m.staging_alloc = staging_alloc;

@@ -64,10 +64,6 @@ impl Mapping {
         })
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
     /// Start of `[offset, ..)` inside the mapping.
     pub(crate) fn ptr(&self, offset: u64) -> *mut u8 {
         debug_assert!(offset <= self.len as u64);

@@ -24,8 +24,8 @@ pub struct SyncMetrics {
     /// `arm()` (before the pause, writers running): register and
     /// write-protect every region. Not part of the pause.
     pub arm: Duration,
-    /// Allocating the VM's staging pool, the first time (before `arm`'s
-    /// protection, writers running). Not part of the pause.
+    /// Starting the VM's staging pool, the first time (it is populated on
+    /// a thread of its own). Not part of the pause.
     pub staging_alloc: Duration,
     /// After `arm()`: chunks written between their protection and the
     /// pause, protected again in `begin()` (its `write_protect`).
@@ -64,7 +64,8 @@ pub struct Metrics {
     pub missing_faults: u64,
     /// Fault latency in ns, from reading the event to waking the writer.
     pub fault_latency_ns: Histogram<u64>,
-    /// The staging pool lent to this snapshot (bytes).
+    /// Staging pool memory usable at the end of this snapshot (bytes; the
+    /// first snapshot's pool fills while it runs).
     pub staging_bytes: u64,
     /// The most staging memory in use at once.
     pub staging_peak_bytes: u64,

@@ -27,6 +27,28 @@ pub(crate) fn zero_crc(len: u64) -> u32 {
     }
 }
 
+/// crc32c of `a ++ b` from `crc32c(a)` and `crc32c(b)`, `b` one page long.
+/// `crc32c_combine` rebuilds its GF(2) operator on every call (microseconds:
+/// seconds for a sync-wp snapshot's 2^18 pages per GiB); the operator for
+/// one page of zeros is linear, so it is kept as four byte tables.
+pub(crate) fn combine_page(crc1: u32, crc2: u32) -> u32 {
+    static TABLES: OnceLock<Box<[[u32; 256]; 4]>> = OnceLock::new();
+    let t = TABLES.get_or_init(|| {
+        let mut t = Box::new([[0u32; 256]; 4]);
+        for (k, table) in t.iter_mut().enumerate() {
+            for (b, e) in table.iter_mut().enumerate() {
+                *e = crc32c::crc32c_combine((b as u32) << (8 * k), 0, PAGE_SIZE as usize);
+            }
+        }
+        t
+    });
+    t[0][(crc1 & 0xff) as usize]
+        ^ t[1][((crc1 >> 8) & 0xff) as usize]
+        ^ t[2][((crc1 >> 16) & 0xff) as usize]
+        ^ t[3][(crc1 >> 24) as usize]
+        ^ crc2
+}
+
 fn is_all_zero(b: &[u8]) -> bool {
     // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets
     // the aligned middle part of the slice.
@@ -168,6 +190,27 @@ pub unsafe fn copy_and_write_chunk(
 mod tests {
     use super::*;
     use crate::persist::format::checksum;
+
+    #[test]
+    fn combine_page_equals_the_crc_of_the_concatenation() {
+        let mut data = vec![0u8; 3 * PAGE_SIZE as usize];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 131 % 251) as u8;
+        }
+        let page = PAGE_SIZE as usize;
+        let mut crc = checksum(&data[..page]);
+        for p in 1..3 {
+            crc = combine_page(crc, checksum(&data[p * page..(p + 1) * page]));
+        }
+        assert_eq!(crc, checksum(&data));
+        for x in [0u32, 1, 0xdead_beef, u32::MAX] {
+            assert_eq!(
+                combine_page(x, 7),
+                crc32c::crc32c_combine(x, 7, page),
+                "{x:#x}"
+            );
+        }
+    }
 
     #[test]
     fn examine_tells_holes_zero_pages_and_data() {

@@ -6,20 +6,27 @@
 //! disk write of up to 2 MiB on the faulting vCPU's time; copied into a warm
 //! slot it is one memcpy, and a worker writes the slot out later. So each
 //! VM keeps a pool of `budget` bytes (`--snapshot-memory-budget`, default
-//! [`DEFAULT_BUDGET`]), allocated and populated once — before the first
-//! snapshot's pause — and kept: nothing is allocated on the fault path, and
-//! the pool is the only memory a snapshot adds (DESIGN.md §2, "bounded
-//! extra memory"). With every slot full the fault path writes the unit from
-//! guest RAM itself (`Shared::save_units`), so a guest writing faster than
-//! the disk slows down instead of growing the snapvm process.
+//! [`DEFAULT_BUDGET`]), allocated at its first snapshot and kept: nothing is
+//! allocated on the fault path, and the pool is the only memory a snapshot
+//! adds (DESIGN.md §2, "bounded extra memory"). With every slot taken the
+//! fault path writes the unit from guest RAM itself
+//! (`Shared::save_for_fault`), so a guest writing faster than the disk
+//! slows down instead of growing the snapvm process.
 //!
-//! Invariants: a slot is owned by exactly one of the free list, one filler
-//! (between `take_free` and `fill`/`give_back`), the filled queue, or one
-//! drainer (between `take_filled` and `give_back`); the queues are sized to
-//! the slot count when lent, so pushing never allocates.
+//! The pool is populated by a thread of its own, started by the first
+//! `arm`, one chunk at a time; each chunk becomes usable as soon as it is
+//! populated. So the first snapshot's pause does not wait for the pool
+//! (populating fresh memory is slow on some hosts: docs/journal/), and its
+//! first faults write directly until slots are ready.
+//!
+//! Invariants: a slot is owned by exactly one of: not yet populated, the
+//! free list, one filler (between `take_free` and `fill`/`give_back`), the
+//! filled queue, or one drainer (between `take_filled` and `give_back`).
+//! The queues are sized to the slot count when lent, so pushing never
+//! allocates.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -40,13 +47,36 @@ pub struct StagingPool {
 
 #[derive(Debug)]
 enum PoolState {
-    Unprepared,
-    Ready(Mapping),
+    /// Never started, or its last population failed before any chunk.
+    Empty,
+    Ready(Arc<Area>),
     Lent,
+}
+
+/// The pool's memory and how much of it is populated.
+#[derive(Debug)]
+struct Area {
+    map: Mapping,
+    /// Chunks the mapping holds.
+    chunks: usize,
+    /// Chunks populated so far (usable).
+    ready: AtomicUsize,
+    /// The filler has stopped (done, failed, or told to stop).
+    done: AtomicBool,
+    /// Set when the pool goes away: the filler stops.
+    stop: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drop for StagingPool {
+    fn drop(&mut self) {
+        if let PoolState::Ready(a) = &*lock(&self.state) {
+            a.stop.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl StagingPool {
@@ -56,60 +86,79 @@ impl StagingPool {
     pub fn new(budget: u64) -> StagingPool {
         StagingPool {
             budget: budget / CHUNK_SIZE * CHUNK_SIZE,
-            state: Mutex::new(PoolState::Unprepared),
+            state: Mutex::new(PoolState::Empty),
         }
     }
 
-    /// Bytes the pool holds once prepared (at most this; capped at the
-    /// guest's size by `prepare`).
+    /// Bytes the pool holds once populated (at most this; capped at the
+    /// guest's size by `start`).
     pub fn budget(&self) -> u64 {
         self.budget
     }
 
-    /// Bytes allocated now.
+    /// Bytes populated now.
     pub fn resident_bytes(&self) -> u64 {
         match &*lock(&self.state) {
-            PoolState::Ready(m) => m.len() as u64,
+            PoolState::Ready(a) => a.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE,
             _ => 0,
         }
     }
 
-    /// Allocates and populates the pool the first time, at most `cap`
-    /// bytes (a pool larger than the guest is never needed). Returns how
-    /// long that took (zero when already prepared or lent). Call it with
-    /// nothing protected: on a host where fresh memory is slow this takes
-    /// a while, and the guest runs meanwhile.
-    pub(crate) fn prepare(&self, cap: u64, fail: bool) -> Result<Duration, Error> {
+    /// Starts populating the pool the first time, at most `cap` bytes (a
+    /// pool larger than the guest is never needed), on a thread of its
+    /// own; returns at once. `fail`: make the population fail (ENOMEM, a
+    /// test hook). Returns whether it started now. Errors (the mapping or
+    /// the thread cannot be had) leave the pool empty, to be tried again by
+    /// the next snapshot.
+    pub(crate) fn start(&self, cap: u64, fail: bool) -> Result<bool, Error> {
         let mut st = lock(&self.state);
-        if !matches!(*st, PoolState::Unprepared) {
-            return Ok(Duration::ZERO);
+        if !matches!(*st, PoolState::Empty) {
+            return Ok(false);
         }
         let len = self.budget.min(cap / CHUNK_SIZE * CHUNK_SIZE);
         if len == 0 {
-            return Ok(Duration::ZERO);
+            return Ok(false);
         }
-        let t = Instant::now();
-        let map = Mapping::new(len)?;
-        if fail {
-            return Err(Error::Memory {
+        let area = Arc::new(Area {
+            map: Mapping::new(len)?,
+            chunks: (len / CHUNK_SIZE) as usize,
+            ready: AtomicUsize::new(0),
+            done: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let a = area.clone();
+        std::thread::Builder::new()
+            .name("snap-pool".into())
+            .spawn(move || fill(&a, fail))
+            .map_err(|source| Error::Spawn {
                 phase: Phase::Sync,
-                op: "populate the staging pool (injected)",
-                start: 0,
-                len,
-                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
-            });
+                name: "snap-pool".into(),
+                source,
+            })?;
+        *st = PoolState::Ready(area);
+        Ok(true)
+    }
+
+    /// Waits until the population has stopped (every chunk ready, or it
+    /// failed), at most `timeout`; returns the bytes ready.
+    pub fn wait_filled(&self, timeout: Duration) -> u64 {
+        let area = match &*lock(&self.state) {
+            PoolState::Ready(a) => a.clone(),
+            _ => return 0,
+        };
+        let deadline = Instant::now() + timeout;
+        while !area.done.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
-        map.populate(0, len, Phase::Sync)?;
-        *st = PoolState::Ready(map);
-        Ok(t.elapsed())
+        area.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE
     }
 
     /// The pool for one snapshot, cut into slots of `unit` bytes; None if
-    /// it is not prepared (or empty) or lent already.
+    /// it has no memory or is lent already.
     pub(crate) fn lend(self: &Arc<Self>, unit: u64) -> Option<Staging> {
         let mut st = lock(&self.state);
         match std::mem::replace(&mut *st, PoolState::Lent) {
-            PoolState::Ready(map) => Some(Staging::new(self.clone(), map, unit)),
+            PoolState::Ready(area) => Some(Staging::new(self.clone(), area, unit)),
             other => {
                 *st = other;
                 None
@@ -117,9 +166,51 @@ impl StagingPool {
         }
     }
 
-    fn give_back(&self, map: Mapping) {
-        *lock(&self.state) = PoolState::Ready(map);
+    fn give_back(&self, area: Arc<Area>) {
+        let mut st = lock(&self.state);
+        // A population that failed before its first chunk is retried.
+        *st = if area.done.load(Ordering::Acquire) && area.ready.load(Ordering::Acquire) == 0 {
+            PoolState::Empty
+        } else {
+            PoolState::Ready(area)
+        };
     }
+}
+
+/// The filler thread: populates the area chunk by chunk, publishing each.
+fn fill(area: &Area, fail: bool) {
+    let t = Instant::now();
+    for c in 0..area.chunks {
+        if area.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let res = if fail {
+            Err(Error::Memory {
+                phase: Phase::Sync,
+                op: "populate the staging pool (injected)",
+                start: 0,
+                len: CHUNK_SIZE,
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            })
+        } else {
+            area.map
+                .populate(c as u64 * CHUNK_SIZE, CHUNK_SIZE, Phase::Sync)
+        };
+        if let Err(e) = res {
+            tracing::warn!(
+                "snapshot staging pool unavailable past {} MiB ({e}): write faults during snapshots will wait for the disk",
+                (c as u64 * CHUNK_SIZE) >> 20
+            );
+            break;
+        }
+        area.ready.store(c + 1, Ordering::Release);
+    }
+    tracing::debug!(
+        bytes = area.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE,
+        took = ?t.elapsed(),
+        "snapshot staging pool populated"
+    );
+    area.done.store(true, Ordering::Release);
 }
 
 /// A slot holding a unit copied on the fault path, not yet written out.
@@ -131,7 +222,10 @@ pub(crate) struct Filled {
 
 #[derive(Debug)]
 struct Slots {
+    /// Slots handed back, ready for reuse.
     free: Vec<usize>,
+    /// Populated slots never handed out yet start at this one.
+    fresh: usize,
     filled: VecDeque<Filled>,
 }
 
@@ -139,8 +233,10 @@ struct Slots {
 #[derive(Debug)]
 pub(crate) struct Staging {
     owner: Arc<StagingPool>,
-    area: Option<Mapping>,
+    area: Option<Arc<Area>>,
     unit: u64,
+    /// Slots of `unit` bytes per pool chunk.
+    per_chunk: usize,
     slots: usize,
     state: Mutex<Slots>,
     in_use: AtomicUsize,
@@ -156,15 +252,18 @@ impl Drop for Staging {
 }
 
 impl Staging {
-    fn new(owner: Arc<StagingPool>, area: Mapping, unit: u64) -> Staging {
-        let slots = (area.len() as u64 / unit) as usize;
+    fn new(owner: Arc<StagingPool>, area: Arc<Area>, unit: u64) -> Staging {
+        let per_chunk = (CHUNK_SIZE / unit) as usize;
+        let slots = area.chunks * per_chunk;
         Staging {
             owner,
             area: Some(area),
             unit,
+            per_chunk,
             slots,
             state: Mutex::new(Slots {
-                free: (0..slots).rev().collect(),
+                free: Vec::with_capacity(slots),
+                fresh: 0,
                 filled: VecDeque::with_capacity(slots),
             }),
             in_use: AtomicUsize::new(0),
@@ -172,10 +271,30 @@ impl Staging {
         }
     }
 
-    /// A free slot, if any: the caller fills it and hands it back with
-    /// `fill` or `give_back`.
+    fn area(&self) -> &Area {
+        match &self.area {
+            Some(a) => a,
+            None => unreachable!("the area is only taken in drop"),
+        }
+    }
+
+    /// A free populated slot, if any: the caller fills it and hands it back
+    /// with `fill` or `give_back`.
     pub fn take_free(&self) -> Option<usize> {
-        let slot = lock(&self.state).free.pop()?;
+        let slot = {
+            let mut s = lock(&self.state);
+            match s.free.pop() {
+                Some(slot) => slot,
+                None => {
+                    let ready = self.area().ready.load(Ordering::Acquire) * self.per_chunk;
+                    if s.fresh >= ready {
+                        return None;
+                    }
+                    s.fresh += 1;
+                    s.fresh - 1
+                }
+            }
+        };
         let n = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak.fetch_max(n, Ordering::Relaxed);
         Some(slot)
@@ -184,10 +303,7 @@ impl Staging {
     /// Start of `slot`'s `unit` bytes (only its current owner touches them).
     pub fn slot_ptr(&self, slot: usize) -> *mut u8 {
         debug_assert!(slot < self.slots);
-        match &self.area {
-            Some(a) => a.ptr(slot as u64 * self.unit),
-            None => unreachable!("the area is only taken in drop"),
-        }
+        self.area().map.ptr(slot as u64 * self.unit)
     }
 
     /// `slot` now holds unit `unit`, for a worker to write out.
@@ -212,9 +328,9 @@ impl Staging {
         self.peak.load(Ordering::Relaxed) as u64 * self.unit
     }
 
-    /// Bytes of the pool lent.
+    /// Bytes of the pool populated (usable) now.
     pub fn bytes(&self) -> u64 {
-        self.slots as u64 * self.unit
+        self.area().ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE
     }
 }
 
@@ -222,12 +338,16 @@ impl Staging {
 mod tests {
     use super::*;
 
+    const LONG: Duration = Duration::from_secs(30);
+
     #[test]
     fn slots_cycle_free_filled_free_and_are_lent_once() {
         let pool = Arc::new(StagingPool::new(2 * CHUNK_SIZE + 5));
         assert_eq!(pool.budget(), 2 * CHUNK_SIZE, "whole chunks");
-        assert!(pool.lend(CHUNK_SIZE).is_none(), "not prepared yet");
-        pool.prepare(u64::MAX, false).unwrap();
+        assert!(pool.lend(CHUNK_SIZE).is_none(), "not started yet");
+        assert!(pool.start(u64::MAX, false).unwrap());
+        assert!(!pool.start(u64::MAX, false).unwrap(), "started once");
+        assert_eq!(pool.wait_filled(LONG), 2 * CHUNK_SIZE);
         assert_eq!(pool.resident_bytes(), 2 * CHUNK_SIZE);
         let st = pool.lend(CHUNK_SIZE).expect("prepared");
         assert!(
@@ -253,8 +373,8 @@ mod tests {
     #[test]
     fn page_units_cut_the_same_pool_finer_and_the_pool_is_capped() {
         let pool = Arc::new(StagingPool::new(8 * CHUNK_SIZE));
-        pool.prepare(CHUNK_SIZE, false).unwrap();
-        assert_eq!(pool.resident_bytes(), CHUNK_SIZE, "capped at the guest");
+        pool.start(CHUNK_SIZE, false).unwrap();
+        assert_eq!(pool.wait_filled(LONG), CHUNK_SIZE, "capped at the guest");
         let st = pool.lend(4096).expect("prepared");
         let mut n = 0;
         while let Some(s) = st.take_free() {
@@ -267,14 +387,18 @@ mod tests {
     }
 
     #[test]
-    fn zero_budget_and_a_failed_preparation_disable_staging() {
+    fn zero_budget_and_a_failed_population_disable_staging_until_retried() {
         let pool = Arc::new(StagingPool::new(0));
-        pool.prepare(u64::MAX, false).unwrap();
+        pool.start(u64::MAX, false).unwrap();
         assert!(pool.lend(CHUNK_SIZE).is_none());
         let pool = Arc::new(StagingPool::new(CHUNK_SIZE));
-        let e = pool.prepare(u64::MAX, true).unwrap_err();
-        assert!(e.to_string().contains("staging pool"), "{e}");
-        assert!(pool.lend(CHUNK_SIZE).is_none());
-        assert_eq!(pool.resident_bytes(), 0);
+        pool.start(u64::MAX, true).unwrap();
+        assert_eq!(pool.wait_filled(LONG), 0);
+        let st = pool.lend(CHUNK_SIZE).expect("lent, empty");
+        assert!(st.take_free().is_none(), "no slot ready");
+        drop(st);
+        // The next snapshot tries again.
+        pool.start(u64::MAX, false).unwrap();
+        assert_eq!(pool.wait_filled(LONG), CHUNK_SIZE);
     }
 }

@@ -257,7 +257,8 @@ fn chunk_entries(shared: &Shared) -> Result<Vec<ChunkEntry>, Error> {
             crc = if u == ch * per {
                 unit_crc
             } else {
-                crc32c::crc32c_combine(crc, unit_crc, shared.unit as usize)
+                // Units smaller than a chunk are pages (sync-wp).
+                crate::save::combine_page(crc, unit_crc)
             };
         }
         out.push(if data {

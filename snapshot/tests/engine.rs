@@ -721,6 +721,10 @@ fn staged_and_direct_fault_saves_are_bit_exact() {
         for round in 0..2 {
             let sink = Sink::new(&mem);
             arm(&eng, &mem, &sink).expect("arm");
+            // The pool fills on its own thread: have it all for the count.
+            eng.config()
+                .staging
+                .wait_filled(std::time::Duration::from_secs(60));
             let reference = mem.reference();
             let sync = begin(&eng, &mem, &sink).expect("begin");
             if round == 1 {

@@ -388,9 +388,18 @@ fn the_staging_pool_is_kept_and_snapshots_stay_bit_exact() {
             )
             .expect("snapshot");
         let m = h.wait().expect("snapshot done");
+        // The pool fills on its own thread, from the first snapshot on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while snap.staging_bytes() < 64 << 20 {
+            assert!(std::time::Instant::now() < deadline, "pool never filled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(snap.staging_bytes(), 64 << 20, "kept after {i}");
         let e = m.engine.as_ref().unwrap();
-        assert_eq!(e.staging_bytes, 64 << 20);
+        assert!(e.staging_bytes <= 64 << 20, "{}", m.summary());
+        if i > 0 {
+            assert_eq!(e.staging_bytes, 64 << 20, "{}", m.summary());
+        }
         assert!(e.staging_peak_bytes <= 64 << 20, "{}", m.summary());
         if i > 0 {
             assert!(m.sync.engine.staging_alloc.is_zero(), "{}", m.summary());

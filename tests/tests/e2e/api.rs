@@ -386,10 +386,9 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     let written = p["bytes_written"].as_u64().unwrap();
     assert!(written >= 2 << 20, "the guest's data was written: {s}");
     assert_eq!(s["metrics"]["engine"]["bytes_written"], written, "{s}");
-    assert_eq!(
-        s["metrics"]["engine"]["staging_bytes"],
-        64 << 20,
-        "the budget asked for: {s}"
+    assert!(
+        s["metrics"]["engine"]["staging_bytes"].as_u64().unwrap() <= 64 << 20,
+        "at most the budget asked for (the pool fills meanwhile): {s}"
     );
     assert_eq!(p["image_len"], s["metrics"]["persist"]["image_len"], "{s}");
     assert_eq!(s["metrics"]["strategy"], "async-fork");
@@ -484,9 +483,9 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
         "{m}"
     );
     assert_eq!(
-        metric(m, "snapvm_snapshot_staging_bytes"),
+        wait_metric(&sock, "snapvm_snapshot_staging_bytes", (64u64 << 20) as f64),
         (64u64 << 20) as f64,
-        "the pool of the last budget asked for: {m}"
+        "the pool of the last budget asked for, once filled"
     );
     metric(m, "snapvm_snapshot_faults_total{kind=\"write_protect\"}");
     metric(m, "snapvm_snapshot_faults_total{kind=\"missing\"}");
@@ -938,6 +937,19 @@ fn cancel_mid_copy_leaves_the_guest_running_with_its_data() {
     assert!(!tmp.path().join("third").exists());
 }
 
+/// Polls `GET /metrics` until `name` reads `want` (at most T); returns the
+/// last value read.
+fn wait_metric(sock: &Path, name: &str, want: f64) -> f64 {
+    let start = Instant::now();
+    loop {
+        let v = metric(&get(sock, "/metrics").body, name);
+        if v == want || start.elapsed() > T {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `PUT path` with a JSON body.
 fn put(sock: &Path, path: &str, body: Value) -> Resp {
     req(sock, "PUT", path, Some(&body.to_string()))
@@ -1063,9 +1075,13 @@ fn a_snapshot_without_its_staging_pool_still_completes_and_restores() {
     );
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(
-        r.json()["metrics"]["engine"]["staging_bytes"],
-        256 << 20,
-        "{r:?}"
+        wait_metric(
+            &sock,
+            "snapvm_snapshot_staging_bytes",
+            (256u64 << 20) as f64
+        ),
+        (256u64 << 20) as f64,
+        "the next snapshot gets its pool"
     );
     let out = shutdown(vm, &sock);
     assert!(

@@ -448,7 +448,10 @@ fn a_snapshot_adds_at_most_its_budget_to_snapvms_memory() {
             "snapshot {n}: peak RSS {peak} is {extra} above {before}, more than the budget {budget} + 1 % of {guest}\n{json}"
         );
         let m: serde_json::Value = serde_json::from_str(&json).unwrap();
-        assert_eq!(m["engine"]["staging_bytes"], budget, "{json}");
+        assert!(
+            m["engine"]["staging_bytes"].as_u64().unwrap() <= budget,
+            "{json}"
+        );
         assert!(
             m["engine"]["staging_peak_bytes"].as_u64().unwrap() <= budget,
             "{json}"
