@@ -319,15 +319,15 @@ impl Engine {
         &self.config
     }
 
-    /// Starts populating the VM's staging pool the first time (on a thread
-    /// of its own: its chunks become usable as they are populated, so no
-    /// pause waits for it). A pool that cannot be had only costs fault
-    /// latency (faults then write their unit themselves): logged. Returns
-    /// how long starting took (zero when it had started before).
+    /// Maps the VM's staging pool the first time (populated on a thread of
+    /// its own once the workers run: staging.rs). A pool that cannot be
+    /// had only costs fault latency (faults then write their unit
+    /// themselves): logged. Returns how long that took (zero when it
+    /// existed already).
     fn start_staging(&self, layout: &Layout) -> Duration {
         let t = Instant::now();
         let fail = self.config.injection.fail_staging;
-        match self.config.staging.start(layout.total_bytes(), fail) {
+        match self.config.staging.reserve(layout.total_bytes(), fail) {
             Ok(true) => t.elapsed(),
             Ok(false) => Duration::ZERO,
             Err(e) => {

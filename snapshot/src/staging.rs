@@ -13,11 +13,15 @@
 //! (`Shared::save_for_fault`), so a guest writing faster than the disk
 //! slows down instead of growing the snapvm process.
 //!
-//! The pool is populated by a thread of its own, started by the first
-//! `arm`, one chunk at a time; each chunk becomes usable as soon as it is
+//! The pool is mapped by the first `arm` and populated by a thread of its
+//! own, one chunk at a time; each chunk becomes usable as soon as it is
 //! populated. So the first snapshot's pause does not wait for the pool
 //! (populating fresh memory is slow on some hosts: docs/journal/), and its
-//! first faults write directly until slots are ready.
+//! first faults write directly until slots are ready. The filler starts
+//! only once the snapshot's workers have started (`Staging::start_filling`):
+//! creating a thread takes mmap_lock for writing, and queued behind a
+//! populate (which holds it for reading for milliseconds on slow memory)
+//! it would hold up every vCPU page fault behind it.
 //!
 //! Invariants: a slot is owned by exactly one of: not yet populated, the
 //! free list, one filler (between `take_free` and `fill`/`give_back`), the
@@ -50,7 +54,8 @@ enum PoolState {
     /// Never started, or its last population failed before any chunk.
     Empty,
     Ready(Arc<Area>),
-    Lent,
+    /// Lent to a snapshot (the loan holds the area too).
+    Lent(Arc<Area>),
 }
 
 /// The pool's memory and how much of it is populated.
@@ -61,10 +66,32 @@ struct Area {
     chunks: usize,
     /// Chunks populated so far (usable).
     ready: AtomicUsize,
+    /// The filler has been started.
+    started: AtomicBool,
     /// The filler has stopped (done, failed, or told to stop).
     done: AtomicBool,
     /// Set when the pool goes away: the filler stops.
     stop: AtomicBool,
+    /// Test hook: the population fails (ENOMEM).
+    fail: bool,
+}
+
+impl Area {
+    /// Starts the filler thread, once. A thread that cannot be had leaves
+    /// the pool empty (logged; faults then write directly).
+    fn start_filling(self: &Arc<Area>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let a = self.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("snap-pool".into())
+            .spawn(move || fill(&a))
+        {
+            tracing::warn!("snapshot staging pool unavailable (cannot start its thread: {e})");
+            self.done.store(true, Ordering::Release);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -73,7 +100,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Drop for StagingPool {
     fn drop(&mut self) {
-        if let PoolState::Ready(a) = &*lock(&self.state) {
+        if let PoolState::Ready(a) | PoolState::Lent(a) = &*lock(&self.state) {
             a.stop.store(true, Ordering::Release);
         }
     }
@@ -99,18 +126,20 @@ impl StagingPool {
     /// Bytes populated now.
     pub fn resident_bytes(&self) -> u64 {
         match &*lock(&self.state) {
-            PoolState::Ready(a) => a.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE,
-            _ => 0,
+            PoolState::Ready(a) | PoolState::Lent(a) => {
+                a.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE
+            }
+            PoolState::Empty => 0,
         }
     }
 
-    /// Starts populating the pool the first time, at most `cap` bytes (a
-    /// pool larger than the guest is never needed), on a thread of its
-    /// own; returns at once. `fail`: make the population fail (ENOMEM, a
-    /// test hook). Returns whether it started now. Errors (the mapping or
-    /// the thread cannot be had) leave the pool empty, to be tried again by
-    /// the next snapshot.
-    pub(crate) fn start(&self, cap: u64, fail: bool) -> Result<bool, Error> {
+    /// Maps the pool the first time, at most `cap` bytes (a pool larger
+    /// than the guest is never needed); it is populated once a snapshot's
+    /// workers run (`Staging::start_filling`), or by `fill_now`. `fail`:
+    /// make the population fail (ENOMEM, a test hook). Returns whether it
+    /// was mapped now. An error (no address space) leaves the pool empty,
+    /// to be tried again by the next snapshot.
+    pub(crate) fn reserve(&self, cap: u64, fail: bool) -> Result<bool, Error> {
         let mut st = lock(&self.state);
         if !matches!(*st, PoolState::Empty) {
             return Ok(false);
@@ -119,35 +148,39 @@ impl StagingPool {
         if len == 0 {
             return Ok(false);
         }
-        let area = Arc::new(Area {
+        *st = PoolState::Ready(Arc::new(Area {
             map: Mapping::new(len)?,
             chunks: (len / CHUNK_SIZE) as usize,
             ready: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
             done: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-        });
-        let a = area.clone();
-        std::thread::Builder::new()
-            .name("snap-pool".into())
-            .spawn(move || fill(&a, fail))
-            .map_err(|source| Error::Spawn {
-                phase: Phase::Sync,
-                name: "snap-pool".into(),
-                source,
-            })?;
-        *st = PoolState::Ready(area);
+            fail,
+        }));
         Ok(true)
     }
 
+    /// Starts populating a reserved pool now (tests, and a VM that wants
+    /// its pool before its first snapshot).
+    pub fn fill_now(&self) {
+        if let PoolState::Ready(a) | PoolState::Lent(a) = &*lock(&self.state) {
+            a.start_filling();
+        }
+    }
+
     /// Waits until the population has stopped (every chunk ready, or it
-    /// failed), at most `timeout`; returns the bytes ready.
+    /// failed), at most `timeout`; returns the bytes ready. Does not start
+    /// it.
     pub fn wait_filled(&self, timeout: Duration) -> u64 {
         let area = match &*lock(&self.state) {
-            PoolState::Ready(a) => a.clone(),
-            _ => return 0,
+            PoolState::Ready(a) | PoolState::Lent(a) => a.clone(),
+            PoolState::Empty => return 0,
         };
         let deadline = Instant::now() + timeout;
-        while !area.done.load(Ordering::Acquire) && Instant::now() < deadline {
+        while area.started.load(Ordering::Acquire)
+            && !area.done.load(Ordering::Acquire)
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(1));
         }
         area.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE
@@ -157,12 +190,13 @@ impl StagingPool {
     /// it has no memory or is lent already.
     pub(crate) fn lend(self: &Arc<Self>, unit: u64) -> Option<Staging> {
         let mut st = lock(&self.state);
-        match std::mem::replace(&mut *st, PoolState::Lent) {
-            PoolState::Ready(area) => Some(Staging::new(self.clone(), area, unit)),
-            other => {
-                *st = other;
-                None
+        match &*st {
+            PoolState::Ready(area) => {
+                let area = area.clone();
+                *st = PoolState::Lent(area.clone());
+                Some(Staging::new(self.clone(), area, unit))
             }
+            PoolState::Empty | PoolState::Lent(_) => None,
         }
     }
 
@@ -178,13 +212,13 @@ impl StagingPool {
 }
 
 /// The filler thread: populates the area chunk by chunk, publishing each.
-fn fill(area: &Area, fail: bool) {
+fn fill(area: &Area) {
     let t = Instant::now();
     for c in 0..area.chunks {
         if area.stop.load(Ordering::Acquire) {
             break;
         }
-        let res = if fail {
+        let res = if area.fail {
             Err(Error::Memory {
                 phase: Phase::Sync,
                 op: "populate the staging pool (injected)",
@@ -271,11 +305,17 @@ impl Staging {
         }
     }
 
-    fn area(&self) -> &Area {
+    fn area(&self) -> &Arc<Area> {
         match &self.area {
             Some(a) => a,
             None => unreachable!("the area is only taken in drop"),
         }
+    }
+
+    /// Starts populating the pool if nobody has (the first snapshot's
+    /// supervisor calls it once its workers have started; module docs).
+    pub fn start_filling(&self) {
+        self.area().start_filling();
     }
 
     /// A free populated slot, if any: the caller fills it and hands it back
@@ -345,8 +385,10 @@ mod tests {
         let pool = Arc::new(StagingPool::new(2 * CHUNK_SIZE + 5));
         assert_eq!(pool.budget(), 2 * CHUNK_SIZE, "whole chunks");
         assert!(pool.lend(CHUNK_SIZE).is_none(), "not started yet");
-        assert!(pool.start(u64::MAX, false).unwrap());
-        assert!(!pool.start(u64::MAX, false).unwrap(), "started once");
+        assert!(pool.reserve(u64::MAX, false).unwrap());
+        assert!(!pool.reserve(u64::MAX, false).unwrap(), "reserved once");
+        assert_eq!(pool.wait_filled(LONG), 0, "not started");
+        pool.fill_now();
         assert_eq!(pool.wait_filled(LONG), 2 * CHUNK_SIZE);
         assert_eq!(pool.resident_bytes(), 2 * CHUNK_SIZE);
         let st = pool.lend(CHUNK_SIZE).expect("prepared");
@@ -373,7 +415,8 @@ mod tests {
     #[test]
     fn page_units_cut_the_same_pool_finer_and_the_pool_is_capped() {
         let pool = Arc::new(StagingPool::new(8 * CHUNK_SIZE));
-        pool.start(CHUNK_SIZE, false).unwrap();
+        pool.reserve(CHUNK_SIZE, false).unwrap();
+        pool.fill_now();
         assert_eq!(pool.wait_filled(LONG), CHUNK_SIZE, "capped at the guest");
         let st = pool.lend(4096).expect("prepared");
         let mut n = 0;
@@ -389,16 +432,18 @@ mod tests {
     #[test]
     fn zero_budget_and_a_failed_population_disable_staging_until_retried() {
         let pool = Arc::new(StagingPool::new(0));
-        pool.start(u64::MAX, false).unwrap();
+        pool.reserve(u64::MAX, false).unwrap();
         assert!(pool.lend(CHUNK_SIZE).is_none());
         let pool = Arc::new(StagingPool::new(CHUNK_SIZE));
-        pool.start(u64::MAX, true).unwrap();
+        pool.reserve(u64::MAX, true).unwrap();
+        pool.fill_now();
         assert_eq!(pool.wait_filled(LONG), 0);
         let st = pool.lend(CHUNK_SIZE).expect("lent, empty");
         assert!(st.take_free().is_none(), "no slot ready");
         drop(st);
         // The next snapshot tries again.
-        pool.start(u64::MAX, false).unwrap();
+        assert!(pool.reserve(u64::MAX, false).unwrap());
+        pool.fill_now();
         assert_eq!(pool.wait_filled(LONG), CHUNK_SIZE);
     }
 }

@@ -127,6 +127,11 @@ fn start_workers(shared: &Arc<Shared>, n: usize) -> Vec<JoinHandle<()>> {
             }
         }
     }
+    // The pool's filler is the last thread this snapshot creates, before
+    // anyone populates or pins memory (staging.rs).
+    if let Some(st) = &shared.staging {
+        st.start_filling();
+    }
     gate.open_when_arrived(workers.len());
     workers
 }

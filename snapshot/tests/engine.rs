@@ -721,7 +721,9 @@ fn staged_and_direct_fault_saves_are_bit_exact() {
         for round in 0..2 {
             let sink = Sink::new(&mem);
             arm(&eng, &mem, &sink).expect("arm");
-            // The pool fills on its own thread: have it all for the count.
+            // The pool fills on its own thread once a snapshot's workers
+            // run: have it all now, for the count.
+            eng.config().staging.fill_now();
             eng.config()
                 .staging
                 .wait_filled(std::time::Duration::from_secs(60));
@@ -815,6 +817,10 @@ fn staged_chunk_write_failure_rolls_back() {
         },
     );
     arm(&eng, &mem, &sink).expect("arm");
+    eng.config().staging.fill_now();
+    eng.config()
+        .staging
+        .wait_filled(std::time::Duration::from_secs(60));
     begin(&eng, &mem, &sink).expect("begin");
     eng.start_copy().expect("start");
     mem.write(3 * CHUNK + 64, 1);
