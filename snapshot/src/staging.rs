@@ -17,7 +17,9 @@
 //! own, one chunk at a time; each chunk becomes usable as soon as it is
 //! populated. So the first snapshot's pause does not wait for the pool
 //! (populating fresh memory is slow on some hosts: docs/journal/), and its
-//! first faults write directly until slots are ready. The filler starts
+//! faults write directly until slots are ready — but for the first
+//! [`PRIMED_CHUNKS`], populated by `arm` itself (the guest runs meanwhile),
+//! so the writes a guest makes right after the pause find a slot. The filler starts
 //! only once the snapshot's workers have started (`Staging::start_filling`):
 //! creating a thread takes mmap_lock for writing, and queued behind a
 //! populate (which holds it for reading for milliseconds on slow memory)
@@ -40,6 +42,13 @@ use crate::region::CHUNK_SIZE;
 
 /// The default staging budget: 256 MiB (128 chunks).
 pub const DEFAULT_BUDGET: u64 = 256 << 20;
+
+/// Chunks of a new pool populated before the first pause (`reserve`): the
+/// guest's first writes after its first pause hit unsaved chunks, and each
+/// that finds no slot waits for a 2 MiB disk write — a first snapshot's
+/// stall across the pause grew from about 1 to about 3 ms at 8 GiB so
+/// (docs/BENCHMARKS.md).
+pub const PRIMED_CHUNKS: usize = 8;
 
 /// One VM's staging memory, shared by its successive snapshots' engines
 /// (`Config::staging`), lent to one snapshot at a time.
@@ -134,7 +143,8 @@ impl StagingPool {
     }
 
     /// Maps the pool the first time, at most `cap` bytes (a pool larger
-    /// than the guest is never needed); it is populated once a snapshot's
+    /// than the guest is never needed), and populates its first
+    /// [`PRIMED_CHUNKS`] now; the rest is populated once a snapshot's
     /// workers run (`Staging::start_filling`), or by `fill_now`. `fail`:
     /// make the population fail (ENOMEM, a test hook). Returns whether it
     /// was mapped now. An error (no address space) leaves the pool empty,
@@ -148,7 +158,7 @@ impl StagingPool {
         if len == 0 {
             return Ok(false);
         }
-        *st = PoolState::Ready(Arc::new(Area {
+        let area = Arc::new(Area {
             map: Mapping::new(len)?,
             chunks: (len / CHUNK_SIZE) as usize,
             ready: AtomicUsize::new(0),
@@ -156,7 +166,11 @@ impl StagingPool {
             done: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             fail,
-        }));
+        });
+        if !populate(&area, PRIMED_CHUNKS.min(area.chunks)) {
+            area.done.store(true, Ordering::Release);
+        }
+        *st = PoolState::Ready(area);
         Ok(true)
     }
 
@@ -211,12 +225,24 @@ impl StagingPool {
     }
 }
 
-/// The filler thread: populates the area chunk by chunk, publishing each.
+/// The filler thread: populates the rest of the area chunk by chunk.
 fn fill(area: &Area) {
     let t = Instant::now();
-    for c in 0..area.chunks {
+    populate(area, area.chunks);
+    tracing::debug!(
+        bytes = area.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE,
+        took = ?t.elapsed(),
+        "snapshot staging pool populated"
+    );
+    area.done.store(true, Ordering::Release);
+}
+
+/// Populates chunks from the first not ready up to `until`, publishing
+/// each as it is done; false if it failed (logged) or was told to stop.
+fn populate(area: &Area, until: usize) -> bool {
+    for c in area.ready.load(Ordering::Acquire)..until {
         if area.stop.load(Ordering::Acquire) {
-            break;
+            return false;
         }
         let res = if area.fail {
             Err(Error::Memory {
@@ -235,16 +261,11 @@ fn fill(area: &Area) {
                 "snapshot staging pool unavailable past {} MiB ({e}): write faults during snapshots will wait for the disk",
                 (c as u64 * CHUNK_SIZE) >> 20
             );
-            break;
+            return false;
         }
         area.ready.store(c + 1, Ordering::Release);
     }
-    tracing::debug!(
-        bytes = area.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE,
-        took = ?t.elapsed(),
-        "snapshot staging pool populated"
-    );
-    area.done.store(true, Ordering::Release);
+    true
 }
 
 /// A slot holding a unit copied on the fault path, not yet written out.
@@ -387,7 +408,11 @@ mod tests {
         assert!(pool.lend(CHUNK_SIZE).is_none(), "not started yet");
         assert!(pool.reserve(u64::MAX, false).unwrap());
         assert!(!pool.reserve(u64::MAX, false).unwrap(), "reserved once");
-        assert_eq!(pool.wait_filled(LONG), 0, "not started");
+        assert_eq!(
+            pool.wait_filled(LONG),
+            2 * CHUNK_SIZE,
+            "both primed (the filler has not started)"
+        );
         pool.fill_now();
         assert_eq!(pool.wait_filled(LONG), 2 * CHUNK_SIZE);
         assert_eq!(pool.resident_bytes(), 2 * CHUNK_SIZE);
@@ -430,13 +455,23 @@ mod tests {
     }
 
     #[test]
+    fn a_large_pool_is_primed_then_filled() {
+        let pool = Arc::new(StagingPool::new(12 * CHUNK_SIZE));
+        pool.reserve(u64::MAX, false).unwrap();
+        assert_eq!(pool.resident_bytes(), PRIMED_CHUNKS as u64 * CHUNK_SIZE);
+        let st = pool.lend(CHUNK_SIZE).expect("lent");
+        st.start_filling();
+        drop(st);
+        assert_eq!(pool.wait_filled(LONG), 12 * CHUNK_SIZE);
+    }
+
+    #[test]
     fn zero_budget_and_a_failed_population_disable_staging_until_retried() {
         let pool = Arc::new(StagingPool::new(0));
         pool.reserve(u64::MAX, false).unwrap();
         assert!(pool.lend(CHUNK_SIZE).is_none());
         let pool = Arc::new(StagingPool::new(CHUNK_SIZE));
         pool.reserve(u64::MAX, true).unwrap();
-        pool.fill_now();
         assert_eq!(pool.wait_filled(LONG), 0);
         let st = pool.lend(CHUNK_SIZE).expect("lent, empty");
         assert!(st.take_free().is_none(), "no slot ready");

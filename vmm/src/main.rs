@@ -6,16 +6,17 @@
 
 use std::process::ExitCode;
 
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{self, Receiver, Sender};
 
 use clap::Parser;
-use vmm::api::{self, ApiCall, ApiServer, Loader, Owner, VmSource};
+use vmm::api::{self, ApiServer};
 use vmm::cli::{self, BenchCommand, Cli, Command, RunArgs};
 use vmm::devices::virtio::{
     self,
     vsock::{HostListener, ListenAddr},
 };
 use vmm::loader::{BootConfig, KernelImage};
+use vmm::owner::{self, Envelope, Loader, Owner, SnapshotDefaults, VmSource};
 use vmm::placement::CpuPlacement;
 use vmm::snapshotting::{restore_cli, trigger};
 use vmm::{Vm, VmConfig, VmExit};
@@ -79,18 +80,32 @@ fn client_command(f: impl FnOnce() -> Result<(), api::commands::CommandError>) -
     }
 }
 
-/// The API server and the requests it forwards, when `--api-sock` is given.
-type Api = (ApiServer, Receiver<ApiCall>);
+/// The channel every request to the VM's owner goes through (API, trigger).
+struct Requests {
+    tx: Sender<Envelope>,
+    rx: Receiver<Envelope>,
+}
 
 /// Starts the API server first, before any VM thread exists, so a bad
 /// socket path fails fast and nothing else sees the socket's umask.
-fn start_api(args: &RunArgs) -> Result<Option<Api>, String> {
+fn start_api(args: &RunArgs, requests: &Requests) -> Result<Option<ApiServer>, String> {
     let Some(path) = &args.api_sock else {
         return Ok(None);
     };
-    api::install_stop_signals()
+    vmm::signals::install_stop()
         .map_err(|e| format!("cannot install the stop signal handlers: {e}"))?;
-    ApiServer::start(path).map(Some).map_err(|e| e.to_string())
+    ApiServer::start(path, requests.tx.clone())
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// The owner's settings for the snapshots it takes, from the flags.
+fn snapshot_defaults(args: &RunArgs) -> SnapshotDefaults {
+    SnapshotDefaults {
+        workers: snapshot_workers(args),
+        priority: args.snapshot_priority,
+        memory_budget: args.snapshot_memory_budget,
+    }
 }
 
 /// The instance id `GET /` reports.
@@ -161,18 +176,20 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let api = match start_api(&args) {
+    let (tx, rx) = mpsc::channel();
+    let requests = Requests { tx, rx };
+    let api = match start_api(&args, &requests) {
         Ok(api) => api,
         Err(e) => return fail(e),
     };
     if args.waits_for_load() {
         return match api {
-            Some(api) => run_waiting(&args, api, cpus),
+            Some(api) => run_waiting(&args, api, requests, cpus),
             None => fail("waiting for a snapshot load needs --api-sock"),
         };
     }
     if args.restore.is_some() {
-        return run_restored(args, api, cpus);
+        return run_restored(args, api, requests, cpus);
     }
     let (memory_size, vcpus) = match machine_size(args.memory(), args.vcpus()) {
         Ok(size) => size,
@@ -243,45 +260,46 @@ fn run(args: RunArgs) -> ExitCode {
         cmdline: args.cmdline.clone(),
         hugepages: args.hugepages() == vmm::PageBacking::Huge,
     };
-    run_to_exit(vm, &args, api, source)
+    run_to_exit(vm, &args, api, requests, source)
 }
 
-/// Runs a started VM until it stops (taking the snapshots asked for with
-/// --snapshot-dir, serving the API when there is one) and maps its exit to
-/// the process status.
-fn run_to_exit(mut vm: Vm, args: &RunArgs, api: Option<Api>, source: VmSource) -> ExitCode {
-    let plan = match &args.snapshot_dir {
+/// Runs a started VM under its owner until it stops (taking the snapshots
+/// asked for with --snapshot-dir, serving the API when there is one) and
+/// maps its exit to the process status.
+fn run_to_exit(
+    vm: Vm,
+    args: &RunArgs,
+    api: Option<ApiServer>,
+    requests: Requests,
+    source: VmSource,
+) -> ExitCode {
+    let trigger = match &args.snapshot_dir {
         Some(dir) => {
-            if let Err(e) = trigger::install_sigusr1() {
-                return fail(format_args!("cannot install the SIGUSR1 handler: {e}"));
-            }
-            Some(trigger::TriggerPlan {
+            let plan = trigger::TriggerPlan {
                 dir: dir.clone(),
                 at: args
                     .snapshot_at
                     .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
                 mode: args.snapshot_mode,
                 workers: snapshot_workers(args),
-                priority: args.snapshot_priority,
-                memory_budget: args.snapshot_memory_budget,
-            })
+            };
+            match trigger::Trigger::start(plan, requests.tx.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => return fail(format_args!("cannot start the snapshot trigger: {e}")),
+            }
         }
         None => None,
     };
-    let exit = match (api, plan) {
-        (Some((server, calls)), plan) => {
-            let mut owner = Owner::with_vm(vm, source, instance_id(), snapshot_workers(args));
-            owner.set_snapshot_options(args.snapshot_priority, args.snapshot_memory_budget);
-            let mut trigger = plan.map(trigger::Trigger::new);
-            api::serve(&mut owner, &calls, trigger.as_mut());
-            let exit = owner.finish();
-            // Answers in flight go out, then the socket file is removed.
-            drop(server);
-            exit
-        }
-        (None, Some(plan)) => trigger::run_until_exit(&mut vm, &plan),
-        (None, None) => vm.wait(),
-    };
+    let mut owner = Owner::with_vm(vm, source, instance_id());
+    owner.set_snapshot_defaults(snapshot_defaults(args));
+    let Requests { tx, rx } = requests;
+    // Only the API and the trigger send requests from here on: with the
+    // API gone, the owner stops.
+    drop(tx);
+    let exit = owner::run(owner, &rx, api.is_some(), api.is_some());
+    drop(trigger);
+    // Answers in flight go out, then the socket file is removed.
+    drop(api);
     exit_status(exit)
 }
 
@@ -295,8 +313,12 @@ fn exit_status(exit: VmExit) -> ExitCode {
 
 /// `snapvm run --api-sock PATH` alone: no VM until `PUT /snapshot/load`
 /// restores one (with `--kv-listen`, `--serial` as for `--restore`).
-fn run_waiting(args: &RunArgs, api: Api, cpus: Option<CpuPlacement>) -> ExitCode {
-    let (server, calls) = api;
+fn run_waiting(
+    args: &RunArgs,
+    server: ApiServer,
+    requests: Requests,
+    cpus: Option<CpuPlacement>,
+) -> ExitCode {
     let kv_addr = args.kv_listen.as_deref().map(ListenAddr::parse);
     let kv_listener = match &kv_addr {
         Some(addr) => match HostListener::bind(addr) {
@@ -313,10 +335,11 @@ fn run_waiting(args: &RunArgs, api: Api, cpus: Option<CpuPlacement>) -> ExitCode
         cpus,
     };
     tracing::info!("no VM: waiting for PUT /snapshot/load");
-    let mut owner = Owner::waiting(loader, instance_id(), snapshot_workers(args));
-    owner.set_snapshot_options(args.snapshot_priority, args.snapshot_memory_budget);
-    api::serve(&mut owner, &calls, None);
-    let exit = owner.finish();
+    let mut owner = Owner::waiting(loader, instance_id());
+    owner.set_snapshot_defaults(snapshot_defaults(args));
+    let Requests { tx, rx } = requests;
+    drop(tx);
+    let exit = owner::run(owner, &rx, true, true);
     drop(server);
     exit_status(exit)
 }
@@ -324,7 +347,12 @@ fn run_waiting(args: &RunArgs, api: Api, cpus: Option<CpuPlacement>) -> ExitCode
 /// `snapvm run --restore DIR`: the guest continues where it was at the
 /// snapshot. Only an explicit --kv-listen is bound for a restored vsock
 /// device.
-fn run_restored(args: RunArgs, api: Option<Api>, cpus: Option<CpuPlacement>) -> ExitCode {
+fn run_restored(
+    args: RunArgs,
+    api: Option<ApiServer>,
+    requests: Requests,
+    cpus: Option<CpuPlacement>,
+) -> ExitCode {
     let t_restore = std::time::Instant::now();
     let Some(dir) = args.restore.clone() else {
         return fail("--restore needs a directory");
@@ -359,7 +387,7 @@ fn run_restored(args: RunArgs, api: Option<Api>, cpus: Option<CpuPlacement>) -> 
         dir.display(),
         t_restore.elapsed().as_secs_f64() * 1e3
     );
-    run_to_exit(vm, &args, api, VmSource::Snapshot { path: dir })
+    run_to_exit(vm, &args, api, requests, VmSource::Snapshot { path: dir })
 }
 
 fn bench_pause(args: cli::BenchPauseArgs) -> ExitCode {

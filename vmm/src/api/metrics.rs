@@ -1,42 +1,9 @@
 //! `GET /metrics`: the Prometheus text exposition format (0.0.4), rendered
 //! with the `prometheus` crate from the owner's counters at scrape time.
 
-use std::time::Duration;
-
 use prometheus::{Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::snapshotting::{SnapshotHandle, SnapshotState};
-
-/// Totals over the snapshots that ended.
-#[derive(Debug, Default, Clone)]
-pub struct Counters {
-    pub done: u64,
-    pub failed: u64,
-    pub cancelled: u64,
-    /// The guest's stall in the sync phase of the latest snapshot.
-    pub last_pause: Option<Duration>,
-    pub wp_faults: u64,
-    pub missing_faults: u64,
-    pub bytes_written: u64,
-    /// Staging memory the VM holds for snapshots (allocated at the first).
-    pub staging_bytes: u64,
-}
-
-impl Counters {
-    /// Counts one finished snapshot.
-    pub fn record(&mut self, state: &SnapshotState, cancelled: bool, h: &SnapshotHandle) {
-        match state {
-            SnapshotState::Done => self.done += 1,
-            SnapshotState::Failed(_) if cancelled => self.cancelled += 1,
-            _ => self.failed += 1,
-        }
-        if let Some(m) = &h.metrics().engine {
-            self.wp_faults += m.wp_faults;
-            self.missing_faults += m.missing_faults;
-            self.bytes_written += m.bytes_written;
-        }
-    }
-}
+use crate::owner::Counters;
 
 /// VM states reported as `snapvm_vm_state{state=...}` (1 for the current).
 const STATES: [&str; 4] = ["Not started", "Running", "Paused", "Stopped"];
@@ -120,6 +87,7 @@ fn label(state: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn text_format() {

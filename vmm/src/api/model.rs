@@ -5,17 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::owner::{InstanceInfo, Progress, SnapshotList, SnapshotStatus, VmTargetState};
+
 /// `PATCH /vm`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmPatch {
     pub state: VmTargetState,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-pub enum VmTargetState {
-    Paused,
-    Resumed,
 }
 
 /// `PUT /snapshot/create`.
@@ -69,56 +65,6 @@ pub struct SnapshotLoad {
 #[serde(deny_unknown_fields)]
 pub struct Action {
     pub action_type: String,
-}
-
-/// `GET /`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct InstanceInfo {
-    pub id: String,
-    /// `Not started` (waiting for `PUT /snapshot/load`), `Running`,
-    /// `Paused` or `Stopped`.
-    pub state: String,
-    pub vmm_version: String,
-    pub app_name: String,
-}
-
-/// Live progress of a snapshot.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct Progress {
-    /// Copy units saved (2 MiB chunks; 4 KiB pages for sync-wp), of the
-    /// total (0 for the fork baseline).
-    pub chunks_done: u64,
-    pub chunks_total: u64,
-    /// Bytes of guest memory in the image so far.
-    pub bytes_written: u64,
-    /// The image's length (guest RAM).
-    pub image_len: u64,
-}
-
-/// `GET /snapshot/{id}`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct SnapshotStatus {
-    pub id: String,
-    pub snapshot_path: String,
-    pub mode: String,
-    pub workers: u64,
-    /// `copying` (memory streaming into the image; the snapshot's instant
-    /// has passed), `persisting` (fsync, state file, rename), `done`
-    /// (durable) or `failed`.
-    pub state: String,
-    /// Why it failed (`failed` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub progress: Progress,
-    /// The engine's metrics so far (complete once done): the same object as
-    /// the snapshot's `metrics.json`.
-    pub metrics: serde_json::Value,
-}
-
-/// `GET /snapshots`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct SnapshotList {
-    pub snapshots: Vec<SnapshotStatus>,
 }
 
 /// Every error body.

@@ -1,7 +1,8 @@
 //! The API thread: HTTP/1.1 on the Unix socket (hyper on a current-thread
 //! tokio runtime). It parses and routes requests and turns every problem
 //! with a request into a JSON fault; it never touches the VM: each parsed
-//! request goes over a channel to the VM's owner thread, which replies.
+//! request becomes the owner's domain request (`rpc`) and goes over a
+//! channel to the VM's owner thread, whose answer `rpc` turns into HTTP.
 
 use std::convert::Infallible;
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -20,7 +21,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::model::{Action, Fault, SnapshotCreate, SnapshotLoad, VmPatch};
+use super::rpc;
 use super::socket::{self, SocketError};
+use crate::owner::Envelope;
 
 /// Largest request body read; larger ones get 413.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -44,13 +47,6 @@ pub enum ApiRequest {
     LoadSnapshot(SnapshotLoad),
     Action(Action),
     Metrics,
-}
-
-/// A request and where its reply goes.
-#[derive(Debug)]
-pub struct ApiCall {
-    pub request: ApiRequest,
-    pub reply: oneshot::Sender<Reply>,
 }
 
 /// The owner's answer.
@@ -118,10 +114,9 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds `path` (see [`socket::bind`]) and starts serving; requests
-    /// arrive on the returned receiver.
-    pub fn start(path: &Path) -> Result<(ApiServer, mpsc::Receiver<ApiCall>), ApiError> {
+    /// go to the owner over `tx`.
+    pub fn start(path: &Path, tx: mpsc::Sender<Envelope>) -> Result<ApiServer, ApiError> {
         let listener = socket::bind(path)?;
-        let (tx, rx) = mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let shown = path.to_path_buf();
         let thread = std::thread::Builder::new()
@@ -135,14 +130,11 @@ impl ApiServer {
             }
         };
         tracing::info!("API listening on {}", path.display());
-        Ok((
-            ApiServer {
-                path: path.to_path_buf(),
-                stop: Some(stop_tx),
-                thread: Some(thread),
-            },
-            rx,
-        ))
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -168,7 +160,7 @@ impl Drop for ApiServer {
 
 fn serve_thread(
     listener: StdUnixListener,
-    tx: mpsc::Sender<ApiCall>,
+    tx: mpsc::Sender<Envelope>,
     stop: oneshot::Receiver<()>,
     path: &Path,
 ) {
@@ -191,7 +183,7 @@ fn serve_thread(
 
 async fn serve(
     listener: StdUnixListener,
-    tx: mpsc::Sender<ApiCall>,
+    tx: mpsc::Sender<Envelope>,
     mut stop: oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -239,23 +231,32 @@ async fn serve(
 
 async fn handle(
     req: HttpRequest<Incoming>,
-    tx: mpsc::Sender<ApiCall>,
+    tx: mpsc::Sender<Envelope>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = match parse(req).await {
-        Ok(request) => ask_owner(request, &tx).await,
+    let reply = match parse(req).await.and_then(rpc::to_request) {
+        Ok((request, answer)) => ask_owner(request, answer, &tx).await,
         Err(fault) => fault,
     };
     Ok(to_response(reply))
 }
 
-async fn ask_owner(request: ApiRequest, tx: &mpsc::Sender<ApiCall>) -> Reply {
-    let (reply, answer) = oneshot::channel();
-    if tx.send(ApiCall { request, reply }).is_err() {
+async fn ask_owner(
+    request: crate::owner::Request,
+    answer: rpc::Answer,
+    tx: &mpsc::Sender<Envelope>,
+) -> Reply {
+    let (reply, result) = oneshot::channel();
+    let envelope = Envelope {
+        request,
+        reply: Some(reply),
+    };
+    if tx.send(envelope).is_err() {
         return Reply::fault(500, "snapvm is shutting down");
     }
-    answer
-        .await
-        .unwrap_or_else(|_| Reply::fault(500, "snapvm is shutting down"))
+    match result.await {
+        Ok(result) => rpc::to_reply(answer, result),
+        Err(_) => Reply::fault(500, "snapvm is shutting down"),
+    }
 }
 
 fn to_response(reply: Reply) -> Response<Full<Bytes>> {

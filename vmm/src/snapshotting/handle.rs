@@ -70,7 +70,10 @@ pub(super) struct Inner {
 #[derive(Debug)]
 pub(super) struct Tracker {
     pub dir: PathBuf,
-    pub image: Arc<ImageFile>,
+    /// The image being written, for progress; let go (closing the file)
+    /// once the snapshot ends, as the registry keeps handles for good.
+    pub image: Mutex<Option<Arc<ImageFile>>>,
+    pub image_len: u64,
     pub copier: Mutex<Option<Copier>>,
     pub inner: Mutex<Inner>,
     pub changed: Condvar,
@@ -98,7 +101,8 @@ impl SnapshotHandle {
         SnapshotHandle {
             t: Arc::new(Tracker {
                 dir,
-                image,
+                image_len: image.len(),
+                image: Mutex::new(Some(image)),
                 copier: Mutex::new(None),
                 inner: Mutex::new(Inner {
                     state: SnapshotState::Copying,
@@ -121,12 +125,13 @@ impl SnapshotHandle {
 
     pub fn progress(&self) -> SnapshotProgress {
         let state = self.state();
+        let image = lock(&self.t.image).clone();
         let mut p = SnapshotProgress {
             state,
             chunks_done: 0,
             chunks_total: 0,
-            bytes_written: self.t.image.bytes_written(),
-            image_len: self.t.image.len(),
+            bytes_written: image.as_ref().map_or(0, |i| i.bytes_written()),
+            image_len: self.t.image_len,
         };
         match lock(&self.t.copier).as_ref() {
             Some(Copier::Engine(e)) => {
@@ -137,14 +142,19 @@ impl SnapshotHandle {
                 }
             }
             // The child's counters are its own: the file tells.
-            Some(Copier::Fork(_)) => p.bytes_written = self.t.image.allocated_bytes(),
+            Some(Copier::Fork(_)) => {
+                p.bytes_written = image.as_ref().map_or(0, |i| i.allocated_bytes())
+            }
             None => {}
         }
-        if let Some(m) = &lock(&self.t.inner).metrics.engine {
+        let inner = lock(&self.t.inner);
+        if let Some(m) = &inner.metrics.engine {
             let units = (m.chunks_total as u64 * snapshot::CHUNK_SIZE / m.unit_size) as usize;
             p.chunks_done = units;
             p.chunks_total = units;
             p.bytes_written = m.bytes_written;
+        } else if let Some(w) = &inner.metrics.persist {
+            p.bytes_written = w.bytes_written;
         }
         p
     }
@@ -220,6 +230,11 @@ impl SnapshotHandle {
     }
 
     pub(super) fn set_state(&self, state: SnapshotState) {
+        if state.is_finished() {
+            // Nothing to follow any more: the image file and the engine go.
+            lock(&self.t.image).take();
+            lock(&self.t.copier).take();
+        }
         lock(&self.t.inner).state = state;
         self.t.changed.notify_all();
     }

@@ -1,22 +1,25 @@
-//! Snapshot triggers for `snapvm run` (beside the HTTP API, `crate::api`):
-//! `--snapshot-at SECONDS` takes one snapshot into `--snapshot-dir DIR`
-//! itself; every SIGUSR1 takes one into `DIR-1`, `DIR-2`, ... (numbered in
+//! Snapshot triggers for `snapvm run --snapshot-dir DIR`, beside the HTTP
+//! API: `--snapshot-at SECONDS` asks for one snapshot into `DIR` itself;
+//! every SIGUSR1 asks for one into `DIR-1`, `DIR-2`, ... (numbered in
 //! arrival order, never overwriting: an existing target fails that
-//! snapshot, the VM keeps running). A signal that arrives while a snapshot
-//! is in flight is refused ("snapshot in progress") and not queued.
-//!
-//! Progress is logged every second (tracing info), the final metrics when
-//! a snapshot is done, and a failure with its reason.
+//! snapshot, the VM keeps running). The trigger only sends the VM's owner
+//! requests (`crate::owner`), which takes, logs and reports the snapshots;
+//! a signal that arrives while one is in flight is refused ("snapshot in
+//! progress") and not queued.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use snapshot::Strategy;
 
-use super::{SnapshotHandle, SnapshotRequest, SnapshotState, Snapshotter};
-use crate::vcpu_control::VmExit;
-use crate::vm::Vm;
+use crate::owner::{notify, Envelope, Request, SnapshotOrder};
+
+/// How often the trigger looks at the clock and the signal flag.
+const TICK: Duration = Duration::from_millis(10);
 
 /// What `snapvm run` was asked to snapshot.
 #[derive(Debug, Clone)]
@@ -26,173 +29,76 @@ pub struct TriggerPlan {
     pub at: Option<Duration>,
     pub mode: Strategy,
     pub workers: usize,
-    /// [`SnapshotRequest::priority`].
-    pub priority: snapshot::BackgroundPriority,
-    /// [`SnapshotRequest::memory_budget`].
-    pub memory_budget: u64,
 }
 
-static SIGUSR1_SEEN: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigusr1(_: libc::c_int) {
-    SIGUSR1_SEEN.store(true, Ordering::SeqCst);
+/// The running trigger; stopped (and joined) when dropped.
+pub struct Trigger {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
-/// Installs the SIGUSR1 handler (a flag the run loop polls).
-pub fn install_sigusr1() -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction is a valid starting point; the handler only
-    // stores to an atomic (async-signal-safe); SA_RESTART keeps other
-    // threads' syscalls from failing with EINTR.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigusr1 as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
+impl Trigger {
+    /// Installs the SIGUSR1 handler and starts the trigger thread; the
+    /// `--snapshot-at` clock starts now.
+    pub fn start(plan: TriggerPlan, to: Sender<Envelope>) -> std::io::Result<Trigger> {
+        crate::signals::install_snapshot()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("snapshot-trigger".into())
+            .spawn(move || run(&plan, &to, &s))?;
+        Ok(Trigger {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Trigger {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
-    Ok(())
 }
 
-fn take(
-    vm: &Vm,
-    snapshotter: &Snapshotter,
-    plan: &TriggerPlan,
-    dir: PathBuf,
-    why: &str,
-) -> Option<SnapshotHandle> {
-    let req = SnapshotRequest {
-        mode: plan.mode,
-        workers: plan.workers,
-        priority: plan.priority,
-        memory_budget: plan.memory_budget,
-        ..SnapshotRequest::new(dir.clone())
-    };
+fn order(plan: &TriggerPlan, dir: PathBuf, why: &str) -> Request {
     tracing::info!(
         "snapshot {} ({why}): {} with {} workers",
         dir.display(),
         plan.mode,
         plan.workers
     );
-    match snapshotter.take(vm, req) {
-        Ok(h) => Some(h),
-        Err(e) => {
-            tracing::error!(
-                "snapshot {} failed: {e}; the VM keeps running",
-                dir.display()
-            );
-            None
-        }
-    }
+    Request::CreateSnapshot(SnapshotOrder {
+        dir,
+        mode: plan.mode,
+        workers: Some(plan.workers),
+        overwrite: false,
+        memory_budget: None,
+        wait: false,
+    })
 }
 
-/// The `--snapshot-at` / SIGUSR1 trigger, polled by the loop that owns the
-/// VM (this module's [`run_until_exit`], or the API's owner loop).
-pub struct Trigger {
-    plan: TriggerPlan,
-    start: Instant,
-    at: Option<Duration>,
-    signals: u32,
-    inflight: Option<SnapshotHandle>,
-    last_log: Instant,
-}
-
-impl Trigger {
-    /// Starts the `--snapshot-at` clock now.
-    pub fn new(plan: TriggerPlan) -> Trigger {
-        Trigger {
-            at: plan.at,
-            plan,
-            start: Instant::now(),
-            signals: 0,
-            inflight: None,
-            last_log: Instant::now(),
-        }
-    }
-
-    pub fn plan(&self) -> &TriggerPlan {
-        &self.plan
-    }
-
-    /// Takes the snapshot that is due, if any (returning its handle), and
-    /// logs the progress of the one in flight once a second.
-    pub fn poll(&mut self, vm: &Vm, snapshotter: &Snapshotter) -> Option<SnapshotHandle> {
-        let mut started = None;
-        if let Some(d) = self.at {
-            if self.start.elapsed() >= d {
-                self.at = None;
-                started = take(
-                    vm,
-                    snapshotter,
-                    &self.plan,
-                    self.plan.dir.clone(),
-                    "--snapshot-at",
-                );
+fn run(plan: &TriggerPlan, to: &Sender<Envelope>, stop: &AtomicBool) {
+    let start = Instant::now();
+    let mut at = plan.at;
+    let mut signals = 0u32;
+    while !stop.load(Ordering::Acquire) {
+        if at.is_some_and(|d| start.elapsed() >= d) {
+            at = None;
+            if !notify(to, order(plan, plan.dir.clone(), "--snapshot-at")) {
+                return;
             }
         }
-        if SIGUSR1_SEEN.swap(false, Ordering::SeqCst) {
-            self.signals += 1;
-            let mut name = self.plan.dir.clone().into_os_string();
-            name.push(format!("-{}", self.signals));
-            if let Some(h) = take(vm, snapshotter, &self.plan, PathBuf::from(name), "SIGUSR1") {
-                started = Some(h);
+        if crate::signals::take_snapshot() {
+            signals += 1;
+            let mut name = plan.dir.clone().into_os_string();
+            name.push(format!("-{signals}"));
+            if !notify(to, order(plan, PathBuf::from(name), "SIGUSR1")) {
+                return;
             }
         }
-        if let Some(h) = &started {
-            self.inflight = Some(h.clone());
-        }
-        if let Some(h) = &self.inflight {
-            if h.state().is_finished() {
-                self.inflight = None;
-            } else if self.last_log.elapsed() >= Duration::from_secs(1) {
-                self.last_log = Instant::now();
-                log_progress(h);
-            }
-        }
-        started
-    }
-
-    /// Waits for the snapshot still in flight (the VM has stopped).
-    pub fn finish(&mut self) {
-        if let Some(h) = self.inflight.take() {
-            tracing::info!(
-                "VM stopped; waiting for snapshot {} to finish",
-                h.dir().display()
-            );
-            let _ = h.wait();
-        }
-    }
-}
-
-/// Runs the VM until it stops, taking the planned snapshots; waits for a
-/// snapshot still in flight before returning.
-pub fn run_until_exit(vm: &mut Vm, plan: &TriggerPlan) -> VmExit {
-    let mut trigger = Trigger::new(plan.clone());
-    let snapshotter = Snapshotter::new();
-    while vm.exit_reason().is_none() {
-        trigger.poll(vm, &snapshotter);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    trigger.finish();
-    vm.wait()
-}
-
-fn log_progress(h: &SnapshotHandle) {
-    let p = h.progress();
-    match p.state {
-        SnapshotState::Copying => tracing::info!(
-            "snapshot {}: copying {}/{} units, {} MiB written",
-            h.dir().display(),
-            p.chunks_done,
-            p.chunks_total,
-            p.bytes_written >> 20
-        ),
-        SnapshotState::Persisting => tracing::info!(
-            "snapshot {}: persisting {} MiB",
-            h.dir().display(),
-            p.bytes_written >> 20
-        ),
-        _ => {}
+        std::thread::sleep(TICK);
     }
 }
