@@ -203,6 +203,47 @@ pub struct LoadedKernel {
     pub ap_startup: ApStartup,
 }
 
+/// How the kernel was loaded and is started (a restored VM does not
+/// re-enter it; the entry is kept for reference).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BootState {
+    /// Linux bzImage (else an ELF/PVH image).
+    pub bz_image: bool,
+    /// APs start through snapvm's paravirtual START_APS (else INIT/SIPI).
+    pub paravirtual_aps: bool,
+    pub entry: EntryState,
+}
+
+impl crate::component::Persist for LoadedKernel {
+    type State = BootState;
+    type ConstructorArgs = ();
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<BootState, std::convert::Infallible> {
+        Ok(BootState {
+            bz_image: self.format == KernelFormat::BzImage,
+            paravirtual_aps: self.ap_startup == ApStartup::Paravirtual,
+            entry: self.entry,
+        })
+    }
+
+    fn restore((): (), state: &BootState) -> Result<LoadedKernel, std::convert::Infallible> {
+        Ok(LoadedKernel {
+            format: if state.bz_image {
+                KernelFormat::BzImage
+            } else {
+                KernelFormat::Elf
+            },
+            entry: state.entry,
+            ap_startup: if state.paravirtual_aps {
+                ApStartup::Paravirtual
+            } else {
+                ApStartup::InitSipi
+            },
+        })
+    }
+}
+
 /// Loads the kernel, command line, initrd and boot tables into `ram`.
 pub fn load(ram: &GuestRam, config: &BootConfig) -> Result<LoadedKernel, LoadError> {
     let mem = ram.memory();

@@ -1,39 +1,32 @@
-//! The VM owner: creates the KVM VM, its memory, devices and vCPU threads,
-//! and exposes the controls snapshots are built on (pause/resume, vCPU
-//! state, guest RAM, the guest probe).
+//! A VM: its parts (assembled by `builder.rs`, for a boot or a restore),
+//! its vCPU threads, and the controls snapshots are built on — pause and
+//! resume, its components as a list (`pausable`, `save_state`), guest
+//! RAM, the guest probe.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::MutEventSubscriber;
-use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
 use kvm_ioctls::{Kvm, VmFd};
 use snapvm_guest::abi::{ProbeBlock, PROBE_MAGIC};
 
 use crate::placement::CpuPlacement;
 use crate::probe_gaps::ProbeGaps;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::ApStartup;
-use crate::devices::pv_ports::PvPorts;
-use crate::devices::serial::{SerialDevice, COM1_IRQ};
+use crate::component::{Pausable, Persist};
 use crate::devices::stdin::StdinInput;
 use crate::devices::virtio::vsock::{HostListener, VsockDevice, VsockError};
 use crate::devices::{EventLoop, IoBus};
-use crate::kvm_device::{self, KvmDeviceError};
-use crate::loader::{self, BootConfig, KernelFormat, LoadError, LoadedKernel};
+use crate::kvm_device::KvmDeviceError;
+use crate::kvm_vm::KvmVm;
+use crate::loader::{BootConfig, LoadError, LoadedKernel};
 use crate::memory::{GuestRam, MemoryError};
-use crate::vcpu::{self, lock_vcpu, SharedVcpuFd, VcpuError, VcpuThread};
-use crate::vcpu_control::{self, PauseError, VcpuControl, VmExit};
-
-/// Identity-map and TSS pages KVM needs on Intel; inside the MMIO hole so
-/// they never shadow RAM.
-const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+use crate::vcpu::{SharedVcpuFd, VcpuError, VcpuThread};
+use crate::vcpu_control::{PauseError, VcpuControl, VmExit};
+use crate::vcpu_set::{RunningVcpus, VcpuSet};
+use crate::vmstate::{MemoryRegionState, VcpuState, VmState, VmStateError, VMSTATE_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -70,10 +63,6 @@ pub enum VmError {
     VsockAttached,
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm { what, source }
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProbeError {
     #[error("the guest has not registered a probe block")]
@@ -108,30 +97,27 @@ impl VmConfig {
     }
 }
 
-/// A vCPU's architectural state, readable while the VM is paused.
-#[derive(Clone, Debug)]
-pub struct VcpuState {
-    pub regs: kvm_regs,
-    pub sregs: kvm_sregs,
-    pub fpu: kvm_fpu,
-    pub xcrs: kvm_xcrs,
-    pub lapic: Option<kvm_lapic_state>,
-    pub events: kvm_vcpu_events,
-    pub mp_state: kvm_mp_state,
-    pub debugregs: kvm_debugregs,
-    pub msrs: Vec<kvm_msr_entry>,
+/// The parts of a VM, as the builder makes them.
+pub(crate) struct VmParts {
+    pub kvm: Kvm,
+    pub vm: KvmVm,
+    pub ram: GuestRam,
+    pub vcpus: VcpuSet,
+    pub bus: Arc<IoBus>,
+    pub loaded: LoadedKernel,
+    pub serial_in: bool,
 }
 
 /// A running (or ready to run) VM.
 pub struct Vm {
+    /// /dev/kvm, open for the VM's life.
+    #[allow(dead_code)]
     kvm: Kvm,
-    vm_fd: Arc<VmFd>,
+    vm: KvmVm,
     ram: GuestRam,
-    vcpu_fds: Vec<SharedVcpuFd>,
-    control: Arc<VcpuControl>,
+    vcpus: VcpuSet,
     bus: Arc<IoBus>,
     loaded: LoadedKernel,
-    irqchip: bool,
     serial_in: bool,
     threads: Vec<JoinHandle<()>>,
     event_loop: Option<EventLoop>,
@@ -142,103 +128,38 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Builds the VM: KVM VM, RAM, kernel, devices and vCPUs. Nothing runs yet.
+    /// Builds a VM that boots `config.boot` (`builder::boot`). Nothing
+    /// runs yet.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
-        vcpu_control::install_kick_handler().map_err(|e| VmError::Io {
-            what: "cannot install the vCPU kick signal handler",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
-        let kvm = kvm_device::open_kvm()?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("cannot create a KVM VM"))?;
-        let ram = GuestRam::with_backing(config.memory_size, config.backing)?;
-        ram.register(&vm_fd)?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("cannot set the TSS address"))?;
-        let irqchip = match vm_fd.create_irq_chip() {
-            Ok(()) => {
-                let pit = kvm_pit_config {
-                    flags: KVM_PIT_SPEAKER_DUMMY,
-                    ..Default::default()
-                };
-                if let Err(e) = vm_fd.create_pit2(pit) {
-                    tracing::warn!("no in-kernel PIT: {e}");
-                }
-                true
-            }
-            Err(e) => {
-                tracing::warn!("no in-kernel irqchip ({e}); guest interrupts are unavailable");
-                false
-            }
-        };
-        let loaded = loader::load(&ram, &config.boot)?;
-        tracing::info!(
-            "loaded {} as {:?}, entry {:?}",
-            config.boot.kernel.name,
-            loaded.format,
-            loaded.entry
-        );
+        crate::builder::boot(config)
+    }
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("cannot read supported CPUID"))?;
-        // Linux runs its own code in ring 0: see cpuid::configure.
-        let ring0_quirks = loaded.format == KernelFormat::BzImage;
-        let mut vcpu_fds = Vec::with_capacity(config.vcpus);
-        for index in 0..config.vcpus {
-            let fd = vcpu::create_vcpu(
-                &vm_fd,
-                &supported,
-                index,
-                config.vcpus,
-                irqchip,
-                ring0_quirks,
-            )?;
-            if index == 0 {
-                vcpu::set_entry_state(&fd, 0, &loaded.entry)?;
-            }
-            vcpu_fds.push(Arc::new(Mutex::new(fd)));
-        }
-        let tsc_khz = lock_vcpu(&vcpu_fds[0]).get_tsc_khz().unwrap_or_else(|e| {
-            tracing::debug!("KVM_GET_TSC_KHZ failed: {e}");
-            0
-        });
+    /// Builds a VM from `state` over `ram` (`builder::restore`), ready to
+    /// [`Vm::start`].
+    pub fn restore(
+        config: crate::builder::RestoreConfig,
+        ram: GuestRam,
+        state: &VmState,
+    ) -> Result<Vm, VmStateError> {
+        crate::builder::restore(config, ram, state)
+    }
 
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io {
-            what: "cannot create the serial interrupt eventfd",
-            source,
-        })?;
-        if irqchip {
-            vm_fd
-                .register_irqfd(&irq, COM1_IRQ)
-                .map_err(kvm_err("cannot register the serial irqfd"))?;
-        }
-        let serial = Arc::new(SerialDevice::new(irq, config.serial_out));
-        let bus = Arc::new(IoBus {
-            serial,
-            pv: PvPorts::new(config.vcpus as u32, tsc_khz),
-            vsock: std::sync::OnceLock::new(),
-        });
-        let control = Arc::new(VcpuControl::new(
-            config.vcpus,
-            loaded.ap_startup == ApStartup::Paravirtual,
-        ));
-        Ok(Vm {
-            kvm,
-            vm_fd: Arc::new(vm_fd),
-            ram,
-            vcpu_fds,
-            control,
-            bus,
-            loaded,
-            irqchip,
-            serial_in: config.serial_in,
+    /// A VM from the builder's parts; nothing runs yet.
+    pub(crate) fn assemble(p: VmParts) -> Vm {
+        Vm {
+            kvm: p.kvm,
+            vm: p.vm,
+            ram: p.ram,
+            vcpus: p.vcpus,
+            bus: p.bus,
+            loaded: p.loaded,
+            serial_in: p.serial_in,
             threads: Vec::new(),
             event_loop: None,
             started: false,
             exit: None,
             cpus: None,
-        })
+        }
     }
 
     /// Starts the device loop and one thread per vCPU (`vcpu0`, `vcpu1`, ...).
@@ -251,18 +172,18 @@ impl Vm {
         if self.serial_in {
             subscribers.push(Arc::new(Mutex::new(StdinInput::new(
                 self.bus.serial.clone(),
-                self.control.clone(),
+                self.vcpus.control.clone(),
             ))));
         }
         self.event_loop = Some(EventLoop::start(subscribers).map_err(|source| VmError::Io {
             what: "cannot start the device event loop",
             source,
         })?);
-        for (index, fd) in self.vcpu_fds.iter().enumerate() {
+        for (index, fd) in self.vcpus.fds.iter().enumerate() {
             let thread = VcpuThread {
                 index,
                 fd: fd.clone(),
-                control: self.control.clone(),
+                control: self.vcpus.control.clone(),
                 bus: self.bus.clone(),
                 ram: self.ram.clone(),
                 ap_startup: self.loaded.ap_startup,
@@ -279,10 +200,11 @@ impl Vm {
                 }
                 Err(source) => {
                     // Threads never started count as exited so waits end.
-                    for i in index..self.vcpu_fds.len() {
-                        self.control.mark_exited(i);
+                    for i in index..self.vcpus.len() {
+                        self.vcpus.control.mark_exited(i);
                     }
-                    self.control
+                    self.vcpus
+                        .control
                         .request_stop(VmExit::Error("cannot spawn vCPU thread".into()));
                     return Err(VmError::Io {
                         what: "cannot spawn a vCPU thread",
@@ -300,40 +222,90 @@ impl Vm {
         if !self.started {
             return Err(PauseError::NotStarted);
         }
-        self.control.pause()
+        self.vcpus.control.pause()
     }
 
     /// Releases the vCPUs held by [`Vm::pause`].
     pub fn resume(&self) -> Result<(), PauseError> {
-        self.control.resume()
+        self.vcpus.control.resume()
     }
 
-    /// Parks the device threads (the vsock one, if attached) between
-    /// packets: until [`Vm::resume_devices`] no device reads or writes
-    /// guest memory or queue state. Separate from [`Vm::pause`] because
-    /// only a snapshot needs both (pause vCPUs, then devices); idempotent.
-    pub fn pause_devices(&self) -> Result<(), VmError> {
+    /// The VM's components that run on their own, in the order a snapshot
+    /// pauses them (vCPUs, then devices with threads of their own: the
+    /// vsock device); resumed in reverse (`component::resume_all`).
+    pub fn pausable(&self) -> Vec<Box<dyn Pausable + '_>> {
+        let mut out: Vec<Box<dyn Pausable + '_>> = vec![Box::new(RunningVcpus {
+            set: &self.vcpus,
+            started: self.started,
+        })];
         if let Some(d) = self.bus.vsock.get() {
+            out.push(Box::new(d.as_ref()));
+        }
+        out
+    }
+
+    /// Pauses the VM's devices that have threads of their own (`pausable`
+    /// but the vCPUs), e.g. to read their state with the vCPUs running.
+    pub fn pause_devices(&self) -> Result<(), crate::component::PauseFailed> {
+        for d in self.pausable().iter().skip(1) {
             d.pause()?;
         }
         Ok(())
     }
 
-    /// Releases the device threads held by [`Vm::pause_devices`].
+    /// Releases what [`Vm::pause_devices`] held.
     pub fn resume_devices(&self) {
-        if let Some(d) = self.bus.vsock.get() {
+        for d in self.pausable().iter().skip(1).rev() {
             d.resume();
         }
+    }
+
+    /// Every component's state, gathered into one [`VmState`]. The VM must
+    /// be paused with its devices (`pausable`); pending I/O exits are
+    /// completed first (so saved RIPs are past the instruction). Guest
+    /// memory is not part of it.
+    pub fn save_state(&self) -> Result<VmState, VmStateError> {
+        if !self.is_paused() {
+            return Err(VmStateError::NotPaused);
+        }
+        // First: it is the check most likely to fail (devices not paused).
+        let vsock = match self.bus.vsock.get() {
+            Some(d) => Some(d.save()?),
+            None => None,
+        };
+        let Ok(boot) = self.loaded.save();
+        Ok(VmState {
+            version: VMSTATE_VERSION,
+            boot,
+            memory_layout: self
+                .ram
+                .regions()
+                .iter()
+                .map(|r| MemoryRegionState {
+                    guest_addr: r.guest_addr,
+                    len: r.len as u64,
+                })
+                .collect(),
+            vcpus: self.vcpus.save()?,
+            kvm: self.vm.save()?,
+            serial: self
+                .bus
+                .serial
+                .save()
+                .map_err(|e| VmStateError::Serial(e.to_string()))?,
+            pv: self.bus.pv.save().map_err(VmStateError::Invalid)?,
+            vsock,
+        })
     }
 
     /// Time from the last [`Vm::resume`] until every vCPU it released was
     /// back on its way into KVM_RUN (None while some are still waking).
     pub fn last_resume_latency(&self) -> Option<std::time::Duration> {
-        self.control.last_resume_latency()
+        self.vcpus.control.last_resume_latency()
     }
 
     pub fn is_paused(&self) -> bool {
-        self.control.is_paused()
+        self.vcpus.control.is_paused()
     }
 
     /// The guest's probe block (validated magic, bounds-checked read).
@@ -407,38 +379,10 @@ impl Vm {
         Ok(block.slots[..n].iter().map(|s| s.heartbeat).collect())
     }
 
-    /// Reads every vCPU's state; the VM must be paused.
-    pub fn vcpu_states(&self) -> Result<Vec<VcpuState>, VmError> {
-        if !self.control.is_paused() {
-            return Err(PauseError::NotPaused.into());
-        }
-        let msr_list = self
-            .kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("cannot list MSRs"))?;
-        self.vcpu_fds
-            .iter()
-            .map(|fd| {
-                let fd = lock_vcpu(fd);
-                Ok(VcpuState {
-                    regs: fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
-                    sregs: fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
-                    fpu: fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
-                    xcrs: fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?,
-                    lapic: if self.irqchip {
-                        Some(fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?)
-                    } else {
-                        None
-                    },
-                    events: fd
-                        .get_vcpu_events()
-                        .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
-                    mp_state: fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
-                    debugregs: fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
-                    msrs: read_msrs(&fd, msr_list.as_slice())?,
-                })
-            })
-            .collect()
+    /// Every vCPU's state as it is now (pending exits left pending); the
+    /// VM must be paused.
+    pub fn vcpu_states(&self) -> Result<Vec<VcpuState>, VmStateError> {
+        self.vcpus.states()
     }
 
     /// Guest RAM and its host mappings.
@@ -448,17 +392,17 @@ impl Vm {
 
     /// The KVM VM fd (memslots, dirty logging, ...).
     pub fn vm_fd(&self) -> &VmFd {
-        &self.vm_fd
+        &self.vm.fd
     }
 
     /// The vCPU fds; lock one only while the VM is paused.
     pub fn vcpu_fds(&self) -> &[SharedVcpuFd] {
-        &self.vcpu_fds
+        &self.vcpus.fds
     }
 
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
-        self.vcpu_fds.len()
+        self.vcpus.len()
     }
 
     /// What was loaded and how it is entered.
@@ -466,14 +410,9 @@ impl Vm {
         &self.loaded
     }
 
-    /// COM1 register state (for snapshots).
-    pub fn serial_state(&self) -> vm_superio::serial::SerialState {
-        self.bus.serial.state()
-    }
-
     /// Ends every idle wait now (for devices with something for the guest).
     pub fn wake_guest(&self) {
-        self.control.wake_waiters();
+        self.vcpus.control.wake_waiters();
     }
 
     /// Attaches the virtio-vsock device that forwards `listener`'s
@@ -481,10 +420,10 @@ impl Vm {
     /// where it is from [`crate::devices::virtio::cmdline_word`] on its
     /// command line.
     pub fn attach_vsock(&mut self, listener: HostListener) -> Result<(), VmError> {
-        let control = self.control.clone();
+        let control = self.vcpus.control.clone();
         let device = VsockDevice::start(
             crate::devices::virtio::VSOCK_MMIO_BASE,
-            &self.vm_fd,
+            &self.vm.fd,
             self.ram.memory().clone(),
             listener,
             Box::new(move || control.wake_waiters()),
@@ -500,7 +439,7 @@ impl Vm {
 
     /// Why the VM stopped, if it has.
     pub fn exit_reason(&self) -> Option<VmExit> {
-        self.exit.clone().or_else(|| self.control.exit())
+        self.exit.clone().or_else(|| self.vcpus.control.exit())
     }
 
     /// Blocks until every vCPU has stopped; returns why.
@@ -509,7 +448,7 @@ impl Vm {
             return exit.clone();
         }
         let exit = if self.started {
-            self.control.wait_exited()
+            self.vcpus.control.wait_exited()
         } else {
             VmExit::Shutdown
         };
@@ -530,12 +469,12 @@ impl Vm {
     /// A handle that can stop this VM from another thread (e.g. when a
     /// background check finds its restored memory corrupt).
     pub fn stopper(&self) -> VmStopper {
-        VmStopper(self.control.clone())
+        VmStopper(self.vcpus.control.clone())
     }
 
     /// Stops the VM (if it still runs) and waits for it.
     pub fn shutdown(&mut self) -> VmExit {
-        self.control.request_stop(VmExit::Shutdown);
+        self.vcpus.control.request_stop(VmExit::Shutdown);
         self.wait()
     }
 }
@@ -551,38 +490,7 @@ impl VmStopper {
     }
 }
 
-/// Internals for the snapshot state code ([`crate::vmstate`]).
 impl Vm {
-    /// The /dev/kvm handle the VM was made with (no new open in the pause).
-    pub(crate) fn kvm_sys(&self) -> &Kvm {
-        &self.kvm
-    }
-
-    /// Devices, vCPU control and whether there is an in-kernel irqchip.
-    pub(crate) fn state_parts(&self) -> (&IoBus, &VcpuControl, bool) {
-        (&self.bus, &self.control, self.irqchip)
-    }
-
-    /// A VM (not started) from parts built by [`crate::vmstate::restore`].
-    pub(crate) fn from_parts(p: crate::vmstate::restore::VmParts) -> Vm {
-        Vm {
-            kvm: p.kvm,
-            vm_fd: p.vm_fd,
-            ram: p.ram,
-            vcpu_fds: p.vcpu_fds,
-            control: p.control,
-            bus: p.bus,
-            loaded: p.loaded,
-            irqchip: p.irqchip,
-            serial_in: p.serial_in,
-            threads: Vec::new(),
-            event_loop: None,
-            started: false,
-            exit: None,
-            cpus: None,
-        }
-    }
-
     /// Keeps the guest's threads (vCPUs, vsock device) on `p.guest` from
     /// [`Vm::start`] on, and snapshots' background threads on
     /// `p.background` (placement.rs). Call before `start`.
@@ -621,32 +529,4 @@ impl Drop for Vm {
             self.shutdown();
         }
     }
-}
-
-/// Reads every MSR in `list` that KVM lets us read. KVM_GET_MSRS stops at
-/// the first one it refuses, so skip that one and go on.
-fn read_msrs(fd: &kvm_ioctls::VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, VmError> {
-    let mut out = Vec::with_capacity(list.len());
-    let mut i = 0;
-    while i < list.len() {
-        let chunk: Vec<kvm_msr_entry> = list[i..]
-            .iter()
-            .take(256)
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&chunk).map_err(|e| VmError::Io {
-            what: "cannot build the MSR list",
-            source: std::io::Error::other(format!("{e:?}")),
-        })?;
-        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
-        out.extend_from_slice(&msrs.as_slice()[..n]);
-        i += n;
-        if n < chunk.len() {
-            i += 1; // unreadable MSR
-        }
-    }
-    Ok(out)
 }

@@ -79,16 +79,16 @@ fn blob_round_trip_and_refusals() {
     vm.pause().unwrap();
     let state = vm.save_state().unwrap();
     vm.resume().unwrap();
-    assert_eq!(state.vcpus.len(), 2);
-    assert_eq!(state.vcpu_started, vec![true, true]);
-    assert!(state.irqchip.is_some());
+    assert_eq!(state.vcpus.vcpus.len(), 2);
+    assert_eq!(state.vcpus.started, vec![true, true]);
+    assert!(state.kvm.irqchip.is_some());
     assert_ne!(state.pv.probe_addr, 0);
-    assert!(state.vcpus.iter().all(|v| !v.msrs.is_empty()));
+    assert!(state.vcpus.vcpus.iter().all(|v| !v.msrs.is_empty()));
 
     let blob = state.encode().unwrap();
     let back = VmState::decode(&blob).unwrap();
     assert_eq!(back.encode().unwrap(), blob, "re-encoding differs");
-    assert_eq!(back.vcpus[1].regs.rip, state.vcpus[1].regs.rip);
+    assert_eq!(back.vcpus.vcpus[1].regs.rip, state.vcpus.vcpus[1].regs.rip);
     assert_eq!(back.pv, state.pv);
     assert_eq!(back.memory_layout, state.memory_layout);
 

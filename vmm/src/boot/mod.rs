@@ -7,7 +7,7 @@ pub mod paging;
 pub mod pvh;
 
 /// How the kernel expects to be entered; applied to vCPU 0 by vcpu.rs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EntryState {
     /// PVH: 32-bit protected mode, flat segments, paging off,
     /// EBX = `start_info`, EIP = `entry`.

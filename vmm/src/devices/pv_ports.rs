@@ -4,7 +4,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use snapvm_guest::abi;
+
+use crate::component::Persist;
 
 /// Idle wait when the guest passes 0.
 pub const DEFAULT_WAIT: Duration = Duration::from_millis(10);
@@ -85,9 +88,69 @@ impl PvPorts {
     }
 }
 
+/// The port block's state: facts the guest read at boot (kept as they
+/// were, so the restored guest's view stays consistent) and the address it
+/// registered its probe block at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PvPortsState {
+    pub cpu_count: u32,
+    pub tsc_khz: u32,
+    /// Guest-physical address of the ProbeBlock (0 = not registered).
+    pub probe_addr: u64,
+}
+
+impl Persist for PvPorts {
+    type State = PvPortsState;
+    type ConstructorArgs = ();
+    type Error = String;
+
+    fn save(&self) -> Result<PvPortsState, String> {
+        Ok(PvPortsState {
+            cpu_count: self.cpu_count,
+            tsc_khz: self.tsc_khz,
+            probe_addr: self.probe_addr(),
+        })
+    }
+
+    fn restore((): (), state: &PvPortsState) -> Result<PvPorts, String> {
+        let pv = PvPorts::new(state.cpu_count, state.tsc_khz);
+        if state.probe_addr != 0 {
+            // The guest registers it with a 32-bit port write.
+            let addr = u32::try_from(state.probe_addr)
+                .map_err(|_| format!("probe address {:#x} above 4 GiB", state.probe_addr))?;
+            pv.write(abi::PORT_PROBE_ADDR, addr);
+        }
+        Ok(pv)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_round_trip() {
+        let pv = PvPorts::new(3, 2_500_000);
+        pv.write(abi::PORT_PROBE_ADDR, 0x20_0000);
+        let s = pv.save().unwrap();
+        assert_eq!(
+            s,
+            PvPortsState {
+                cpu_count: 3,
+                tsc_khz: 2_500_000,
+                probe_addr: 0x20_0000
+            }
+        );
+        assert_eq!(PvPorts::restore((), &s).unwrap().save().unwrap(), s);
+        let far = PvPortsState {
+            probe_addr: 1 << 33,
+            ..s
+        };
+        assert_eq!(
+            PvPorts::restore((), &far).unwrap_err(),
+            "probe address 0x200000000 above 4 GiB"
+        );
+    }
 
     #[test]
     fn ports() {

@@ -5,9 +5,12 @@
 use std::io::Write;
 use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::component::Persist;
 
 /// IRQ line of COM1.
 pub const COM1_IRQ: u32 = 4;
@@ -25,6 +28,50 @@ impl Trigger for IrqTrigger {
 
 type Uart = Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>;
 
+/// vm-superio's `SerialState` (COM1's 16550 registers and receive FIFO),
+/// which has no serde support of its own: a remote derive of it, used as
+/// `#[serde(with = "SerialStateDef")]`.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+pub struct SerialStateDef {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// What a restored COM1 is built with besides its state.
+pub struct SerialArgs {
+    /// The interrupt eventfd (an irqfd on IRQ 4 with the in-kernel irqchip).
+    pub irq: EventFd,
+    /// Where its output goes.
+    pub out: Box<dyn Write + Send>,
+}
+
+impl Persist for SerialDevice {
+    type State = SerialState;
+    type ConstructorArgs = SerialArgs;
+    type Error = std::io::Error;
+
+    fn save(&self) -> Result<SerialState, std::io::Error> {
+        Ok(self.uart().state())
+    }
+
+    fn restore(args: SerialArgs, state: &SerialState) -> Result<SerialDevice, std::io::Error> {
+        let uart = Serial::from_state(state, IrqTrigger(args.irq), NoEvents, args.out)
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(SerialDevice {
+            uart: Mutex::new(uart),
+        })
+    }
+}
+
 /// The COM1 device, shared by the vCPU threads and the event loop.
 pub struct SerialDevice {
     uart: Mutex<Uart>,
@@ -41,19 +88,6 @@ impl SerialDevice {
         SerialDevice {
             uart: Mutex::new(Serial::new(IrqTrigger(irq), out)),
         }
-    }
-
-    /// A device with saved register state (restore).
-    pub fn from_state(
-        irq: EventFd,
-        out: Box<dyn Write + Send>,
-        state: &SerialState,
-    ) -> std::io::Result<Self> {
-        let uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        Ok(SerialDevice {
-            uart: Mutex::new(uart),
-        })
     }
 
     fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {
@@ -86,11 +120,6 @@ impl SerialDevice {
     /// Room left in the receive FIFO.
     pub fn input_capacity(&self) -> usize {
         self.uart().fifo_capacity()
-    }
-
-    /// Register state, for snapshots.
-    pub fn state(&self) -> SerialState {
-        self.uart().state()
     }
 
     pub fn flush(&self) {
@@ -142,5 +171,22 @@ mod tests {
         // LSR data-ready, then the byte from RBR.
         assert_eq!(dev.read(5) & 1, 1);
         assert_eq!(dev.read(0), b'x');
+    }
+
+    #[test]
+    fn saved_registers_and_fifo_come_back() {
+        let dev = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(Sink::default()));
+        dev.write(3, 0x83); // DLAB on
+        dev.write(0, 12); // divisor low
+        dev.write(3, 0x03); // 8N1
+        dev.enqueue_input(b"ab");
+        let state = dev.save().unwrap();
+        let args = SerialArgs {
+            irq: EventFd::new(0).unwrap(),
+            out: Box::new(Sink::default()),
+        };
+        let back = SerialDevice::restore(args, &state).unwrap();
+        assert_eq!(back.save().unwrap(), state);
+        assert_eq!(back.read(0), b'a');
     }
 }

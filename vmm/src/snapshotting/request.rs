@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use snapshot::{BackgroundPriority, FaultInjection, PersistError, Strategy};
 
-use crate::vcpu_control::PauseError;
 use crate::vmstate::VmStateError;
 
 /// What to snapshot and how.
@@ -65,9 +64,7 @@ pub enum SnapshotError {
     #[error("cannot create the snapshot directory: {0}")]
     Target(PersistError),
     #[error("cannot pause the VM for a snapshot: {0}")]
-    Pause(#[from] PauseError),
-    #[error("cannot pause the devices for a snapshot: {0}")]
-    Devices(crate::vm::VmError),
+    Pause(#[from] crate::component::PauseFailed),
     #[error("cannot capture the VM state: {0}")]
     State(#[from] VmStateError),
     #[error("snapshot engine: {0}")]

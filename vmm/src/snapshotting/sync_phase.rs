@@ -4,14 +4,16 @@
 //! 0. **Arm** (guest running): the engine allocates the staging pool the
 //!    first time, registers guest RAM with userfaultfd and write-protects
 //!    it in steps; writes meanwhile are let through and noted.
-//! 1. **Pause** every vCPU, then the devices (the vsock thread parks
-//!    between packets): nothing writes guest RAM any more.
-//! 2. **Capture** every component's state (vCPUs, irqchip, clock, serial,
-//!    PV ports, vsock transport and queues) into one blob.
+//! 1. **Pause** the VM's components in order (`Vm::pausable`: the vCPUs,
+//!    then the vsock device's thread, which parks between packets):
+//!    nothing writes guest RAM any more. One paused before (`PATCH /vm`)
+//!    stays paused.
+//! 2. **Capture** every component's state (`component::Persist`: the KVM
+//!    VM, the vCPUs, COM1, the PV ports, the vsock device) into one blob.
 //! 3. **Begin**: the engine re-protects what was written since arm (or,
 //!    for the baselines, protects or writes everything now; the fork
 //!    baseline forks here).
-//! 4. **Resume** the devices, then the vCPUs.
+//! 4. **Resume** what step 1 paused, in reverse order.
 //! 5. **Start the copy**: the engine's workers begin writing chunks to the
 //!    image (woken only now, so they cannot take the CPU of the thread
 //!    resuming the vCPUs).
@@ -29,7 +31,7 @@ use super::checksums::checksum_chunks;
 use super::fork::{self, ForkChild};
 use super::metrics::SyncPhase;
 use super::request::SnapshotError;
-use crate::vcpu_control::PauseError;
+use crate::component;
 use crate::vm::Vm;
 use crate::vmstate::VcpuState;
 
@@ -90,17 +92,8 @@ pub(super) fn run(
     // 1. Pause: the guest is stalled from here to resume().
     let mut sync = SyncPhase::default();
     let t0 = Instant::now();
-    let was_paused = vm.is_paused();
-    if !was_paused {
-        vm.pause()?;
-    }
-    if let Err(e) = vm.pause_devices() {
-        vm.resume_devices();
-        if !was_paused {
-            vm.resume()?;
-        }
-        return Err(SnapshotError::Devices(e));
-    }
+    let components = vm.pausable();
+    let paused = component::pause_all(&components)?;
     sync.pause = t0.elapsed();
     // With `--cpus`, the rest of the pause runs on the guest's CPUs, idle
     // now and where its vCPUs last ran: the state capture's vCPU ioctls
@@ -112,27 +105,25 @@ pub(super) fn run(
         p.guest.pin_current_thread().ok()?;
         Some(before)
     });
-    let resume = |sync: &mut SyncPhase| -> Result<(), PauseError> {
+    let resume = |sync: &mut SyncPhase| {
         let t = Instant::now();
         if let Some(before) = &affinity_before {
             let _ = before.pin_current_thread();
         }
-        vm.resume_devices();
-        let r = if was_paused { Ok(()) } else { vm.resume() };
+        component::resume_all(&paused);
         sync.resume = t.elapsed();
         sync.total = t0.elapsed();
-        r
     };
 
     // 2. Capture.
     let t = Instant::now();
     let blob = match vm.save_state().and_then(|s| {
-        sync.guest_tsc = s.vcpus.first().and_then(VcpuState::tsc);
+        sync.guest_tsc = s.vcpus.vcpus.first().and_then(VcpuState::tsc);
         s.encode()
     }) {
         Ok(b) => b,
         Err(e) => {
-            resume(&mut sync)?;
+            resume(&mut sync);
             return Err(e.into());
         }
     };
@@ -156,7 +147,7 @@ pub(super) fn run(
                     Work::Engine(engine.clone())
                 }
                 Err(e) => {
-                    resume(&mut sync)?;
+                    resume(&mut sync);
                     return Err(e.into());
                 }
             }
@@ -167,7 +158,7 @@ pub(super) fn run(
             match forked {
                 Ok(child) => Work::Fork(child),
                 Err(e) => {
-                    resume(&mut sync)?;
+                    resume(&mut sync);
                     return Err(SnapshotError::Failed(format!("fork: {e}")));
                 }
             }
@@ -175,7 +166,7 @@ pub(super) fn run(
     };
 
     // 4. Resume.
-    resume(&mut sync)?;
+    resume(&mut sync);
 
     // 5. Start the copy. A failure rolls the snapshot back; the engine's
     // `wait` reports it.

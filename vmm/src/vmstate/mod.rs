@@ -1,24 +1,28 @@
 //! VM state for snapshots: everything but guest memory, as plain data.
 //!
-//! Like Firecracker's `Persist`: live objects stay where they are; this
-//! module captures their state into serde structs ([`VmState`]) while the VM
-//! is paused ([`crate::Vm::save_state`]), encodes it into the opaque blob
-//! the snapshot format stores ([`VmState::encode`] / [`VmState::decode`]),
-//! and builds a new, runnable VM from a state plus guest memory
-//! ([`crate::Vm::restore`], memory from [`restore::ram_from_copies`] or
-//! [`restore::ram_from_mapped`]).
+//! [`VmState`] is the set of the components' saved states
+//! (`component::Persist`: the KVM VM, the vCPUs, COM1, the PV ports, the
+//! vsock device) plus the boot facts and the memory layout. `Vm::save_state`
+//! gathers it while the VM is paused; the builder's restore path
+//! (`builder::restore`) rebuilds a VM from it. This module encodes it into
+//! the opaque blob the snapshot format stores ([`VmState::encode`] /
+//! [`VmState::decode`]), and checks what it decodes; [`ram`] gives guest
+//! memory for a restore, [`vcpu`] reads and writes one vCPU.
 
-pub mod devices;
-pub mod restore;
+pub mod ram;
 pub mod vcpu;
 
 use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 
-use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
-
-pub use self::devices::{PvPortsState, SerialSnapshot};
-pub use self::restore::{ram_from_copies, ram_from_mapped, RestoreConfig};
+pub use self::ram::{ram_from_copies, ram_from_mapped};
 pub use self::vcpu::VcpuState;
+pub use crate::builder::RestoreConfig;
+use crate::devices::pv_ports::PvPortsState;
+use crate::devices::serial::SerialStateDef;
+pub use crate::kvm_vm::{IrqchipState, KvmVmState};
+pub use crate::loader::BootState;
+pub use crate::vcpu_set::VcpuSetState;
 
 /// Version of [`VmState`]'s layout; bump on any change to these structs.
 /// 2: the virtio-vsock device state.
@@ -97,63 +101,18 @@ pub struct MemoryRegionState {
     pub len: u64,
 }
 
-/// The in-kernel irqchip: KVM_GET_IRQCHIP of PIC master, PIC slave, IOAPIC.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct IrqchipState {
-    pub pic_master: kvm_irqchip,
-    pub pic_slave: kvm_irqchip,
-    pub ioapic: kvm_irqchip,
-}
-
-impl std::fmt::Debug for IrqchipState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IrqchipState").finish_non_exhaustive()
-    }
-}
-
-/// How the kernel was loaded and is started (the loader's result).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BootState {
-    /// Linux bzImage (else an ELF/PVH image).
-    pub bz_image: bool,
-    /// APs start through snapvm's paravirtual START_APS (else INIT/SIPI).
-    pub paravirtual_aps: bool,
-    pub entry: BootEntry,
-}
-
-/// Mirror of [`crate::boot::EntryState`] (kept for reference: a restored
-/// VM does not re-enter the kernel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BootEntry {
-    Pvh32 {
-        entry: u64,
-        start_info: u64,
-    },
-    Linux64 {
-        entry: u64,
-        boot_params: u64,
-        cr3: u64,
-    },
-}
-
-/// Everything needed, besides guest memory, to resume a VM.
+/// Everything needed, besides guest memory, to resume a VM. (Its bincode
+/// encoding is its fields in order, nested structs flat: grouping fields
+/// into component states did not change a byte of version 3.)
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmState {
     pub version: u32,
     pub boot: BootState,
     pub memory_layout: Vec<MemoryRegionState>,
-    /// Per vCPU, in index order.
-    pub vcpus: Vec<VcpuState>,
-    /// Per vCPU: has it started running guest code (vCPU 0 always has)?
-    pub vcpu_started: Vec<bool>,
-    /// Entry address the guest gave with START_APS, once it did.
-    pub ap_entry: Option<u64>,
-    /// None without an in-kernel irqchip.
-    pub irqchip: Option<IrqchipState>,
-    /// None without an in-kernel PIT.
-    pub pit: Option<kvm_pit_state2>,
-    pub clock: kvm_clock_data,
-    pub serial: SerialSnapshot,
+    pub vcpus: VcpuSetState,
+    pub kvm: KvmVmState,
+    #[serde(with = "SerialStateDef")]
+    pub serial: SerialState,
     pub pv: PvPortsState,
     /// The virtio-vsock device, if one was attached (its host connections
     /// are not saved: a restored guest gets a transport reset).
@@ -228,17 +187,17 @@ impl VmState {
     /// Internal consistency checks (not the memory layout: see restore).
     pub fn validate(&self) -> Result<(), VmStateError> {
         let bad = |m: String| Err(VmStateError::Invalid(m));
-        let n = self.vcpus.len();
+        let n = self.vcpus.vcpus.len();
         if n == 0 || n > 255 {
             return bad(format!("{n} vCPUs"));
         }
-        if self.vcpu_started.len() != n {
+        if self.vcpus.started.len() != n {
             return bad(format!(
                 "{} started flags for {n} vCPUs",
-                self.vcpu_started.len()
+                self.vcpus.started.len()
             ));
         }
-        if !self.vcpu_started[0] {
+        if !self.vcpus.started[0] {
             return bad("vCPU 0 is marked not started".into());
         }
         if self.pv.cpu_count as usize != n {
@@ -258,8 +217,8 @@ impl VmState {
                 ));
             }
         }
-        for (i, v) in self.vcpus.iter().enumerate() {
-            if v.lapic.is_some() != self.irqchip.is_some() {
+        for (i, v) in self.vcpus.vcpus.iter().enumerate() {
+            if v.lapic.is_some() != self.kvm.irqchip.is_some() {
                 return bad(format!(
                     "vCPU {i}: LAPIC state without irqchip or vice versa"
                 ));

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend::{Backend, Broken, GUEST_CID, TOKEN_CONN_BASE};
 use super::host::HostListener;
 use super::state::{ResetEvent, VsockState};
+use crate::component::{Pausable, PauseFailed, Persist};
 use crate::devices::virtio::mmio::{
     MmioEvent, MmioTransport, F_RING_EVENT_IDX, F_VERSION_1, REG_QUEUE_NOTIFY,
 };
@@ -127,6 +128,71 @@ impl Drop for ExitGuard {
     }
 }
 
+/// What a restored vsock device is built with besides its state.
+pub struct VsockArgs {
+    /// Its MMIO window.
+    pub base: u64,
+    pub vm_fd: std::sync::Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    /// Where host connections come from; without one the device still
+    /// serves the guest, but no host connection can reach it.
+    pub listener: Option<HostListener>,
+    /// Ends the guest's idle wait.
+    pub wake: Box<dyn Fn() + Send>,
+}
+
+impl Persist for VsockDevice {
+    type State = VsockState;
+    type ConstructorArgs = VsockArgs;
+    type Error = VsockError;
+
+    /// Only while paused, so the queue positions are those of the guest
+    /// memory captured in the same pause.
+    fn save(&self) -> Result<VsockState, VsockError> {
+        if !self.is_paused() {
+            return Err(VsockError::NotPaused);
+        }
+        Ok(VsockState {
+            transport: lock(&self.shared.transport).save(),
+            guest_cid: GUEST_CID,
+            next_host_port: self.shared.next_port.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Re-creates a saved device on a restored VM: same window, same
+    /// ioeventfd, queues at their saved positions, no connections. The
+    /// guest is sent a transport reset so it drops the streams it had;
+    /// until it has taken it no packet goes to RX.
+    fn restore(args: VsockArgs, state: &VsockState) -> Result<VsockDevice, VsockError> {
+        Self::spawn(
+            args.base,
+            &args.vm_fd,
+            args.mem,
+            args.listener,
+            args.wake,
+            Some(state),
+        )
+    }
+}
+
+impl Pausable for VsockDevice {
+    fn name(&self) -> &'static str {
+        "the vsock device"
+    }
+
+    fn pause(&self) -> Result<(), PauseFailed> {
+        VsockDevice::pause(self).map_err(|e| PauseFailed::new("the vsock device", e))
+    }
+
+    fn resume(&self) {
+        VsockDevice::resume(self)
+    }
+
+    fn is_paused(&self) -> bool {
+        VsockDevice::is_paused(self)
+    }
+}
+
 impl VsockDevice {
     /// Creates the device at `base`, registers its queue-notify ioeventfd
     /// with KVM and starts its thread. `wake` ends the guest's idle wait.
@@ -138,22 +204,6 @@ impl VsockDevice {
         wake: Box<dyn Fn() + Send>,
     ) -> Result<VsockDevice, VsockError> {
         Self::spawn(base, vm_fd, mem, Some(listener), wake, None)
-    }
-
-    /// Re-creates a saved device on a restored VM: same window, same
-    /// ioeventfd, queues at their saved positions, no connections. The
-    /// guest is sent a transport reset so it drops the streams it had;
-    /// until it has taken it no packet goes to RX. Without a listener the
-    /// device still serves the guest, but no host connection can reach it.
-    pub fn restore(
-        base: u64,
-        vm_fd: &VmFd,
-        mem: GuestMemoryMmap,
-        listener: Option<HostListener>,
-        wake: Box<dyn Fn() + Send>,
-        state: &VsockState,
-    ) -> Result<VsockDevice, VsockError> {
-        Self::spawn(base, vm_fd, mem, listener, wake, Some(state))
     }
 
     pub(crate) fn new_transport() -> MmioTransport {
@@ -331,19 +381,6 @@ impl VsockDevice {
     pub fn is_paused(&self) -> bool {
         let p = lock(&self.shared.pause);
         p.requested && p.held()
-    }
-
-    /// The device state; only while paused, so the queue positions are
-    /// those of the guest memory captured in the same pause.
-    pub fn save_state(&self) -> Result<VsockState, VsockError> {
-        if !self.is_paused() {
-            return Err(VsockError::NotPaused);
-        }
-        Ok(VsockState {
-            transport: lock(&self.shared.transport).save(),
-            guest_cid: GUEST_CID,
-            next_host_port: self.shared.next_port.load(Ordering::Relaxed),
-        })
     }
 
     /// Keeps the device thread on the guest's CPUs (`--cpus`).

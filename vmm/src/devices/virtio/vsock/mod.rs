@@ -12,6 +12,6 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
-pub use device::{VsockDevice, VsockError};
+pub use device::{VsockArgs, VsockDevice, VsockError};
 pub use host::{HostListener, ListenAddr};
 pub use state::VsockState;
