@@ -140,7 +140,7 @@ pub fn run(vcpus: usize, cycles: u32, memory_size: u64) -> Result<BenchResult, B
         serial_in: false,
         backing: crate::memory::PageBacking::Huge,
     };
-    let mut vm = Vm::new(config)?;
+    let mut vm = crate::builder::boot(config)?;
     vm.start()?;
     let result = measure(&vm, vcpus, cycles);
     vm.shutdown();

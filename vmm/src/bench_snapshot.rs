@@ -449,7 +449,7 @@ pub fn run(p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchEr
         serial_in: false,
         backing: p.backing,
     };
-    let mut vm = Vm::new(config)?;
+    let mut vm = crate::builder::boot(config)?;
     if let Some(cpus) = &p.cpus {
         vm.set_cpu_placement(cpus.clone());
     }

@@ -17,9 +17,9 @@ use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::component::Persist;
+use crate::error::VmError;
+use crate::error::VmStateError;
 use crate::memory::GuestRam;
-use crate::vm::VmError;
-use crate::vmstate::VmStateError;
 
 /// Identity-map and TSS pages KVM needs on Intel; inside the MMIO hole so
 /// they never shadow RAM.

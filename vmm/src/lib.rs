@@ -1,9 +1,12 @@
 //! snapvm's virtual machine monitor: KVM VM and vCPUs, guest memory, boot,
 //! devices, and the pause/resume primitive snapshots are built on.
 //!
-//! Entry point: [`vm::Vm`] (build with [`vm::VmConfig`], then
-//! [`vm::Vm::start`], [`vm::Vm::pause`] / [`vm::Vm::resume`],
-//! [`vm::Vm::probe`], [`vm::Vm::wait`]).
+//! Entry points: [`builder::boot`] and [`builder::restore`] make a
+//! [`vm::Vm`] (then [`vm::Vm::start`], [`vm::Vm::pause`] /
+//! [`vm::Vm::resume`], [`vm::Vm::probe`], [`vm::Vm::wait`]); a run hands
+//! it to its one owner ([`owner::run`]), which the API ([`api`]) and the
+//! snapshot trigger ([`trigger`]) send requests to. See
+//! docs/ARCHITECTURE.md for how data flows.
 
 pub mod api;
 pub mod bench_pause;
@@ -14,6 +17,7 @@ pub mod cli;
 pub mod component;
 pub mod cpuid;
 pub mod devices;
+pub mod error;
 pub mod exception_dump;
 pub mod kvm_device;
 pub mod kvm_vm;
@@ -26,9 +30,11 @@ pub mod placement;
 pub mod probe_gaps;
 pub mod signals;
 pub mod snapshotting;
+pub mod trigger;
 pub mod vcpu;
 pub mod vcpu_control;
 pub mod vcpu_set;
+pub mod vcpu_state;
 pub mod vm;
 pub mod vmstate;
 

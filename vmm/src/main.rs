@@ -18,7 +18,8 @@ use vmm::devices::virtio::{
 use vmm::loader::{BootConfig, KernelImage};
 use vmm::owner::{self, Envelope, Loader, Owner, SnapshotDefaults, VmSource};
 use vmm::placement::CpuPlacement;
-use vmm::snapshotting::{restore_cli, trigger};
+use vmm::snapshotting::restore_cli;
+use vmm::trigger;
 use vmm::{Vm, VmConfig, VmExit};
 
 /// Panics unwind (so the snapshot engine can turn a panicking copier into
@@ -235,7 +236,7 @@ fn run(args: RunArgs) -> ExitCode {
         serial_in: true,
         backing: args.hugepages(),
     };
-    let mut vm = match Vm::new(config) {
+    let mut vm = match vmm::builder::boot(config) {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };

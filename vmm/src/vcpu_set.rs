@@ -3,9 +3,9 @@
 //!
 //! Saving completes any I/O exit KVM still has pending on a vCPU that has
 //! run (one `KVM_RUN` with `immediate_exit`: the saved RIP is then past the
-//! instruction), then reads each vCPU (`vmstate::vcpu::capture`). Restoring
+//! instruction), then reads each vCPU (`vcpu_state::capture`). Restoring
 //! writes the states into freshly created, never-run vCPUs
-//! (`vmstate::vcpu::restore`) and tells the control which had started.
+//! (`vcpu_state::restore`) and tells the control which had started.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,10 +13,10 @@ use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use crate::component::{Pausable, PauseFailed, Persist};
+use crate::error::VmStateError;
 use crate::vcpu::{lock_vcpu, SharedVcpuFd};
 use crate::vcpu_control::{VcpuControl, VcpuStatus};
-use crate::vmstate::vcpu::{self as vstate, VcpuState};
-use crate::vmstate::VmStateError;
+use crate::vcpu_state::{self as vstate, VcpuState};
 
 /// The vCPUs of one VM.
 #[derive(Debug)]

@@ -17,51 +17,17 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::component::{Pausable, Persist};
 use crate::devices::stdin::StdinInput;
-use crate::devices::virtio::vsock::{HostListener, VsockDevice, VsockError};
+use crate::devices::virtio::vsock::{HostListener, VsockDevice};
 use crate::devices::{EventLoop, IoBus};
-use crate::kvm_device::KvmDeviceError;
+pub use crate::error::VmError;
 use crate::kvm_vm::KvmVm;
-use crate::loader::{BootConfig, LoadError, LoadedKernel};
-use crate::memory::{GuestRam, MemoryError};
-use crate::vcpu::{SharedVcpuFd, VcpuError, VcpuThread};
+use crate::loader::{BootConfig, LoadedKernel};
+use crate::memory::GuestRam;
+use crate::vcpu::{SharedVcpuFd, VcpuThread};
 use crate::vcpu_control::{PauseError, VcpuControl, VmExit};
 use crate::vcpu_set::{RunningVcpus, VcpuSet};
-use crate::vmstate::{MemoryRegionState, VcpuState, VmState, VmStateError, VMSTATE_VERSION};
-
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error(transparent)]
-    KvmDevice(#[from] KvmDeviceError),
-    #[error("{what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error(transparent)]
-    Vcpu(#[from] VcpuError),
-    #[error("cannot open serial output {path}: {source}")]
-    Serial {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        source: std::io::Error,
-    },
-    #[error("the VM was already started")]
-    AlreadyStarted,
-    #[error("{0}")]
-    Pause(#[from] PauseError),
-    #[error(transparent)]
-    Vsock(#[from] VsockError),
-    #[error("a vsock device is already attached")]
-    VsockAttached,
-}
+use crate::vcpu_state::VcpuState;
+use crate::vmstate::{MemoryRegionState, VmState, VmStateError, VMSTATE_VERSION};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProbeError {
@@ -128,22 +94,6 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Builds a VM that boots `config.boot` (`builder::boot`). Nothing
-    /// runs yet.
-    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
-        crate::builder::boot(config)
-    }
-
-    /// Builds a VM from `state` over `ram` (`builder::restore`), ready to
-    /// [`Vm::start`].
-    pub fn restore(
-        config: crate::builder::RestoreConfig,
-        ram: GuestRam,
-        state: &VmState,
-    ) -> Result<Vm, VmStateError> {
-        crate::builder::restore(config, ram, state)
-    }
-
     /// A VM from the builder's parts; nothing runs yet.
     pub(crate) fn assemble(p: VmParts) -> Vm {
         Vm {

@@ -36,7 +36,7 @@ fn boot_with(cmdline: &str, vcpus: usize, memory: u64, backing: PageBacking) -> 
         serial_in: false,
         backing,
     };
-    let mut vm = Vm::new(config).expect("create VM");
+    let mut vm = vmm::builder::boot(config).expect("create VM");
     vm.start().expect("start VM");
     vm
 }

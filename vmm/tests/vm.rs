@@ -24,7 +24,7 @@ fn vm(mode: &str, vcpus: usize) -> (Vm, Console) {
         serial_in: false,
         backing: vmm::PageBacking::default(),
     };
-    let mut vm = Vm::new(config).expect("create VM");
+    let mut vm = vmm::builder::boot(config).expect("create VM");
     vm.start().expect("start VM");
     (vm, console)
 }

@@ -7,8 +7,9 @@ use common::{require_kvm, wait_for_heartbeats_above, Console};
 
 use std::time::{Duration, Instant};
 
+use vmm::builder::{self, RestoreConfig};
 use vmm::loader::{BootConfig, KernelImage};
-use vmm::vmstate::{ram_from_copies, ram_from_mapped, RestoreConfig, VmState, VmStateError};
+use vmm::vmstate::{ram_from_copies, ram_from_mapped, VmState, VmStateError};
 use vmm::{Vm, VmConfig, VmExit};
 
 fn boot(mode: &str, vcpus: usize) -> Vm {
@@ -24,7 +25,7 @@ fn boot(mode: &str, vcpus: usize) -> Vm {
         serial_in: false,
         backing: vmm::PageBacking::default(),
     };
-    let mut vm = Vm::new(config).expect("create VM");
+    let mut vm = builder::boot(config).expect("create VM");
     vm.start().expect("start VM");
     vm
 }
@@ -54,7 +55,7 @@ fn restore(state: &VmState, ram: vmm::GuestRam) -> Vm {
         serial_in: false,
         kv_listener: None,
     };
-    let mut vm = Vm::restore(config, ram, state).expect("restore VM");
+    let mut vm = builder::restore(config, ram, state).expect("restore VM");
     vm.start().expect("start restored VM");
     vm
 }
@@ -187,7 +188,7 @@ fn restore_refuses_a_mismatched_layout() {
         kv_listener: None,
     };
     assert!(matches!(
-        Vm::restore(config, other, &state),
+        builder::restore(config, other, &state),
         Err(VmStateError::Layout(_))
     ));
 }

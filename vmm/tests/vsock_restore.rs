@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vmm::builder::{self, RestoreConfig};
 use vmm::devices::virtio::cmdline_word;
 use vmm::devices::virtio::vsock::{HostListener, ListenAddr};
 use vmm::loader::{BootConfig, KernelImage};
-use vmm::vmstate::{ram_from_copies, RestoreConfig, VmStateError};
+use vmm::vmstate::{ram_from_copies, VmStateError};
 use vmm::{Vm, VmConfig, VmExit};
 
 const MEMORY: u64 = 256 << 20;
@@ -119,7 +120,7 @@ fn boot(listener: HostListener, console: &Console) -> Vm {
         serial_in: false,
         backing: vmm::PageBacking::default(),
     };
-    let mut vm = Vm::new(config).expect("create VM");
+    let mut vm = builder::boot(config).expect("create VM");
     vm.attach_vsock(listener).expect("attach vsock");
     vm.start().expect("start VM");
     console.wait_for("kv: listening on vsock port 6379", &vm);
@@ -237,7 +238,7 @@ fn kv_guest_restores_resets_old_connections_and_serves_new_ones() {
         serial_in: false,
         kv_listener: Some(l),
     };
-    let mut vm = Vm::restore(config, ram, &state).expect("restore");
+    let mut vm = builder::restore(config, ram, &state).expect("restore");
     vm.start().expect("start restored VM");
     console.wait_for("kv: vsock transport reset: dropped 2 connections", &vm);
 

@@ -14,7 +14,9 @@
 //! | `fork` | the fork baseline's child writer |
 //! | `checksums` | test hooks comparing guest RAM and the image |
 //! | `restore_cli` | `--restore` and `PUT /snapshot/load` |
-//! | `trigger` | `--snapshot-at` and SIGUSR1 |
+//!
+//! `--snapshot-at` and SIGUSR1 ask the owner for snapshots from
+//! `crate::trigger`, a request source like the API.
 //!
 //! Invariants every snapshot keeps (DESIGN.md §2): its memory is guest
 //! RAM at the instant of its pause, bit for bit; it adds at most its
@@ -30,7 +32,6 @@ mod request;
 pub mod restore_cli;
 mod snapshotter;
 mod sync_phase;
-pub mod trigger;
 
 pub use checksums::snapshot_checksums;
 pub use handle::{SnapshotHandle, SnapshotProgress, SnapshotState};

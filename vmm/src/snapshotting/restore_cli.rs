@@ -6,10 +6,11 @@ use std::path::Path;
 
 use snapshot::{BackgroundPriority, PersistError, SnapshotDir};
 
+use crate::builder::{self, RestoreConfig};
 use crate::devices::virtio::vsock::HostListener;
 use crate::vcpu_control::VmExit;
 use crate::vm::{Vm, VmStopper};
-use crate::vmstate::{ram_from_mapped, RestoreConfig, VmState, VmStateError};
+use crate::vmstate::{ram_from_mapped, VmState, VmStateError};
 
 /// Why a restore failed; each renders as one line naming the problem.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +63,7 @@ pub fn restore_from_dir(
         serial_in,
         kv_listener,
     };
-    let vm = Vm::restore(config, ram, &state).map_err(state_err)?;
+    let vm = builder::restore(config, ram, &state).map_err(state_err)?;
     if !verify {
         verify_in_background(dir, opened, vm.stopper());
     }

@@ -7,22 +7,21 @@
 //! (`builder::restore`) rebuilds a VM from it. This module encodes it into
 //! the opaque blob the snapshot format stores ([`VmState::encode`] /
 //! [`VmState::decode`]), and checks what it decodes; [`ram`] gives guest
-//! memory for a restore, [`vcpu`] reads and writes one vCPU.
+//! memory for a restore; `vcpu_state` reads and writes one vCPU.
 
 pub mod ram;
-pub mod vcpu;
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 
 pub use self::ram::{ram_from_copies, ram_from_mapped};
-pub use self::vcpu::VcpuState;
-pub use crate::builder::RestoreConfig;
 use crate::devices::pv_ports::PvPortsState;
 use crate::devices::serial::SerialStateDef;
+pub use crate::error::VmStateError;
 pub use crate::kvm_vm::{IrqchipState, KvmVmState};
 pub use crate::loader::BootState;
 pub use crate::vcpu_set::VcpuSetState;
+pub use crate::vcpu_state::VcpuState;
 
 /// Version of [`VmState`]'s layout; bump on any change to these structs.
 /// 2: the virtio-vsock device state.
@@ -36,63 +35,6 @@ pub const VMSTATE_MAGIC: [u8; 8] = *b"SVMSTATE";
 
 /// Upper bound for a decoded blob (guards allocations on garbage input).
 const MAX_BLOB: u64 = 64 << 20;
-
-/// Errors capturing, encoding, decoding or restoring VM state.
-#[derive(Debug, thiserror::Error)]
-pub enum VmStateError {
-    #[error("VM state can only be captured while the VM is paused")]
-    NotPaused,
-    #[error("VM state: {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    #[error("vCPU {index}: {what}: {source}")]
-    VcpuKvm {
-        index: usize,
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    #[error("vCPU {index}: KVM accepted only {set} of {total} MSRs (first refused: {refused:#x})")]
-    Msrs {
-        index: usize,
-        set: usize,
-        total: usize,
-        refused: u32,
-    },
-    #[error(
-        "vCPU {index}: completing the pending exit with immediate_exit gave another exit ({exit})"
-    )]
-    PendingExit { index: usize, exit: String },
-    #[error("cannot build a KVM structure: {0:?}")]
-    Fam(vmm_sys_util::fam::Error),
-    #[error("VM state blob is truncated: {len} bytes, need at least {need}")]
-    Truncated { len: usize, need: usize },
-    #[error("VM state blob has bad magic {0:02x?}")]
-    BadMagic([u8; 8]),
-    #[error("VM state version {found} is not supported (this build reads {expected})")]
-    Version { found: u32, expected: u32 },
-    #[error("cannot decode the VM state: {0}")]
-    Decode(String),
-    #[error("cannot encode the VM state: {0}")]
-    Encode(String),
-    #[error("invalid VM state: {0}")]
-    Invalid(String),
-    #[error("guest memory does not match the saved layout: {0}")]
-    Layout(String),
-    #[error("cannot save this VM: {0}")]
-    Unsupported(&'static str),
-    #[error("cannot restore the serial port: {0}")]
-    Serial(String),
-    #[error(transparent)]
-    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
-    #[error(transparent)]
-    Memory(#[from] crate::memory::MemoryError),
-    #[error(transparent)]
-    Vm(#[from] crate::vm::VmError),
-    #[error(transparent)]
-    Vcpu(#[from] crate::vcpu::VcpuError),
-}
 
 /// One guest RAM region (KVM memslot `index`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
-use super::VmStateError;
+use crate::error::VmStateError;
 
 /// MSR_IA32_TSC_DEADLINE: must be written after MSR_IA32_TSC (0x10), or the armed
 /// deadline is judged against the old TSC and the timer can be lost.
