@@ -203,7 +203,7 @@ impl Args {
                 .filter(|p| p.exists())
                 .ok_or_else(|| {
                     BenchError::Invalid(
-                        "no snapvm next to snapvm-bench: build it (`cargo build --release -p vmm`) or pass --snapvm".into(),
+                        "no snapvm next to snapvm-bench: build it (`cargo build --release -p snapvm-vmm`) or pass --snapvm".into(),
                     )
                 })?,
         };

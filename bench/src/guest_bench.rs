@@ -191,7 +191,7 @@ pub fn snapvm(c: &GuestBenchConfig, mode: &str, workers: usize) -> Result<GuestB
             "--snapshot-workers",
             &workers.to_string(),
         ]),
-        "build it with `cargo build --release -p vmm` or pass --snapvm",
+        "build it with `cargo build --release -p snapvm-vmm` or pass --snapvm",
     )?;
     let timeout = c.snapshot_timeout;
     let r = measure(c, &mut vm, "snapvm", &kv_run::label(mode, workers), |vm| {
@@ -318,7 +318,7 @@ pub fn write_guest_elf(snapvm: &Path, path: &Path) -> Result<()> {
         .output()
         .map_err(|source| BenchError::Spawn {
             program: snapvm.display().to_string(),
-            hint: "build it with `cargo build --release -p vmm` or pass --snapvm",
+            hint: "build it with `cargo build --release -p snapvm-vmm` or pass --snapvm",
             source,
         })?;
     if !out.status.success() {

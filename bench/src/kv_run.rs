@@ -274,7 +274,7 @@ pub fn run(
     }
     let mut vm = Proc::spawn(
         &mut cmd,
-        "build it with `cargo build --release -p vmm` or pass --snapvm",
+        "build it with `cargo build --release -p snapvm-vmm` or pass --snapvm",
     )?;
     let result = drive(
         c, &mut vm, addr, memory_mib, hugepages, mode, workers, &target,

@@ -1,5 +1,5 @@
 //! Measures the kernel facts the engine's design rests on. Run as root:
-//! `cargo run --release -p snapshot --example uffd_probe`.
+//! `cargo run --release -p snapvm-snapshot --example uffd_probe`.
 //! The numbers quoted in the engine's doc comments come from this program.
 
 use std::os::fd::AsRawFd;
@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapshot::uffd::{feature, feature_names, Event, RegisterMode, Uffd};
+use snapvm_snapshot::uffd::{feature, feature_names, Event, RegisterMode, Uffd};
 
 const MIB: usize = 1 << 20;
 const CHUNK: usize = 2 * MIB;

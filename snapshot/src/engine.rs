@@ -34,8 +34,9 @@
 //! Measurements behind these choices: docs/BENCHMARKS.md (current) and
 //! docs/journal/ (the experiments).
 
+use crate::sync::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,7 @@ use crate::cpus::CpuSet;
 use crate::error::{Error, Phase};
 use crate::eventfd::EventFd;
 use crate::fault_handler;
+use crate::finished::Snapshot;
 use crate::inject::{EnvInjection, FaultInjection};
 use crate::memory::Pagemap;
 use crate::metrics::{new_histogram, Counters, HandlerStats, Metrics, Progress, SyncMetrics};
@@ -51,7 +53,6 @@ use crate::persist::{ChunkEntry, ImageFile};
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 use crate::save::{examine, write_runs, Record};
 use crate::shared::Shared;
-use crate::snapshot::Snapshot;
 use crate::staging::{StagingPool, DEFAULT_BUDGET};
 use crate::supervisor::{self, Plan};
 use crate::uffd::{feature, RegisterMode, Uffd};
@@ -262,13 +263,6 @@ enum Pending {
     Running(JoinHandle<Result<Snapshot, Error>>),
     /// Stop-the-world: finished inside `begin()`.
     Done(Box<Snapshot>),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 const UFFD_FEATURES: u64 = feature::PAGEFAULT_FLAG_WP;

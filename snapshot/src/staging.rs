@@ -31,9 +31,10 @@
 //! The queues are sized to the slot count when lent, so pushing never
 //! allocates.
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Phase};
@@ -101,10 +102,6 @@ impl Area {
             self.done.store(true, Ordering::Release);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Drop for StagingPool {

@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use crate::chunk_table::{ChunkState, Copier, Record};
 use crate::error::{Error, Phase};
+use crate::finished::Snapshot;
 use crate::metrics::{Counters, HandlerStats, Metrics, SyncMetrics};
 use crate::persist::ChunkEntry;
 use crate::shared::Shared;
-use crate::snapshot::Snapshot;
 use crate::worker;
 
 #[derive(Debug)]

@@ -9,7 +9,7 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::*;
-use snapshot::{
+use snapvm_snapshot::{
     Engine, Error, FaultInjection, PersistError, Phase, Region, Strategy, WriteOptions, CHUNK_SIZE,
     PAGE_SIZE,
 };
@@ -223,9 +223,9 @@ fn stop_the_world_failure_leaves_nothing_and_next_succeeds() {
 
 #[test]
 fn fork_strategy_is_the_vmms_job() {
-    let err = Engine::new(snapshot::Config {
+    let err = Engine::new(snapvm_snapshot::Config {
         strategy: Strategy::Fork,
-        ..snapshot::Config::default()
+        ..snapvm_snapshot::Config::default()
     })
     .expect_err("refused");
     assert_eq!(
@@ -582,10 +582,10 @@ fn armed_snapshot_bit_exact_under_load() {
         ws.run_for(20_000);
         // Armed in 3-chunk steps (8 of them here), as 8 GiB is in 256 MiB
         // ones: the writers run between steps.
-        let eng = Engine::new(snapshot::Config {
+        let eng = Engine::new(snapvm_snapshot::Config {
             workers,
             arm_step: 3 * CHUNK_SIZE,
-            ..snapshot::Config::default()
+            ..snapvm_snapshot::Config::default()
         })
         .expect("engine (needs root and userfaultfd)");
         let sink = Sink::new(&mem);
@@ -903,8 +903,8 @@ fn disk_full_mid_image_rolls_back() {
 /// which inherit its affinity) on those CPUs; the snapshot is as exact.
 #[test]
 fn background_cpus_place_the_supervisor_and_the_snapshot_stays_exact() {
-    let allowed = snapshot::CpuSet::allowed().expect("affinity");
-    let first: snapshot::CpuSet = allowed
+    let allowed = snapvm_snapshot::CpuSet::allowed().expect("affinity");
+    let first: snapvm_snapshot::CpuSet = allowed
         .to_string()
         .split([',', '-'])
         .next()
@@ -914,10 +914,10 @@ fn background_cpus_place_the_supervisor_and_the_snapshot_stays_exact() {
     let mem = Mem::new(8, 4, 8, 21);
     let ws = Writers::start(&mem, 2);
     ws.anywhere.store(true, Ordering::SeqCst);
-    let eng = Engine::new(snapshot::Config {
+    let eng = Engine::new(snapvm_snapshot::Config {
         workers: 2,
         background_cpus: Some(first.clone()),
-        ..snapshot::Config::default()
+        ..snapvm_snapshot::Config::default()
     })
     .expect("engine (needs root and userfaultfd)");
     let sink = Sink::new(&mem);
@@ -925,11 +925,13 @@ fn background_cpus_place_the_supervisor_and_the_snapshot_stays_exact() {
     // The standby supervisor pins itself as it starts: give it a moment.
     let want = first.to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !snapshot::cpus::thread_cpu_lists(std::process::id(), "snap-supervisor").contains(&want) {
+    while !snapvm_snapshot::cpus::thread_cpu_lists(std::process::id(), "snap-supervisor")
+        .contains(&want)
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "no supervisor on CPUs {want}: {:?}",
-            snapshot::cpus::thread_cpu_lists(std::process::id(), "snap-supervisor")
+            snapvm_snapshot::cpus::thread_cpu_lists(std::process::id(), "snap-supervisor")
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }

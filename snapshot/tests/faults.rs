@@ -21,7 +21,9 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 
 use common::*;
-use snapshot::{Error, FaultInjection, PersistError, Phase, Strategy, WriteOptions, CHUNK_SIZE};
+use snapvm_snapshot::{
+    Error, FaultInjection, PersistError, Phase, Strategy, WriteOptions, CHUNK_SIZE,
+};
 
 /// Threads and fds of this process.
 fn counts() -> (usize, usize) {

@@ -8,8 +8,8 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
-use snapshot::persist::{format, WriteSummary, MEMORY_FILE, STATE_FILE};
-use snapshot::{
+use snapvm_snapshot::persist::{format, WriteSummary, MEMORY_FILE, STATE_FILE};
+use snapvm_snapshot::{
     Error, FaultInjection, PersistError, SnapshotDir, SnapshotWriter, Strategy, WriteOptions,
     CHUNK_SIZE, PAGE_SIZE,
 };
@@ -514,9 +514,10 @@ fn snapshot_dir_is_0700_and_files_0600_even_with_umask_0() {
 fn interrupted_write_is_refused_and_cleaned_up_by_the_next_write() {
     let (tmp, target, _) = written();
     // A leftover as a killed writer (a pid that cannot exist) leaves it.
-    let dead = tmp
-        .path()
-        .join(format!("snap2{}4194305-0", snapshot::persist::TMP_INFIX));
+    let dead = tmp.path().join(format!(
+        "snap2{}4194305-0",
+        snapvm_snapshot::persist::TMP_INFIX
+    ));
     fs::create_dir(&dead).unwrap();
     fs::copy(target.join(MEMORY_FILE), dead.join(MEMORY_FILE)).unwrap();
     assert_eq!(
@@ -529,14 +530,15 @@ fn interrupted_write_is_refused_and_cleaned_up_by_the_next_write() {
     // A leftover of a live process (ours) is never touched.
     let live = tmp.path().join(format!(
         "snap2{}{}-99",
-        snapshot::persist::TMP_INFIX,
+        snapvm_snapshot::persist::TMP_INFIX,
         std::process::id()
     ));
     fs::create_dir(&live).unwrap();
     // Another target's leftover is not ours to remove either.
-    let other = tmp
-        .path()
-        .join(format!("other{}4194305-0", snapshot::persist::TMP_INFIX));
+    let other = tmp.path().join(format!(
+        "other{}4194305-0",
+        snapvm_snapshot::persist::TMP_INFIX
+    ));
     fs::create_dir(&other).unwrap();
 
     write(&tmp.path().join("snap2"), &WriteOptions::default()).expect("write");

@@ -2,10 +2,10 @@
 //! of a valid file (with the length and checksum fixed up afterwards, so
 //! mutations reach the field parser instead of stopping at the checksum).
 //! 3 properties × 3000 cases = 9000 cases per run:
-//! `cargo test -p snapshot --test persist_fuzz` (PROPTEST_CASES overrides).
+//! `cargo test -p snapvm-snapshot --test persist_fuzz` (PROPTEST_CASES overrides).
 
 use proptest::prelude::*;
-use snapshot::persist::format::{self, decode, encode, ChunkEntry, Header, RegionEntry};
+use snapvm_snapshot::persist::format::{self, decode, encode, ChunkEntry, Header, RegionEntry};
 
 fn valid() -> Vec<u8> {
     let cs = 4096;

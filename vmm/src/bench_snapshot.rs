@@ -27,7 +27,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use snapshot::{BackgroundPriority, Strategy};
+use snapvm_snapshot::{BackgroundPriority, Strategy};
 
 use crate::loader::{BootConfig, KernelImage};
 use crate::memory::PageBacking;
@@ -713,7 +713,7 @@ mod tests {
             dir: "/tmp".into(),
             populate_fraction: 0.75,
             warm: false,
-            memory_budget: snapshot::DEFAULT_BUDGET,
+            memory_budget: snapvm_snapshot::DEFAULT_BUDGET,
             baseline: Duration::from_secs(1),
             priorities: vec![BackgroundPriority::Idle, BackgroundPriority::Normal],
             cpus: None,

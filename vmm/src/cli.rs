@@ -66,7 +66,7 @@ pub struct SnapshotCreateArgs {
     pub dir: PathBuf,
     /// async-fork, stop-the-world, sync-wp or fork (default: async-fork).
     #[arg(long, value_name = "MODE", value_parser = parse_strategy)]
-    pub mode: Option<snapshot::Strategy>,
+    pub mode: Option<snapvm_snapshot::Strategy>,
     /// Copier threads (default: the number of host cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub workers: Option<u32>,
@@ -153,7 +153,7 @@ pub struct RunArgs {
     /// then run on the other CPUs, so a copy never shares a core with the
     /// guest. Default: no pinning.
     #[arg(long, value_name = "LIST")]
-    pub cpus: Option<snapshot::CpuSet>,
+    pub cpus: Option<snapvm_snapshot::CpuSet>,
     /// Back guest RAM with transparent huge pages (`on`, MADV_HUGEPAGE) or
     /// with 4 KiB pages only (`off`, MADV_NOHUGEPAGE) [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_hugepages)]
@@ -180,7 +180,7 @@ pub struct RunArgs {
     /// async-fork, stop-the-world, sync-wp or fork (the VMM process forks
     /// and the child writes the snapshot).
     #[arg(long, value_name = "MODE", default_value = "async-fork", value_parser = parse_strategy)]
-    pub snapshot_mode: snapshot::Strategy,
+    pub snapshot_mode: snapvm_snapshot::Strategy,
     /// Writer threads for the snapshot (default: the number of host cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub snapshot_workers: Option<u32>,
@@ -198,7 +198,7 @@ pub struct RunArgs {
     /// The writers always run at normal priority (vCPU write faults can
     /// wait on them).
     #[arg(long, value_name = "idle|normal", default_value = "normal")]
-    pub snapshot_priority: snapshot::BackgroundPriority,
+    pub snapshot_priority: snapvm_snapshot::BackgroundPriority,
     /// Restore the VM from this snapshot directory instead of booting a
     /// kernel (memory, vCPUs and devices come from the snapshot).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
@@ -278,13 +278,13 @@ impl RunArgs {
 }
 
 /// Parses a comma-separated `--priorities` list.
-pub fn parse_priorities(s: &str) -> Result<Vec<snapshot::BackgroundPriority>, String> {
+pub fn parse_priorities(s: &str) -> Result<Vec<snapvm_snapshot::BackgroundPriority>, String> {
     s.split(',').map(str::parse).collect()
 }
 
 /// Parses a `--snapshot-mode` value.
-pub fn parse_strategy(s: &str) -> Result<snapshot::Strategy, String> {
-    snapshot::Strategy::from_name(s).ok_or_else(|| {
+pub fn parse_strategy(s: &str) -> Result<snapvm_snapshot::Strategy, String> {
+    snapvm_snapshot::Strategy::from_name(s).ok_or_else(|| {
         format!("unknown snapshot mode '{s}': expected async-fork, stop-the-world, sync-wp or fork")
     })
 }
@@ -310,7 +310,7 @@ pub fn parse_hugepages(s: &str) -> Result<PageBacking, String> {
 }
 
 /// Parses a comma-separated list of snapshot modes.
-pub fn parse_strategies(s: &str) -> Result<Vec<snapshot::Strategy>, String> {
+pub fn parse_strategies(s: &str) -> Result<Vec<snapvm_snapshot::Strategy>, String> {
     let v = s
         .split(',')
         .map(|m| parse_strategy(m.trim()))
@@ -394,10 +394,10 @@ pub struct BenchSnapshotArgs {
     /// Host CPUs for the guest, as for `snapvm run --cpus` (the copiers get
     /// the others). Default: no pinning.
     #[arg(long, value_name = "LIST")]
-    pub cpus: Option<snapshot::CpuSet>,
+    pub cpus: Option<snapvm_snapshot::CpuSet>,
     /// Comma-separated snapshot modes, in order.
     #[arg(long, default_value = "async-fork,fork,stop-the-world,sync-wp", value_parser = parse_strategies)]
-    pub modes: ::std::vec::Vec<snapshot::Strategy>,
+    pub modes: ::std::vec::Vec<snapvm_snapshot::Strategy>,
     /// Comma-separated worker counts for async-fork (and stop-the-world).
     #[arg(long, default_value = "2", value_parser = parse_worker_list)]
     pub workers: ::std::vec::Vec<usize>,
@@ -407,7 +407,7 @@ pub struct BenchSnapshotArgs {
     /// Comma-separated scheduling of the persist thread to compare (idle,
     /// normal); fork runs once.
     #[arg(long, default_value = "normal", value_parser = parse_priorities)]
-    pub priorities: ::std::vec::Vec<snapshot::BackgroundPriority>,
+    pub priorities: ::std::vec::Vec<snapvm_snapshot::BackgroundPriority>,
     /// Where snapshot directories are written (each is deleted after use).
     #[arg(long, default_value = "/var/tmp")]
     pub dir: PathBuf,
@@ -665,7 +665,10 @@ mod tests {
         };
         assert_eq!(
             a.modes,
-            vec![snapshot::Strategy::AsyncFork, snapshot::Strategy::Fork]
+            vec![
+                snapvm_snapshot::Strategy::AsyncFork,
+                snapvm_snapshot::Strategy::Fork
+            ]
         );
         assert_eq!(a.workers, vec![1, 2, 4]);
         assert_eq!(a.hugepages, PageBacking::Small);
@@ -726,7 +729,7 @@ mod tests {
         let Command::Snapshot(SnapshotCommand::Create(a)) = cli.command else {
             panic!("not snapshot create")
         };
-        assert_eq!(a.mode, Some(snapshot::Strategy::Fork));
+        assert_eq!(a.mode, Some(snapvm_snapshot::Strategy::Fork));
         assert!(a.wait && !a.overwrite);
         assert!(Cli::try_parse_from(["snapvm", "snapshot", "status", "--api-sock", "/s"]).is_err());
         assert!(Cli::try_parse_from(["snapvm", "vm", "pause"]).is_err());

@@ -9,18 +9,18 @@ use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver, Sender};
 
 use clap::Parser;
-use vmm::api::{self, ApiServer};
-use vmm::cli::{self, BenchCommand, Cli, Command, RunArgs};
-use vmm::devices::virtio::{
+use snapvm_vmm::api::{self, ApiServer};
+use snapvm_vmm::cli::{self, BenchCommand, Cli, Command, RunArgs};
+use snapvm_vmm::devices::virtio::{
     self,
     vsock::{HostListener, ListenAddr},
 };
-use vmm::loader::{BootConfig, KernelImage};
-use vmm::owner::{self, Envelope, Loader, Owner, SnapshotDefaults, VmSource};
-use vmm::placement::CpuPlacement;
-use vmm::snapshotting::restore_cli;
-use vmm::trigger;
-use vmm::{Vm, VmConfig, VmExit};
+use snapvm_vmm::loader::{BootConfig, KernelImage};
+use snapvm_vmm::owner::{self, Envelope, Loader, Owner, SnapshotDefaults, VmSource};
+use snapvm_vmm::placement::CpuPlacement;
+use snapvm_vmm::snapshotting::restore_cli;
+use snapvm_vmm::trigger;
+use snapvm_vmm::{Vm, VmConfig, VmExit};
 
 /// Panics unwind (so the snapshot engine can turn a panicking copier into
 /// a rolled-back snapshot), but anywhere else a panic means a bug in a
@@ -30,7 +30,7 @@ fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
-        if !snapshot::recover::recovers_panics_here() {
+        if !snapvm_snapshot::recover::recovers_panics_here() {
             std::process::abort();
         }
     }));
@@ -93,7 +93,7 @@ fn start_api(args: &RunArgs, requests: &Requests) -> Result<Option<ApiServer>, S
     let Some(path) = &args.api_sock else {
         return Ok(None);
     };
-    vmm::signals::install_stop()
+    snapvm_vmm::signals::install_stop()
         .map_err(|e| format!("cannot install the stop signal handlers: {e}"))?;
     ApiServer::start(path, requests.tx.clone())
         .map(Some)
@@ -116,8 +116,8 @@ fn instance_id() -> String {
 
 /// `--cpus`, checked against the CPUs this process may use.
 fn cpu_placement(
-    cpus: &Option<snapshot::CpuSet>,
-) -> Result<Option<CpuPlacement>, vmm::placement::PlacementError> {
+    cpus: &Option<snapvm_snapshot::CpuSet>,
+) -> Result<Option<CpuPlacement>, snapvm_vmm::placement::PlacementError> {
     cpus.clone().map(CpuPlacement::new).transpose()
 }
 
@@ -236,7 +236,7 @@ fn run(args: RunArgs) -> ExitCode {
         serial_in: true,
         backing: args.hugepages(),
     };
-    let mut vm = match vmm::builder::boot(config) {
+    let mut vm = match snapvm_vmm::builder::boot(config) {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
@@ -259,7 +259,7 @@ fn run(args: RunArgs) -> ExitCode {
             .as_ref()
             .map_or_else(|| "bundled".to_string(), |p| p.display().to_string()),
         cmdline: args.cmdline.clone(),
-        hugepages: args.hugepages() == vmm::PageBacking::Huge,
+        hugepages: args.hugepages() == snapvm_vmm::PageBacking::Huge,
     };
     run_to_exit(vm, &args, api, requests, source)
 }
@@ -402,7 +402,7 @@ fn bench_pause(args: cli::BenchPauseArgs) -> ExitCode {
     if args.cycles == 0 {
         return fail(cli::ConfigError::NoCycles);
     }
-    match vmm::bench_pause::run(vcpus, args.cycles, memory_size) {
+    match snapvm_vmm::bench_pause::run(vcpus, args.cycles, memory_size) {
         Ok(result) => {
             println!("{}", result.to_json());
             ExitCode::SUCCESS
@@ -429,7 +429,7 @@ fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let params = vmm::bench_snapshot::Params {
+    let params = snapvm_vmm::bench_snapshot::Params {
         memory_size,
         vcpus,
         modes: args.modes,
@@ -443,13 +443,13 @@ fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
         priorities: args.priorities,
         cpus,
     };
-    let result = vmm::bench_snapshot::run(&params, &mut |row| {
+    let result = snapvm_vmm::bench_snapshot::run(&params, &mut |row| {
         println!("{}", row.to_json());
     });
     match result {
         Ok(rows) => {
             println!();
-            print!("{}", vmm::bench_snapshot::markdown(&rows));
+            print!("{}", snapvm_vmm::bench_snapshot::markdown(&rows));
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),

@@ -4,7 +4,7 @@
 //! persist) on the other CPUs snapvm may use, so neither queues behind the
 //! other on a shared core. Without `--cpus` the scheduler places them all.
 
-use snapshot::CpuSet;
+use snapvm_snapshot::CpuSet;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlacementError {

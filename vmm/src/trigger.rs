@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use snapshot::Strategy;
+use snapvm_snapshot::Strategy;
 
 use crate::owner::{notify, Envelope, Request, SnapshotOrder};
 

@@ -458,17 +458,17 @@ impl Vm {
 
     /// Where snapshots' background threads go (`--cpus` leaves them the
     /// other CPUs); None: unpinned.
-    pub fn background_cpus(&self) -> Option<&snapshot::CpuSet> {
+    pub fn background_cpus(&self) -> Option<&snapvm_snapshot::CpuSet> {
         self.cpus.as_ref().and_then(|p| p.background.as_ref())
     }
 
     /// Guest RAM as the snapshot engine sees it: regions in memslot
     /// order (the order of a snapshot's image).
-    pub fn snapshot_regions(&self) -> Vec<snapshot::Region> {
+    pub fn snapshot_regions(&self) -> Vec<snapvm_snapshot::Region> {
         self.ram
             .regions()
             .iter()
-            .map(|r| snapshot::Region::new(r.guest_addr, r.host_addr as u64, r.len as u64))
+            .map(|r| snapvm_snapshot::Region::new(r.guest_addr, r.host_addr as u64, r.len as u64))
             .collect()
     }
 }

@@ -10,13 +10,13 @@ use common::{require_kvm, wait_for_heartbeats_above, Console};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use snapshot::{FaultInjection, Strategy};
-use vmm::loader::{BootConfig, KernelImage};
-use vmm::snapshotting::{
+use snapvm_snapshot::{FaultInjection, Strategy};
+use snapvm_vmm::loader::{BootConfig, KernelImage};
+use snapvm_vmm::snapshotting::{
     restore_cli, snapshot_checksums, SnapshotError, SnapshotRequest, SnapshotState, Snapshotter,
     METRICS_FILE,
 };
-use vmm::{PageBacking, Vm, VmConfig, VmExit};
+use snapvm_vmm::{PageBacking, Vm, VmConfig, VmExit};
 
 fn boot(cmdline: &str, vcpus: usize, memory: u64) -> Vm {
     boot_with(cmdline, vcpus, memory, PageBacking::Huge)
@@ -36,7 +36,7 @@ fn boot_with(cmdline: &str, vcpus: usize, memory: u64, backing: PageBacking) -> 
         serial_in: false,
         backing,
     };
-    let mut vm = vmm::builder::boot(config).expect("create VM");
+    let mut vm = snapvm_vmm::builder::boot(config).expect("create VM");
     vm.start().expect("start VM");
     vm
 }

@@ -7,8 +7,8 @@ use common::{require_kvm, Console};
 
 use std::time::{Duration, Instant};
 
-use vmm::loader::{BootConfig, KernelImage};
-use vmm::{PauseError, Vm, VmConfig, VmExit};
+use snapvm_vmm::loader::{BootConfig, KernelImage};
+use snapvm_vmm::{PauseError, Vm, VmConfig, VmExit};
 
 fn vm(mode: &str, vcpus: usize) -> (Vm, Console) {
     let console = Console::default();
@@ -22,9 +22,9 @@ fn vm(mode: &str, vcpus: usize) -> (Vm, Console) {
         vcpus,
         serial_out: Box::new(console.clone()),
         serial_in: false,
-        backing: vmm::PageBacking::default(),
+        backing: snapvm_vmm::PageBacking::default(),
     };
-    let mut vm = vmm::builder::boot(config).expect("create VM");
+    let mut vm = snapvm_vmm::builder::boot(config).expect("create VM");
     vm.start().expect("start VM");
     (vm, console)
 }

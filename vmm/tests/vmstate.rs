@@ -7,10 +7,10 @@ use common::{require_kvm, wait_for_heartbeats_above, Console};
 
 use std::time::{Duration, Instant};
 
-use vmm::builder::{self, RestoreConfig};
-use vmm::loader::{BootConfig, KernelImage};
-use vmm::vmstate::{ram_from_copies, ram_from_mapped, VmState, VmStateError};
-use vmm::{Vm, VmConfig, VmExit};
+use snapvm_vmm::builder::{self, RestoreConfig};
+use snapvm_vmm::loader::{BootConfig, KernelImage};
+use snapvm_vmm::vmstate::{ram_from_copies, ram_from_mapped, VmState, VmStateError};
+use snapvm_vmm::{Vm, VmConfig, VmExit};
 
 fn boot(mode: &str, vcpus: usize) -> Vm {
     let config = VmConfig {
@@ -23,7 +23,7 @@ fn boot(mode: &str, vcpus: usize) -> Vm {
         vcpus,
         serial_out: Box::new(Console::default()),
         serial_in: false,
-        backing: vmm::PageBacking::default(),
+        backing: snapvm_vmm::PageBacking::default(),
     };
     let mut vm = builder::boot(config).expect("create VM");
     vm.start().expect("start VM");
@@ -49,7 +49,7 @@ fn capture(mut vm: Vm) -> (VmState, Vec<Vec<u8>>, Vec<u64>) {
     (state, copies, hb)
 }
 
-fn restore(state: &VmState, ram: vmm::GuestRam) -> Vm {
+fn restore(state: &VmState, ram: snapvm_vmm::GuestRam) -> Vm {
     let config = RestoreConfig {
         serial_out: Box::new(Console::default()),
         serial_in: false,
@@ -181,7 +181,7 @@ fn restore_refuses_a_mismatched_layout() {
         ram_from_copies(&state.memory_layout, &short),
         Err(VmStateError::Layout(_))
     ));
-    let other = vmm::GuestRam::new(64 << 20).unwrap();
+    let other = snapvm_vmm::GuestRam::new(64 << 20).unwrap();
     let config = RestoreConfig {
         serial_out: Box::new(Console::default()),
         serial_in: false,
@@ -201,23 +201,26 @@ fn restore_from_a_persisted_snapshot_directory() {
     vm.pause().unwrap();
     let hb = vm.heartbeats().unwrap();
     let state = vm.save_state().unwrap();
-    let regions: Vec<snapshot::Region> = vm
+    let regions: Vec<snapvm_snapshot::Region> = vm
         .memory()
         .regions()
         .iter()
-        .map(|r| snapshot::Region::new(r.guest_addr, r.host_addr as u64, r.len as u64))
+        .map(|r| snapvm_snapshot::Region::new(r.guest_addr, r.host_addr as u64, r.len as u64))
         .collect();
-    let engine = snapshot::Engine::new(snapshot::Config {
+    let engine = snapvm_snapshot::Engine::new(snapvm_snapshot::Config {
         workers: 1,
-        strategy: snapshot::Strategy::StopTheWorld,
+        strategy: snapvm_snapshot::Strategy::StopTheWorld,
         ..Default::default()
     })
     .expect("snapshot engine");
     let dir = std::env::temp_dir().join(format!("snapvm-vmstate-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let writer =
-        snapshot::SnapshotWriter::create(&dir, &regions, &snapshot::WriteOptions::default())
-            .expect("snapshot directory");
+    let writer = snapvm_snapshot::SnapshotWriter::create(
+        &dir,
+        &regions,
+        &snapvm_snapshot::WriteOptions::default(),
+    )
+    .expect("snapshot directory");
     // SAFETY: the regions are the VM's anonymous private guest RAM, mapped
     // read-write for as long as `vm` lives, which is past `wait()`.
     unsafe { engine.begin(&regions, writer.image()) }.expect("begin");
@@ -226,7 +229,7 @@ fn restore_from_a_persisted_snapshot_directory() {
     let blob = state.encode().unwrap();
     writer.commit(&snap, &blob).expect("commit snapshot");
 
-    let opened = snapshot::SnapshotDir::open(&dir).expect("open snapshot");
+    let opened = snapvm_snapshot::SnapshotDir::open(&dir).expect("open snapshot");
     let state = VmState::decode(opened.vm_state()).unwrap();
     let ram = ram_from_mapped(opened.map_all().unwrap()).unwrap();
     let mut vm = restore(&state, ram);

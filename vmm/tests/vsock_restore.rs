@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm::builder::{self, RestoreConfig};
-use vmm::devices::virtio::cmdline_word;
-use vmm::devices::virtio::vsock::{HostListener, ListenAddr};
-use vmm::loader::{BootConfig, KernelImage};
-use vmm::vmstate::{ram_from_copies, VmStateError};
-use vmm::{Vm, VmConfig, VmExit};
+use snapvm_vmm::builder::{self, RestoreConfig};
+use snapvm_vmm::devices::virtio::cmdline_word;
+use snapvm_vmm::devices::virtio::vsock::{HostListener, ListenAddr};
+use snapvm_vmm::loader::{BootConfig, KernelImage};
+use snapvm_vmm::vmstate::{ram_from_copies, VmStateError};
+use snapvm_vmm::{Vm, VmConfig, VmExit};
 
 const MEMORY: u64 = 256 << 20;
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -118,7 +118,7 @@ fn boot(listener: HostListener, console: &Console) -> Vm {
         vcpus: 1,
         serial_out: Box::new(console.clone()),
         serial_in: false,
-        backing: vmm::PageBacking::default(),
+        backing: snapvm_vmm::PageBacking::default(),
     };
     let mut vm = builder::boot(config).expect("create VM");
     vm.attach_vsock(listener).expect("attach vsock");
@@ -211,7 +211,7 @@ fn kv_guest_restores_resets_old_connections_and_serves_new_ones() {
     assert!(vs.transport.status & 4 != 0, "driver OK");
     assert!(vs.next_host_port > 1024, "three host connections were made");
     let blob = state.encode().expect("encode");
-    let state = vmm::vmstate::VmState::decode(&blob).expect("decode");
+    let state = snapvm_vmm::vmstate::VmState::decode(&blob).expect("decode");
     let copies: Vec<Vec<u8>> = vm
         .memory()
         .regions()

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 use super::error::PersistError;
 use super::format::{self, ChunkEntry, Header, RegionEntry, MEMORY_FILE, STATE_FILE};
 use super::image::{ImageFaults, ImageFile};
+use crate::finished::Snapshot;
 use crate::inject::EnvInjection;
 use crate::region::{Region, CHUNK_SIZE};
-use crate::snapshot::Snapshot;
 use std::sync::Arc;
 
 /// How to write.

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use snapshot::persist::{WriteSummary, MEMORY_FILE};
-use snapshot::{
+use snapvm_snapshot::persist::{WriteSummary, MEMORY_FILE};
+use snapvm_snapshot::{
     Config, Engine, Error, FaultInjection, ImageFile, PersistError, Region, Snapshot, SnapshotDir,
     SnapshotWriter, StagingPool, Strategy, SyncMetrics, WriteOptions, CHUNK_SIZE, PAGE_SIZE,
 };

@@ -8,7 +8,7 @@
 //! restores.
 //!
 //! Engine faults reach snapvm through `SNAPVM_INJECT` (the snapshot crate's
-//! test hook, `snapshot::inject::ENV`), which applies to the first snapshot
+//! test hook, `snapvm_snapshot::inject::ENV`), which applies to the first snapshot
 //! only.
 
 use std::fs::File;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use snapshot::cpus::thread_cpu_lists;
+use snapvm_snapshot::cpus::thread_cpu_lists;
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, run, Finished, Proc};
 use snapvm_tests::redis_cli::{first_reply, redis};

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use snapshot::Strategy;
+use snapvm_snapshot::Strategy;
 
 use super::metrics;
 use super::model::{Action, SnapshotCreate, SnapshotLoad};

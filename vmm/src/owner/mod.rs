@@ -18,7 +18,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use snapshot::{BackgroundPriority, Strategy};
+use snapvm_snapshot::{BackgroundPriority, Strategy};
 use tokio::sync::oneshot;
 
 use crate::devices::virtio::vsock::{HostListener, ListenAddr};
@@ -224,7 +224,7 @@ impl Default for SnapshotDefaults {
         SnapshotDefaults {
             workers: 2,
             priority: BackgroundPriority::default(),
-            memory_budget: snapshot::DEFAULT_BUDGET,
+            memory_budget: snapvm_snapshot::DEFAULT_BUDGET,
         }
     }
 }

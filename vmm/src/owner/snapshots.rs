@@ -118,9 +118,9 @@ impl Owner {
                     E::InProgress | E::Pause(_) => OwnerError::Conflict(e.to_string()),
                     E::Invalid(_)
                     | E::Target(
-                        snapshot::PersistError::TargetExists(_)
-                        | snapshot::PersistError::TargetNotDirectory(_)
-                        | snapshot::PersistError::InvalidTarget(_),
+                        snapvm_snapshot::PersistError::TargetExists(_)
+                        | snapvm_snapshot::PersistError::TargetNotDirectory(_)
+                        | snapvm_snapshot::PersistError::InvalidTarget(_),
                     ) => OwnerError::Invalid(e.to_string()),
                     _ => OwnerError::Failed(e.to_string()),
                 })
@@ -131,7 +131,7 @@ impl Owner {
     fn register(
         &mut self,
         handle: SnapshotHandle,
-        mode: snapshot::Strategy,
+        mode: snapvm_snapshot::Strategy,
         workers: usize,
     ) -> u64 {
         let id = self.next_id;
@@ -259,7 +259,7 @@ impl Owner {
 /// writers until cancelled (only the fault path saves, on guest writes), so
 /// a test can cancel a snapshot that is deterministically mid-copy instead
 /// of racing a fast copy. Uses the engine's own fault-injection hook
-/// ([`snapshot::FaultInjection::hold_workers_until_fault_copies`]).
+/// ([`snapvm_snapshot::FaultInjection::hold_workers_until_fault_copies`]).
 mod test_hooks {
     use crate::snapshotting::SnapshotRequest;
 

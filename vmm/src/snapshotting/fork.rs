@@ -7,7 +7,7 @@
 //! (state file, rename) once the child is done, as for the engine's modes.
 //!
 //! The child writes through the same image file and chunk code as the
-//! engine (`snapshot::save::copy_and_write_chunk`, with a bounce buffer:
+//! engine (`snapvm_snapshot::save::copy_and_write_chunk`, with a bounce buffer:
 //! see there why), using only syscalls and allocation (glibc makes malloc
 //! safe after fork). It reports each chunk's entry over a pipe: `OK`, then
 //! 5 bytes per chunk (flag, crc32c little-endian), or `ER` and a message.
@@ -16,9 +16,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 
-use snapshot::persist::ChunkEntry;
-use snapshot::save::{copy_and_write_chunk, Bounce};
-use snapshot::{ImageFile, Pagemap, Record, Region, CHUNK_SIZE};
+use snapvm_snapshot::persist::ChunkEntry;
+use snapvm_snapshot::save::{copy_and_write_chunk, Bounce};
+use snapvm_snapshot::{ImageFile, Pagemap, Record, Region, CHUNK_SIZE};
 
 /// A forked writer: its pid and the read end of its report pipe.
 #[derive(Debug)]
@@ -78,7 +78,7 @@ impl ForkChild {
 pub(super) fn spawn(
     regions: &[Region],
     image: &ImageFile,
-    cpus: Option<&snapshot::CpuSet>,
+    cpus: Option<&snapvm_snapshot::CpuSet>,
 ) -> io::Result<ForkChild> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.

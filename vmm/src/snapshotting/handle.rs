@@ -2,11 +2,12 @@
 //! cancel that rolls it back. Cheap to clone; shared by whoever started the
 //! snapshot and the snapshot thread that finishes it.
 
+pub(super) use snapvm_snapshot::sync::lock;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use snapshot::{Engine, ImageFile};
+use snapvm_snapshot::{Engine, ImageFile};
 
 use super::metrics::SnapshotMetrics;
 use super::request::SnapshotError;
@@ -81,10 +82,6 @@ pub(super) struct Tracker {
     pub t_request: Instant,
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A snapshot begun by [`super::Snapshotter::take`].
 #[derive(Debug, Clone)]
 pub struct SnapshotHandle {
@@ -149,7 +146,8 @@ impl SnapshotHandle {
         }
         let inner = lock(&self.t.inner);
         if let Some(m) = &inner.metrics.engine {
-            let units = (m.chunks_total as u64 * snapshot::CHUNK_SIZE / m.unit_size) as usize;
+            let units =
+                (m.chunks_total as u64 * snapvm_snapshot::CHUNK_SIZE / m.unit_size) as usize;
             p.chunks_done = units;
             p.chunks_total = units;
             p.bytes_written = m.bytes_written;

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use snapshot::persist::WriteSummary;
-use snapshot::{BackgroundPriority, Metrics, Strategy, SyncMetrics};
+use snapvm_snapshot::persist::WriteSummary;
+use snapvm_snapshot::{BackgroundPriority, Metrics, Strategy, SyncMetrics};
 
 fn us(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e7).round() / 10.0

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use snapshot::{BackgroundPriority, FaultInjection, PersistError, Strategy};
+use snapvm_snapshot::{BackgroundPriority, FaultInjection, PersistError, Strategy};
 
 use crate::vmstate::VmStateError;
 
@@ -23,7 +23,7 @@ pub struct SnapshotRequest {
     /// snapshot and kept.
     pub memory_budget: u64,
     /// Scheduling of the thread that commits the snapshot
-    /// (`snapshot::priority`). The engine's writers keep normal priority:
+    /// (`snapvm_snapshot::priority`). The engine's writers keep normal priority:
     /// a vCPU write fault can wait on them.
     pub priority: BackgroundPriority,
     /// Test hook: make the engine fail on purpose (rollback tests).
@@ -44,7 +44,7 @@ impl SnapshotRequest {
             mode: Strategy::AsyncFork,
             workers: 2,
             overwrite: false,
-            memory_budget: snapshot::DEFAULT_BUDGET,
+            memory_budget: snapvm_snapshot::DEFAULT_BUDGET,
             priority: BackgroundPriority::default(),
             injection: FaultInjection::default(),
             capture_checksums: false,
@@ -68,7 +68,7 @@ pub enum SnapshotError {
     #[error("cannot capture the VM state: {0}")]
     State(#[from] VmStateError),
     #[error("snapshot engine: {0}")]
-    Engine(#[from] snapshot::Error),
+    Engine(#[from] snapvm_snapshot::Error),
     #[error("cannot start the snapshot thread: {0}")]
     Spawn(std::io::Error),
     #[error("snapshot failed: {0}")]

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use snapshot::{BackgroundPriority, PersistError, SnapshotDir};
+use snapvm_snapshot::{BackgroundPriority, PersistError, SnapshotDir};
 
 use crate::builder::{self, RestoreConfig};
 use crate::devices::virtio::vsock::HostListener;
@@ -80,7 +80,9 @@ fn verify_in_background(path: &Path, opened: SnapshotDir, stopper: VmStopper) {
     let spawned = std::thread::Builder::new()
         .name("restore-verify".into())
         .spawn(move || {
-            if let Err(e) = snapshot::priority::apply_to_current_thread(BackgroundPriority::Idle) {
+            if let Err(e) =
+                snapvm_snapshot::priority::apply_to_current_thread(BackgroundPriority::Idle)
+            {
                 tracing::debug!("restore verification keeps normal priority: {e}");
             }
             let t = std::time::Instant::now();

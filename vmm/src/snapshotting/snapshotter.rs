@@ -20,7 +20,9 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use snapshot::{Config, Engine, SnapshotWriter, StagingPool, Strategy, WriteOptions, CHUNK_SIZE};
+use snapvm_snapshot::{
+    Config, Engine, SnapshotWriter, StagingPool, Strategy, WriteOptions, CHUNK_SIZE,
+};
 
 use super::handle::{lock, Copier, SnapshotHandle, SnapshotState};
 use super::metrics::SnapshotMetrics;
@@ -222,7 +224,7 @@ fn spawn_snapshot_thread(vm: &Vm, req: &SnapshotRequest) -> Result<Sender<Job>, 
             if let Some(p) = placement {
                 p.pin_background_here("the snapshot thread");
             }
-            if let Err(e) = snapshot::priority::apply_to_current_thread(priority) {
+            if let Err(e) = snapvm_snapshot::priority::apply_to_current_thread(priority) {
                 tracing::warn!(
                     "snapshot thread keeps normal priority: cannot set {}: {e}",
                     priority.name()

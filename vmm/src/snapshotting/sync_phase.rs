@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use snapshot::{Engine, ImageFile, Region};
+use snapvm_snapshot::{Engine, ImageFile, Region};
 
 use super::checksums::checksum_chunks;
 use super::fork::{self, ForkChild};
@@ -101,7 +101,7 @@ pub(super) fn run(
     // docs/journal/). The thread's own affinity comes back before the
     // resume.
     let affinity_before = vm.cpu_placement().and_then(|p| {
-        let before = snapshot::CpuSet::allowed().ok()?;
+        let before = snapvm_snapshot::CpuSet::allowed().ok()?;
         p.guest.pin_current_thread().ok()?;
         Some(before)
     });

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use snapshot::persist::MappedRegion;
+use snapvm_snapshot::persist::MappedRegion;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{MemoryRegionState, VmStateError};

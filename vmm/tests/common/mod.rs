@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm::Vm;
+use snapvm_vmm::Vm;
 
 /// COM1 output captured in memory.
 #[derive(Clone, Default)]

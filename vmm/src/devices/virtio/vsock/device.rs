@@ -6,9 +6,10 @@
 //! ioeventfd -> this thread -> guest memory, with no lock shared with
 //! unrelated devices and no loop timeout in the way.
 
+use snapvm_snapshot::sync::lock;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -110,11 +111,6 @@ impl std::fmt::Debug for VsockDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "VsockDevice@{:#x}", self.base)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take the device down with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Marks the thread exited however it returns (including a panic), so a
