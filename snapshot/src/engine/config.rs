@@ -1,0 +1,99 @@
+//! What an engine is asked to do: the strategy (async-fork or one of the
+//! baselines) and its configuration.
+
+use std::sync::Arc;
+
+use super::ARM_STEP;
+use crate::cpus::CpuSet;
+use crate::inject::FaultInjection;
+use crate::staging::{StagingPool, DEFAULT_BUDGET};
+
+/// How a snapshot is taken (DESIGN.md §2: the baselines live beside the
+/// real thing). All engine strategies return the same `Snapshot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Write-protect per region (one PMD bit per 2 MiB chunk with THP),
+    /// copy in the background, copy-first on write, chunk granularity.
+    #[default]
+    AsyncFork,
+    /// Baseline (Firecracker, Cloud Hypervisor): `begin()` writes every
+    /// populated page to the image itself, with `workers` threads, while
+    /// the caller keeps the vCPUs paused; no protection at all. `wait()`
+    /// returns at once.
+    StopTheWorld,
+    /// Baseline (QEMU background-snapshot): `begin()` write-protects every
+    /// 4 KiB page with its own UFFDIO_WRITEPROTECT (cost grows with memory,
+    /// and splits THP mappings), then one copier walks pages in order
+    /// (writing each chunk's unclaimed pages together); a write fault saves
+    /// just its 4 KiB page. `workers` is ignored (1).
+    SyncWp,
+    /// Baseline: the VMM process forks and the child writes memory. Needs
+    /// process-level fork, so it is wired in the VMM, not here:
+    /// `Engine::new` refuses it.
+    Fork,
+}
+
+impl Strategy {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::AsyncFork => "async-fork",
+            Strategy::StopTheWorld => "stop-the-world",
+            Strategy::SyncWp => "sync-wp",
+            Strategy::Fork => "fork",
+        }
+    }
+
+    /// Parses `name()` back.
+    pub fn from_name(s: &str) -> Option<Strategy> {
+        [
+            Strategy::AsyncFork,
+            Strategy::StopTheWorld,
+            Strategy::SyncWp,
+            Strategy::Fork,
+        ]
+        .into_iter()
+        .find(|x| x.name() == s)
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Engine configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Background copier threads (≥ 1).
+    pub workers: usize,
+    pub strategy: Strategy,
+    pub injection: FaultInjection,
+    /// Bytes write-protected per step when armed ahead of the pause
+    /// ([`ARM_STEP`] by default; tests use small steps so that small
+    /// regions take several).
+    pub arm_step: u64,
+    /// The VM's staging pool (staging.rs): where the fault path puts a
+    /// unit before it is written. Populated by the first `arm`; share one
+    /// between a VM's successive engines so it is allocated once.
+    /// `StagingPool::new(0)` disables staging.
+    pub staging: Arc<StagingPool>,
+    /// Host CPUs for the supervisor and the copiers (cpus.rs says why);
+    /// None leaves them wherever the scheduler puts them. A failure to pin
+    /// only costs the placement (logged).
+    pub background_cpus: Option<CpuSet>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            workers: 2,
+            strategy: Strategy::AsyncFork,
+            injection: FaultInjection::default(),
+            arm_step: ARM_STEP,
+            staging: Arc::new(StagingPool::new(DEFAULT_BUDGET)),
+            background_cpus: None,
+        }
+    }
+}
