@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Time from `snapvm run --restore DIR --kv-listen ADDR` start to the first
-served KV query (see docs/BENCHMARKS.md, "Restore to first query").
+served KV query (see docs/journal/2026-11-25-restore.md).
 
 usage: restore_latency.py SNAPVM DIR [PORT] [RUNS] [KEY]
 

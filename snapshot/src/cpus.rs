@@ -3,8 +3,8 @@
 //!
 //! Why the engine cares: on a small host a copier that shares a core with
 //! a vCPU makes the vCPU, woken at the end of the pause, queue behind it
-//! for a time slice (2-7 ms measured here, docs/BENCHMARKS.md), which is
-//! the guest's stall. With the guest kept on some CPUs (`snapvm run
+//! for a time slice, which is the guest's stall
+//! (docs/journal/2026-12-02-snapshot-cpus.md). With the guest kept on some CPUs (`snapvm run
 //! --cpus`), [`crate::Config::background_cpus`] keeps the supervisor and
 //! the copiers on the others.
 

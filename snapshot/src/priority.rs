@@ -1,10 +1,9 @@
 //! CPU priority of a snapshot's background work that nothing waits on.
 //!
-//! On a host with few cores the persist writer (and the preparation of
-//! snapshot memory) compete with the vCPUs: measured on the 2-core
-//! development host, the guest's largest stalls during a snapshot came from
-//! such threads and writeback taking the vCPU's core, not from the engine's
-//! pause (docs/BENCHMARKS.md). `SCHED_IDLE` makes that work run only on CPU
+//! On a host with few cores background writers compete with the vCPUs:
+//! the guest's largest stalls during a snapshot came from such threads and
+//! writeback taking the vCPU's core, not from the engine's pause
+//! (docs/journal/2026-12-01-copier-priority.md). `SCHED_IDLE` makes that work run only on CPU
 //! time nobody else wants, and a waking vCPU preempts it at once.
 //!
 //! Not for the engine's copiers or its fault handler: a vCPU blocked on a
@@ -74,10 +73,9 @@ pub fn apply_to_current_thread(priority: BackgroundPriority) -> io::Result<()> {
 
 /// How far above the VMM's other threads the fault handler runs. Every
 /// blocked writer waits on it, and at equal priority a woken handler
-/// waited out a copier's or vCPU's time slice (up to a 4 ms tick here) before
-/// it ran: measured at 8 GiB with 2 copiers, warm fault p99 median 4.6 ms at
-/// nice 0 and 1.1 ms at -10 over 6 A/B pairs (docs/BENCHMARKS.md). It only
-/// runs when a fault arrives, so it starves nobody.
+/// waited out a copier's or vCPU's time slice before it ran, which the
+/// fault latency's tail showed (docs/journal/2026-12-01-copier-priority.md).
+/// It only runs when a fault arrives, so it starves nobody.
 pub const FAULT_HANDLER_NICE_DELTA: i32 = -10;
 
 /// Moves the calling thread's nice value by `delta` (clamped to -20..=19)

@@ -46,9 +46,8 @@ pub const DEFAULT_BUDGET: u64 = 256 << 20;
 
 /// Chunks of a new pool populated before the first pause (`reserve`): the
 /// guest's first writes after its first pause hit unsaved chunks, and each
-/// that finds no slot waits for a 2 MiB disk write — a first snapshot's
-/// stall across the pause grew from about 1 to about 3 ms at 8 GiB so
-/// (docs/BENCHMARKS.md).
+/// that finds no slot waits for a 2 MiB disk write, which triples a first
+/// snapshot's stall across the pause (docs/journal/2026-12-02-staging-slots.md).
 pub const PRIMED_CHUNKS: usize = 8;
 
 /// One VM's staging memory, shared by its successive snapshots' engines

@@ -124,8 +124,8 @@ pub struct VcpuControl {
     /// Ends idle waits (device work for the guest, or stop). Apart from
     /// `changed` because it fires on every request the guest sleeps
     /// through: on one condvar each wake also woke the thread waiting in
-    /// `wait_exited`, ~8,000 needless context switches a second under
-    /// `redis-benchmark -c 50` on a 2-core host (docs/BENCHMARKS.md).
+    /// `wait_exited`, thousands of needless context switches a second
+    /// under load (docs/journal/2026-12-02-kv-idle-condvar.md).
     idle: Condvar,
 }
 

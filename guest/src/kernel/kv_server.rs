@@ -17,9 +17,8 @@ pub const KV_PORT: u32 = 6379;
 const BUF_ALLOC: u32 = 256 * 1024;
 /// Spin this long with nothing to do before sleeping in the VMM. Short:
 /// a spinning vCPU holds a host core that the vsock thread and the clients
-/// need on a 2-core host; measured with redis-benchmark -c 50 (docs/
-/// BENCHMARKS.md), 20 µs gave 20-40 % more throughput and ~0.25 ms lower
-/// p50 than 200 µs. `kv_spin_us=N` on the command line overrides it.
+/// need on a 2-core host (docs/journal/2026-12-01-kv-spin.md compares
+/// spin times). `kv_spin_us=N` on the command line overrides it.
 const SPIN_US: u64 = 20;
 /// Longest idle sleep. The device ends it as soon as it hands the guest
 /// anything after `Vsock::request_wake` (and a wake that races with the

@@ -206,7 +206,7 @@ impl Engine {
         // Handing the plan over wakes the supervisor, which starts the
         // copiers on the background CPUs: done from here, in the pause, the
         // woken threads could take this thread's CPU before it resumes the
-        // writers (0.5-5.8 ms in `spawn` seen at 8 GiB). So the caller
+        // writers (docs/journal/2026-12-02-thread-start-mmap-lock.md). So the caller
         // starts them once the writers run (`start_copy`); until then the
         // fault handler copies whatever the writers touch.
         let launch: Launch = Box::new((shared.clone(), plan));

@@ -3,8 +3,7 @@
 //! Written naively, a multi-GiB image piles up as dirty page cache that the
 //! kernel's flusher threads write back later in bursts, at normal priority,
 //! on whatever core is free — on a 2-core host that is the vCPU's core, and
-//! the guest stalls (docs/BENCHMARKS.md measured 15–48 ms while
-//! persisting). Instead, each chunk's writeback is started at once from the
+//! the guest stalls (docs/journal/2026-12-01-8g-write-behind.md). Instead, each chunk's writeback is started at once from the
 //! writing thread (which runs at the snapshot's background priority), and
 //! once more than `window` bytes are in flight the oldest range is waited
 //! for and dropped from the page cache: dirty memory stays bounded, the

@@ -34,8 +34,7 @@ pub enum RestoreError {
 /// snapshot's fork instant.
 ///
 /// Without `verify` the memory image is checked anyway, in the background
-/// ([`verify_in_background`]): the restore stays O(state) (the < 50 ms
-/// target), and a corrupt chunk stops the VM with an error naming it
+/// ([`verify_in_background`]): the restore stays O(state), and a corrupt chunk stops the VM with an error naming it
 /// instead of going unnoticed.
 pub fn restore_from_dir(
     dir: &Path,
