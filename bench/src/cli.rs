@@ -1,10 +1,18 @@
 //! Command line and the validated plan it turns into.
+//!
+//! `snapvm-bench` alone (or with the comparative benchmark's flags, [`Args`])
+//! runs the comparative benchmark; `snapvm-bench pause` and `snapvm-bench
+//! snapshot` run the in-process drivers ([`crate::vm_pause`],
+//! [`crate::vm_snapshot`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde_json::json;
+use snapvm_snapshot::{BackgroundPriority, CpuSet, Strategy};
+use snapvm_vmm::cli::{parse_budget, parse_hugepages, parse_strategy};
+use snapvm_vmm::PageBacking;
 
 use crate::error::{BenchError, Result};
 use crate::guest_bench::GuestBenchConfig;
@@ -16,8 +24,29 @@ const MODES: [&str; 4] = ["async-fork", "fork", "stop-the-world", "sync-wp"];
 #[command(
     name = "snapvm-bench",
     version,
-    about = "Snapshot latency under load: snapvm's snapshot modes vs QEMU and native Redis"
+    about = "snapvm's benchmarks. Without a command: snapshot latency under load, snapvm's snapshot modes vs QEMU and native Redis",
+    args_conflicts_with_subcommands = true
 )]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The comparative benchmark (no command given).
+    #[command(flatten)]
+    pub compare: Args,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pause/resume round trips of a running guest (in this process);
+    /// prints one JSON object.
+    Pause(PauseArgs),
+    /// Snapshot pause and copy by mode (in this process): one JSON object
+    /// per snapshot on stdout, then a Markdown table.
+    Snapshot(SnapshotArgs),
+}
+
+/// The comparative benchmark's flags (`snapvm-bench` without a command).
+#[derive(Debug, clap::Args)]
 pub struct Args {
     /// The snapvm binary (default: `snapvm` next to this binary).
     #[arg(long)]
@@ -360,6 +389,128 @@ impl Plan {
     }
 }
 
+#[derive(Debug, clap::Args)]
+pub struct PauseArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Number of pause/resume cycles.
+    #[arg(long, default_value_t = 1000)]
+    pub cycles: u32,
+    /// Guest RAM size.
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// Guest RAM size.
+    #[arg(long, default_value = "1G")]
+    pub memory: String,
+    /// Number of vCPUs (each scribbles over its share of the buffer).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Host CPUs for the guest, as for `snapvm run --cpus` (the copiers get
+    /// the others). Default: no pinning.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<CpuSet>,
+    /// Comma-separated snapshot modes, in order.
+    #[arg(long, default_value = "async-fork,fork,stop-the-world,sync-wp", value_parser = parse_strategies)]
+    pub modes: ::std::vec::Vec<Strategy>,
+    /// Comma-separated worker counts for async-fork (and stop-the-world).
+    #[arg(long, default_value = "2", value_parser = parse_worker_list)]
+    pub workers: ::std::vec::Vec<usize>,
+    /// Guest RAM page backing: on (THP) or off (4 KiB).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_hugepages)]
+    pub hugepages: PageBacking,
+    /// Comma-separated scheduling of the persist thread to compare (idle,
+    /// normal); fork runs once.
+    #[arg(long, default_value = "normal", value_parser = parse_priorities)]
+    pub priorities: ::std::vec::Vec<BackgroundPriority>,
+    /// Where snapshot directories are written (each is deleted after use).
+    #[arg(long, default_value = "/var/tmp")]
+    pub dir: PathBuf,
+    /// Fraction of the guest heap the guest populates and keeps writing.
+    #[arg(long, default_value = "0.75", value_parser = parse_fraction)]
+    pub populate_fraction: f64,
+    /// Also take a second snapshot per mode (the staging pool then exists
+    /// already: the steady state of a VM that snapshots regularly).
+    #[arg(long)]
+    pub warm: bool,
+    /// Staging memory for write faults, as `snapvm run
+    /// --snapshot-memory-budget`.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_budget)]
+    pub memory_budget: u64,
+    /// Length of the no-snapshot window that measures the probe's noise
+    /// floor before each snapshot, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub baseline_ms: u64,
+    /// error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
+}
+
+/// Parses a comma-separated `--priorities` list.
+pub fn parse_priorities(s: &str) -> std::result::Result<Vec<BackgroundPriority>, String> {
+    s.split(',').map(str::parse).collect()
+}
+
+/// Parses a comma-separated list of snapshot modes.
+pub fn parse_strategies(s: &str) -> std::result::Result<Vec<Strategy>, String> {
+    let v = s
+        .split(',')
+        .map(|m| parse_strategy(m.trim()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if v.is_empty() {
+        return Err("expected at least one mode".into());
+    }
+    Ok(v)
+}
+
+/// Parses a comma-separated list of worker counts (each 1..=64).
+pub fn parse_worker_list(s: &str) -> std::result::Result<Vec<usize>, String> {
+    s.split(',')
+        .map(|w| match w.trim().parse::<usize>() {
+            Ok(n) if (1..=64).contains(&n) => Ok(n),
+            _ => Err(format!("invalid worker count '{w}': expected 1..=64")),
+        })
+        .collect()
+}
+
+/// Parses a fraction in (0, 0.95].
+pub fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 0.95 => Ok(f),
+        _ => Err(format!(
+            "invalid fraction '{s}': expected a number in (0, 0.95]"
+        )),
+    }
+}
+
+/// Logging of the in-process drivers, as `snapvm --log-level` sets it up:
+/// `level` on stderr.
+pub fn init_vmm_logging(level: &str) -> Result<()> {
+    let level = snapvm_vmm::cli::validate_log_level(level)?;
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    Ok(())
+}
+
+/// Guest RAM in bytes (validated against host RAM, rounded up to 2 MiB)
+/// and the vCPU count, as `snapvm run` takes them.
+pub fn machine_size(memory: &str, vcpus: u32) -> Result<(u64, usize)> {
+    let memory_size =
+        snapvm_vmm::cli::guest_memory_size(memory, snapvm_vmm::cli::host_ram_bytes())?;
+    let vcpus = snapvm_vmm::cli::validate_vcpus(vcpus)? as usize;
+    Ok((memory_size, vcpus))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,5 +528,93 @@ mod tests {
         assert!(parse_modes("async-fork:0").is_err());
         assert!(parse_modes("nope").is_err());
         assert!(parse_modes("").is_err());
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_command_is_the_comparative_benchmark() {
+        let cli = Cli::try_parse_from(["snapvm-bench", "--sizes", "256M", "--no-plots"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.compare.sizes, "256M");
+        assert!(cli.compare.no_plots);
+        let cli = Cli::try_parse_from(["snapvm-bench"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.compare.sizes, "1G,2G,4G");
+        // The comparative benchmark's flags do not mix with a command.
+        assert!(Cli::try_parse_from(["snapvm-bench", "--sizes", "1G", "pause"]).is_err());
+        assert!(Cli::try_parse_from(["snapvm-bench", "pause", "--sizes", "1G"]).is_err());
+    }
+
+    #[test]
+    fn pause_flags() {
+        let cli = Cli::try_parse_from(["snapvm-bench", "pause", "--vcpus", "2", "--cycles", "20"])
+            .unwrap();
+        let Some(Command::Pause(a)) = cli.command else {
+            panic!("not pause")
+        };
+        assert_eq!((a.vcpus, a.cycles), (2, 20));
+        assert_eq!(a.memory, "512M");
+        assert_eq!(a.log_level, "warn");
+        let cli = Cli::try_parse_from(["snapvm-bench", "pause"]).unwrap();
+        let Some(Command::Pause(a)) = cli.command else {
+            panic!("not pause")
+        };
+        assert_eq!((a.vcpus, a.cycles), (1, 1000));
+    }
+
+    #[test]
+    fn snapshot_flags() {
+        let cli = Cli::try_parse_from([
+            "snapvm-bench",
+            "snapshot",
+            "--memory",
+            "2G",
+            "--modes",
+            "async-fork,fork",
+            "--workers",
+            "1,2,4",
+            "--hugepages",
+            "off",
+            "--populate-fraction",
+            "0.5",
+        ])
+        .unwrap();
+        let Some(Command::Snapshot(a)) = cli.command else {
+            panic!("not snapshot")
+        };
+        assert_eq!(a.modes, vec![Strategy::AsyncFork, Strategy::Fork]);
+        assert_eq!(a.workers, vec![1, 2, 4]);
+        assert_eq!(a.hugepages, PageBacking::Small);
+        assert_eq!(a.populate_fraction, 0.5);
+        let cli = Cli::try_parse_from(["snapvm-bench", "snapshot"]).unwrap();
+        let Some(Command::Snapshot(a)) = cli.command else {
+            panic!("not snapshot")
+        };
+        assert_eq!(a.modes.len(), 4);
+        assert_eq!(a.workers, vec![2]);
+        assert_eq!(a.hugepages, PageBacking::Huge);
+        assert_eq!(a.priorities, vec![BackgroundPriority::Normal]);
+        assert!(parse_strategies("async-fork,nope").is_err());
+        assert!(parse_worker_list("0").is_err());
+        assert!(parse_fraction("1.5").is_err());
+    }
+
+    #[test]
+    fn machine_size_checks_like_snapvm_run() {
+        assert_eq!(machine_size("3M", 2).unwrap(), (4 << 20, 2));
+        assert!(matches!(
+            machine_size("lots", 1),
+            Err(BenchError::Config(_))
+        ));
+        assert!(matches!(machine_size("64M", 0), Err(BenchError::Config(_))));
+        assert!(matches!(
+            init_vmm_logging("loud"),
+            Err(BenchError::Config(_))
+        ));
     }
 }

@@ -1,7 +1,14 @@
-//! One error type for the benchmark: every variant says what was being done
-//! and to what, so a failed run ends with one clear line.
+//! One error type for every benchmark driver of the crate (the
+//! comparative benchmark and the in-process `pause` and `snapshot`
+//! drivers): every variant says what was being done and to what, so a
+//! failed run ends with one clear line.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use snapvm_snapshot::Strategy;
+use snapvm_vmm::snapshotting::SnapshotError;
+use snapvm_vmm::{PauseError, ProbeError, VmError, VmExit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -43,6 +50,64 @@ pub enum BenchError {
         what: String,
         source: serde_json::Error,
     },
+
+    // The in-process drivers (`snapvm-bench pause|snapshot`): their flags,
+    // then the VM they boot and measure.
+    /// A flag the VMM's own parsers refused (`--memory`, `--vcpus`,
+    /// `--log-level`).
+    #[error(transparent)]
+    Config(#[from] snapvm_vmm::cli::ConfigError),
+    #[error("--cycles must be at least 1")]
+    NoCycles,
+    #[error("--dir {0}: not a directory")]
+    NotADirectory(PathBuf),
+    #[error(transparent)]
+    Placement(#[from] snapvm_vmm::placement::PlacementError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("probe: {0}")]
+    Probe(#[from] ProbeError),
+    #[error("cannot create a histogram: {0}")]
+    Histogram(String),
+    #[error("the guest stopped during the benchmark: {0:?}")]
+    GuestStopped(VmExit),
+    #[error("the guest did not start counting on all {vcpus} vCPUs within {timeout:?} (last probe: {last})")]
+    BootTimeout {
+        vcpus: usize,
+        timeout: Duration,
+        last: String,
+    },
+    #[error("cycle {cycle}: pause failed: {source}")]
+    Pause { cycle: u32, source: PauseError },
+    #[error("cycle {cycle}: resume failed: {source}")]
+    Resume { cycle: u32, source: PauseError },
+    #[error("cycle {cycle}: probe unreadable: {source}")]
+    CycleProbe { cycle: u32, source: ProbeError },
+    #[error("cycle {cycle}: vCPU {vcpu} heartbeat moved while paused ({before} -> {after})")]
+    NotHeld {
+        cycle: u32,
+        vcpu: usize,
+        before: u64,
+        after: u64,
+    },
+    #[error("cycle {cycle}: vCPU {vcpu} made no progress within {timeout:?} after resume")]
+    NoProgress {
+        cycle: u32,
+        vcpu: usize,
+        timeout: Duration,
+    },
+    #[error("the guest did not populate its buffer within {0:?} (heartbeats {1:?})")]
+    PopulateTimeout(Duration, Vec<u64>),
+    #[error("{mode} x{workers}: {source}")]
+    Snapshot {
+        mode: Strategy,
+        workers: usize,
+        source: SnapshotError,
+    },
+    #[error("snapshot directory {0} already exists")]
+    DirExists(PathBuf),
+    #[error("dd into {dir}: {why}")]
+    Dd { dir: PathBuf, why: String },
 }
 
 impl BenchError {

@@ -1,6 +1,16 @@
-//! snapvm-bench: what a database user gains from async-fork (issue #6).
+//! snapvm-bench: every benchmark driver of snapvm, in one binary.
 //!
-//! For each guest size and page backing, one snapvm run per snapshot mode:
+//! - `snapvm-bench pause` ([`vm_pause`]) and `snapvm-bench snapshot`
+//!   ([`vm_snapshot`]) boot a VM in this process through `snapvm_vmm` and
+//!   measure the pause/resume primitive and what one snapshot costs the
+//!   guest, by mode. JSON on stdout; an error is one line on stderr
+//!   starting with `snapvm-bench: error: `, status 1.
+//! - `snapvm-bench` without a command is the comparative benchmark: what a
+//!   database user gains from async-fork (issue #6), driving the `snapvm`
+//!   binary. The engine's own probes are the crate's examples
+//!   (`cargo run --release -p snapvm-bench --example bench|mem_probe|uffd_probe`).
+//!
+//! The comparative benchmark: for each guest size and page backing, one snapvm run per snapshot mode:
 //! populate the bundled KV guest, drive it with an open-loop load over the
 //! real forwarded TCP port, record a window without snapshot, take one
 //! snapshot (SIGUSR1) and record the window until it is complete. Then the
@@ -21,6 +31,8 @@ mod redis_run;
 mod report;
 mod resp;
 mod stats;
+mod vm_pause;
+mod vm_snapshot;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -32,7 +44,31 @@ use crate::error::{BenchError, Result};
 use crate::report::{Machine, Report};
 
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    let cli = cli::Cli::parse();
+    match cli.command {
+        Some(cli::Command::Pause(args)) => in_process(|| vm_pause::command(&args)),
+        Some(cli::Command::Snapshot(args)) => in_process(|| vm_snapshot::command(args)),
+        None => compare(cli.compare),
+    }
+}
+
+/// Runs an in-process driver (it boots a VM here): a panic in a thread the
+/// VM depends on aborts, as in `snapvm`; an error is one line, status 1.
+fn in_process(driver: impl FnOnce() -> Result<()>) -> ExitCode {
+    snapvm_vmm::install_panic_hook();
+    match driver() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Keep it to one line whatever the message contains.
+            let msg = e.to_string().replace('\n', " ");
+            eprintln!("snapvm-bench: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The comparative benchmark.
+fn compare(args: cli::Args) -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::INFO)
         .with_writer(std::io::stderr)

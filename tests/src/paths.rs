@@ -9,8 +9,9 @@ pub fn snapvm_bin() -> PathBuf {
     workspace_bin("snapvm", "SNAPVM_BIN")
 }
 
-/// The `snapvm-bench` binary (issue #6's benchmark tool): `SNAPVM_BENCH_BIN`,
-/// else found like [`snapvm_bin`].
+/// The `snapvm-bench` binary (every benchmark driver: the comparative
+/// benchmark, `pause`, `snapshot`): `SNAPVM_BENCH_BIN`, else found like
+/// [`snapvm_bin`].
 pub fn snapvm_bench_bin() -> PathBuf {
     workspace_bin("snapvm-bench", "SNAPVM_BENCH_BIN")
 }

@@ -18,13 +18,12 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: boxing `RunArgs` would save nothing that matters.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a kernel and run it until it powers off.
     Run(RunArgs),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCommand),
     /// Write the bundled guest kernel (a PVH ELF) to PATH, e.g. to boot it under QEMU.
     GuestElf(GuestElfArgs),
     /// Snapshots of a running snapvm, through its API socket.
@@ -119,15 +118,6 @@ pub struct RestoreArgs {
 pub struct GuestElfArgs {
     /// Where to write the ELF; an existing file is not overwritten.
     pub path: PathBuf,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Pause/resume round trips of a running guest; prints one JSON object.
-    Pause(BenchPauseArgs),
-    /// Snapshot pause and copy by mode: one JSON object per snapshot on
-    /// stdout, then a Markdown table.
-    Snapshot(BenchSnapshotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -277,11 +267,6 @@ impl RunArgs {
     }
 }
 
-/// Parses a comma-separated `--priorities` list.
-pub fn parse_priorities(s: &str) -> Result<Vec<snapvm_snapshot::BackgroundPriority>, String> {
-    s.split(',').map(str::parse).collect()
-}
-
 /// Parses a `--snapshot-mode` value.
 pub fn parse_strategy(s: &str) -> Result<snapvm_snapshot::Strategy, String> {
     snapvm_snapshot::Strategy::from_name(s).ok_or_else(|| {
@@ -305,38 +290,6 @@ pub fn parse_hugepages(s: &str) -> Result<PageBacking, String> {
         "off" | "false" | "no" | "0" => Ok(PageBacking::Small),
         _ => Err(format!(
             "invalid value '{s}' for --hugepages: expected on or off"
-        )),
-    }
-}
-
-/// Parses a comma-separated list of snapshot modes.
-pub fn parse_strategies(s: &str) -> Result<Vec<snapvm_snapshot::Strategy>, String> {
-    let v = s
-        .split(',')
-        .map(|m| parse_strategy(m.trim()))
-        .collect::<Result<Vec<_>, _>>()?;
-    if v.is_empty() {
-        return Err("expected at least one mode".into());
-    }
-    Ok(v)
-}
-
-/// Parses a comma-separated list of worker counts (each 1..=64).
-pub fn parse_worker_list(s: &str) -> Result<Vec<usize>, String> {
-    s.split(',')
-        .map(|w| match w.trim().parse::<usize>() {
-            Ok(n) if (1..=64).contains(&n) => Ok(n),
-            _ => Err(format!("invalid worker count '{w}': expected 1..=64")),
-        })
-        .collect()
-}
-
-/// Parses a fraction in (0, 0.95].
-pub fn parse_fraction(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(f) if f > 0.0 && f <= 0.95 => Ok(f),
-        _ => Err(format!(
-            "invalid fraction '{s}': expected a number in (0, 0.95]"
         )),
     }
 }
@@ -367,70 +320,6 @@ impl RunArgs {
     }
 }
 
-#[derive(Debug, Args)]
-pub struct BenchPauseArgs {
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Number of pause/resume cycles.
-    #[arg(long, default_value_t = 1000)]
-    pub cycles: u32,
-    /// Guest RAM size.
-    #[arg(long, default_value = "512M")]
-    pub memory: String,
-    /// error, warn, info, debug or trace.
-    #[arg(long, default_value = "warn")]
-    pub log_level: String,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchSnapshotArgs {
-    /// Guest RAM size.
-    #[arg(long, default_value = "1G")]
-    pub memory: String,
-    /// Number of vCPUs (each scribbles over its share of the buffer).
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Host CPUs for the guest, as for `snapvm run --cpus` (the copiers get
-    /// the others). Default: no pinning.
-    #[arg(long, value_name = "LIST")]
-    pub cpus: Option<snapvm_snapshot::CpuSet>,
-    /// Comma-separated snapshot modes, in order.
-    #[arg(long, default_value = "async-fork,fork,stop-the-world,sync-wp", value_parser = parse_strategies)]
-    pub modes: ::std::vec::Vec<snapvm_snapshot::Strategy>,
-    /// Comma-separated worker counts for async-fork (and stop-the-world).
-    #[arg(long, default_value = "2", value_parser = parse_worker_list)]
-    pub workers: ::std::vec::Vec<usize>,
-    /// Guest RAM page backing: on (THP) or off (4 KiB).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_hugepages)]
-    pub hugepages: PageBacking,
-    /// Comma-separated scheduling of the persist thread to compare (idle,
-    /// normal); fork runs once.
-    #[arg(long, default_value = "normal", value_parser = parse_priorities)]
-    pub priorities: ::std::vec::Vec<snapvm_snapshot::BackgroundPriority>,
-    /// Where snapshot directories are written (each is deleted after use).
-    #[arg(long, default_value = "/var/tmp")]
-    pub dir: PathBuf,
-    /// Fraction of the guest heap the guest populates and keeps writing.
-    #[arg(long, default_value = "0.75", value_parser = parse_fraction)]
-    pub populate_fraction: f64,
-    /// Also take a second snapshot per mode (the staging pool then exists
-    /// already: the steady state of a VM that snapshots regularly).
-    #[arg(long)]
-    pub warm: bool,
-    /// Staging memory for write faults, as `snapvm run
-    /// --snapshot-memory-budget`.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_budget)]
-    pub memory_budget: u64,
-    /// Length of the no-snapshot window that measures the probe's noise
-    /// floor before each snapshot, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    pub baseline_ms: u64,
-    /// error, warn, info, debug or trace.
-    #[arg(long, default_value = "warn")]
-    pub log_level: String,
-}
-
 /// A configuration error: reported as one line, exit status 1.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -450,8 +339,6 @@ pub enum ConfigError {
     TooManyVcpus(u32, u32),
     #[error("invalid log level '{0}': expected error, warn, info, debug or trace")]
     LogLevel(String),
-    #[error("--cycles must be at least 1")]
-    NoCycles,
 }
 
 /// Parses `512M`, `4G`, `1024K`, `1T` or plain bytes (suffixes are binary,
@@ -640,49 +527,6 @@ mod tests {
         };
         assert_eq!(a.hugepages(), PageBacking::Small);
         assert!(Cli::try_parse_from(["snapvm", "run", "--hugepages", "x"]).is_err());
-    }
-
-    #[test]
-    fn bench_snapshot_flags() {
-        let cli = Cli::try_parse_from([
-            "snapvm",
-            "bench",
-            "snapshot",
-            "--memory",
-            "2G",
-            "--modes",
-            "async-fork,fork",
-            "--workers",
-            "1,2,4",
-            "--hugepages",
-            "off",
-            "--populate-fraction",
-            "0.5",
-        ])
-        .unwrap();
-        let Command::Bench(BenchCommand::Snapshot(a)) = cli.command else {
-            panic!("not bench snapshot")
-        };
-        assert_eq!(
-            a.modes,
-            vec![
-                snapvm_snapshot::Strategy::AsyncFork,
-                snapvm_snapshot::Strategy::Fork
-            ]
-        );
-        assert_eq!(a.workers, vec![1, 2, 4]);
-        assert_eq!(a.hugepages, PageBacking::Small);
-        assert_eq!(a.populate_fraction, 0.5);
-        let cli = Cli::try_parse_from(["snapvm", "bench", "snapshot"]).unwrap();
-        let Command::Bench(BenchCommand::Snapshot(a)) = cli.command else {
-            panic!("not bench snapshot")
-        };
-        assert_eq!(a.modes.len(), 4);
-        assert_eq!(a.workers, vec![2]);
-        assert_eq!(a.hugepages, PageBacking::Huge);
-        assert!(parse_strategies("async-fork,nope").is_err());
-        assert!(parse_worker_list("0").is_err());
-        assert!(parse_fraction("1.5").is_err());
     }
 
     fn run_args(args: &[&str]) -> RunArgs {

@@ -9,8 +9,6 @@
 //! docs/ARCHITECTURE.md for how data flows.
 
 pub mod api;
-pub mod bench_pause;
-pub mod bench_snapshot;
 pub mod boot;
 pub mod builder;
 pub mod cli;
@@ -41,3 +39,19 @@ pub mod vmstate;
 pub use memory::{GuestRam, HostRegion, PageBacking};
 pub use vcpu_control::{PauseError, VmExit};
 pub use vm::{ProbeError, Vm, VmConfig, VmError};
+
+/// Panics unwind (so the snapshot engine can turn a panicking copier into
+/// a rolled-back snapshot), but anywhere else a panic means a bug in a
+/// thread the VM depends on: a vCPU or device thread that silently died
+/// would leave a hung VM. Installs a hook that prints the panic, then
+/// aborts the process. Every program that runs a VM installs it first
+/// (`snapvm`, and snapvm-bench's in-process drivers).
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        if !snapvm_snapshot::recover::recovers_panics_here() {
+            std::process::abort();
+        }
+    }));
+}

@@ -10,7 +10,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 
 use clap::Parser;
 use snapvm_vmm::api::{self, ApiServer};
-use snapvm_vmm::cli::{self, BenchCommand, Cli, Command, RunArgs};
+use snapvm_vmm::cli::{self, Cli, Command, RunArgs};
 use snapvm_vmm::devices::virtio::{
     self,
     vsock::{HostListener, ListenAddr},
@@ -22,22 +22,8 @@ use snapvm_vmm::snapshotting::restore_cli;
 use snapvm_vmm::trigger;
 use snapvm_vmm::{Vm, VmConfig, VmExit};
 
-/// Panics unwind (so the snapshot engine can turn a panicking copier into
-/// a rolled-back snapshot), but anywhere else a panic means a bug in a
-/// thread the VM depends on: a vCPU or device thread that silently died
-/// would leave a hung VM. Print the panic, then abort the process.
-fn install_panic_hook() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default(info);
-        if !snapvm_snapshot::recover::recovers_panics_here() {
-            std::process::abort();
-        }
-    }));
-}
-
 fn main() -> ExitCode {
-    install_panic_hook();
+    snapvm_vmm::install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -60,8 +46,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Bench(BenchCommand::Pause(args)) => bench_pause(args),
-        Command::Bench(BenchCommand::Snapshot(args)) => bench_snapshot(args),
         Command::GuestElf(args) => guest_elf(args),
         Command::Snapshot(c) => client_command(|| api::commands::snapshot(c)),
         Command::Vm(c) => client_command(|| api::commands::vm(c)),
@@ -389,69 +373,4 @@ fn run_restored(
         t_restore.elapsed().as_secs_f64() * 1e3
     );
     run_to_exit(vm, &args, api, requests, VmSource::Snapshot { path: dir })
-}
-
-fn bench_pause(args: cli::BenchPauseArgs) -> ExitCode {
-    if let Err(e) = init_logging(&args.log_level) {
-        return fail(e);
-    }
-    let (memory_size, vcpus) = match machine_size(&args.memory, args.vcpus) {
-        Ok(size) => size,
-        Err(e) => return fail(e),
-    };
-    if args.cycles == 0 {
-        return fail(cli::ConfigError::NoCycles);
-    }
-    match snapvm_vmm::bench_pause::run(vcpus, args.cycles, memory_size) {
-        Ok(result) => {
-            println!("{}", result.to_json());
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(e),
-    }
-}
-
-fn bench_snapshot(args: cli::BenchSnapshotArgs) -> ExitCode {
-    if let Err(e) = init_logging(&args.log_level) {
-        return fail(e);
-    }
-    let (memory_size, vcpus) = match machine_size(&args.memory, args.vcpus) {
-        Ok(size) => size,
-        Err(e) => return fail(e),
-    };
-    if !args.dir.is_dir() {
-        return fail(format_args!(
-            "--dir {}: not a directory",
-            args.dir.display()
-        ));
-    }
-    let cpus = match cpu_placement(&args.cpus) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let params = snapvm_vmm::bench_snapshot::Params {
-        memory_size,
-        vcpus,
-        modes: args.modes,
-        workers: args.workers,
-        backing: args.hugepages,
-        dir: args.dir,
-        populate_fraction: args.populate_fraction,
-        warm: args.warm,
-        memory_budget: args.memory_budget,
-        baseline: std::time::Duration::from_millis(args.baseline_ms.max(1)),
-        priorities: args.priorities,
-        cpus,
-    };
-    let result = snapvm_vmm::bench_snapshot::run(&params, &mut |row| {
-        println!("{}", row.to_json());
-    });
-    match result {
-        Ok(rows) => {
-            println!();
-            print!("{}", snapvm_vmm::bench_snapshot::markdown(&rows));
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(e),
-    }
 }

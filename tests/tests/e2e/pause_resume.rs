@@ -1,15 +1,15 @@
 //! The pause/resume primitive that snapshots stand on: 1000 cycles with two
-//! vCPUs spinning in ring 3; every counter must keep advancing.
+//! vCPUs spinning in ring 3; every counter must keep advancing
+//! (`snapvm-bench pause`).
 
-use snapvm_tests::paths::snapvm_bin;
+use snapvm_tests::paths::snapvm_bench_bin;
 use snapvm_tests::process::run;
 use std::time::Duration;
 
 fn bench_pause(vcpus: u32, cycles: u32) -> serde_json::Value {
     let out = run(
-        &snapvm_bin(),
+        &snapvm_bench_bin(),
         &[
-            "bench",
             "pause",
             "--vcpus",
             &vcpus.to_string(),

@@ -1,7 +1,7 @@
-//! `snapvm bench snapshot`: the guest's own stall across a snapshot's pause
+//! `snapvm-bench snapshot`: the guest's own stall across a snapshot's pause
 //! is found in its gap log and is consistent with what the VMM measured.
 
-use snapvm_tests::paths::snapvm_bin;
+use snapvm_tests::paths::snapvm_bench_bin;
 use snapvm_tests::process::run;
 use std::time::Duration;
 
@@ -16,9 +16,8 @@ fn guest_stall_across_the_pause_contains_the_held_part_of_the_pause() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_str().unwrap();
     let out = run(
-        &snapvm_bin(),
+        &snapvm_bench_bin(),
         &[
-            "bench",
             "snapshot",
             "--memory",
             "256M",

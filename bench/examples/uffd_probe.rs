@@ -1,5 +1,5 @@
 //! Measures the kernel facts the engine's design rests on. Run as root:
-//! `cargo run --release -p snapvm-snapshot --example uffd_probe`.
+//! `cargo run --release -p snapvm-bench --example uffd_probe`.
 //! The numbers quoted in the engine's doc comments come from this program.
 
 use std::os::fd::AsRawFd;

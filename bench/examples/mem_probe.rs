@@ -3,7 +3,7 @@
 //! memory the kernel frees is handed back to the outer host in 4 MiB blocks
 //! (`page_reporting.page_reporting_order=11`) within seconds, and the next
 //! touch of such memory faults in the outer host too, once per 4 KiB page.
-//! `cargo run --release -p snapvm-snapshot --example mem_probe -- [MiB] [threads]`
+//! `cargo run --release -p snapvm-bench --example mem_probe -- [MiB] [threads]`
 //! The numbers quoted in engine.rs ("Destination preparation") come from
 //! this program.
 

@@ -1,16 +1,20 @@
-//! `snapvm bench pause`: pause/resume round trips of a running guest.
+//! `snapvm-bench pause`: pause/resume round trips of a running guest, in
+//! this process (the VM is booted through `snapvm_vmm`, no `snapvm`
+//! binary involved).
 //!
 //! Boots the embedded guest in `mode=counter` (every vCPU bumps its probe
 //! heartbeat in a loop), then repeatedly pauses, checks that the heartbeats
 //! are frozen (the VM really is held), resumes and waits until every
-//! heartbeat moved again.
+//! heartbeat moved again. Prints one JSON object on stdout.
 
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use snapvm_vmm::loader::{BootConfig, KernelImage};
+use snapvm_vmm::{PageBacking, Vm, VmConfig};
 
-use crate::loader::{BootConfig, KernelImage};
-use crate::vm::{ProbeError, Vm, VmConfig, VmError};
+use crate::cli::{self, PauseArgs};
+use crate::error::{BenchError, Result};
 
 /// How long to wait for the guest to boot and start counting.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -19,45 +23,16 @@ const RESUME_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between two looks at the heartbeats after a resume.
 const POLL_INTERVAL: Duration = Duration::from_micros(20);
 
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error("cannot create a histogram: {0}")]
-    Histogram(String),
-    #[error("the guest stopped during the benchmark: {0:?}")]
-    GuestStopped(crate::VmExit),
-    #[error("the guest did not start counting on all {vcpus} vCPUs within {timeout:?} (last probe: {last})")]
-    BootTimeout {
-        vcpus: usize,
-        timeout: Duration,
-        last: String,
-    },
-    #[error("cycle {cycle}: pause failed: {source}")]
-    Pause {
-        cycle: u32,
-        source: crate::PauseError,
-    },
-    #[error("cycle {cycle}: resume failed: {source}")]
-    Resume {
-        cycle: u32,
-        source: crate::PauseError,
-    },
-    #[error("cycle {cycle}: probe unreadable: {source}")]
-    Probe { cycle: u32, source: ProbeError },
-    #[error("cycle {cycle}: vCPU {vcpu} heartbeat moved while paused ({before} -> {after})")]
-    NotHeld {
-        cycle: u32,
-        vcpu: usize,
-        before: u64,
-        after: u64,
-    },
-    #[error("cycle {cycle}: vCPU {vcpu} made no progress within {timeout:?} after resume")]
-    NoProgress {
-        cycle: u32,
-        vcpu: usize,
-        timeout: Duration,
-    },
+/// `snapvm-bench pause`: checks the flags, runs, prints the JSON result.
+pub fn command(args: &PauseArgs) -> Result<()> {
+    cli::init_vmm_logging(&args.log_level)?;
+    let (memory_size, vcpus) = cli::machine_size(&args.memory, args.vcpus)?;
+    if args.cycles == 0 {
+        return Err(BenchError::NoCycles);
+    }
+    let result = run(vcpus, args.cycles, memory_size)?;
+    println!("{}", result.to_json());
+    Ok(())
 }
 
 /// Latency percentiles in microseconds.
@@ -119,14 +94,14 @@ impl BenchResult {
     }
 }
 
-fn histogram() -> Result<Histogram<u64>, BenchError> {
+fn histogram() -> Result<Histogram<u64>> {
     // 1 ns .. 60 s at 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000_000, 3)
         .map_err(|e| BenchError::Histogram(format!("{e:?}")))
 }
 
 /// Boots the counter guest and measures `cycles` pause/resume round trips.
-pub fn run(vcpus: usize, cycles: u32, memory_size: u64) -> Result<BenchResult, BenchError> {
+pub fn run(vcpus: usize, cycles: u32, memory_size: u64) -> Result<BenchResult> {
     let config = VmConfig {
         boot: BootConfig {
             kernel: KernelImage::embedded(),
@@ -138,23 +113,23 @@ pub fn run(vcpus: usize, cycles: u32, memory_size: u64) -> Result<BenchResult, B
         // stdout carries the JSON result: the console goes to stderr.
         serial_out: Box::new(std::io::LineWriter::new(std::io::stderr())),
         serial_in: false,
-        backing: crate::memory::PageBacking::Huge,
+        backing: PageBacking::Huge,
     };
-    let mut vm = crate::builder::boot(config)?;
+    let mut vm = snapvm_vmm::builder::boot(config)?;
     vm.start()?;
     let result = measure(&vm, vcpus, cycles);
     vm.shutdown();
     result
 }
 
-fn check_running(vm: &Vm) -> Result<(), BenchError> {
+fn check_running(vm: &Vm) -> Result<()> {
     match vm.exit_reason() {
         Some(exit) => Err(BenchError::GuestStopped(exit)),
         None => Ok(()),
     }
 }
 
-fn wait_for_counting(vm: &Vm, vcpus: usize) -> Result<(), BenchError> {
+fn wait_for_counting(vm: &Vm, vcpus: usize) -> Result<()> {
     let start = Instant::now();
     let mut first: Option<Vec<u64>> = None;
     let mut last = String::from("none");
@@ -180,14 +155,14 @@ fn wait_for_counting(vm: &Vm, vcpus: usize) -> Result<(), BenchError> {
     }
 }
 
-fn measure(vm: &Vm, vcpus: usize, cycles: u32) -> Result<BenchResult, BenchError> {
+fn measure(vm: &Vm, vcpus: usize, cycles: u32) -> Result<BenchResult> {
     wait_for_counting(vm, vcpus)?;
     let mut pause_h = histogram()?;
     let mut resume_h = histogram()?;
     let mut round_h = histogram()?;
     let mut progress_h = histogram()?;
     for cycle in 0..cycles {
-        let probe = |source| BenchError::Probe { cycle, source };
+        let probe = |source| BenchError::CycleProbe { cycle, source };
         let t0 = Instant::now();
         vm.pause()
             .map_err(|source| BenchError::Pause { cycle, source })?;

@@ -1,4 +1,6 @@
-//! `snapvm bench snapshot`: what one snapshot costs the guest, by mode.
+//! `snapvm-bench snapshot`: what one snapshot costs the guest, by mode, in
+//! this process (the VM is booted and snapshotted through `snapvm_vmm`, no
+//! `snapvm` binary involved).
 //!
 //! Boots the embedded guest in `mode=scribble` (every vCPU writes one word
 //! per 4 KiB page across `populate_fraction` of its heap, forever, ticking
@@ -28,37 +30,48 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use snapvm_snapshot::{BackgroundPriority, Strategy};
+use snapvm_vmm::loader::{BootConfig, KernelImage};
+use snapvm_vmm::placement::CpuPlacement;
+use snapvm_vmm::probe_gaps::ProbeGaps;
+use snapvm_vmm::snapshotting::{SnapshotMetrics, SnapshotRequest, SnapshotState, Snapshotter};
+use snapvm_vmm::{PageBacking, Vm, VmConfig};
 
-use crate::loader::{BootConfig, KernelImage};
-use crate::memory::PageBacking;
-use crate::snapshotting::{
-    SnapshotError, SnapshotMetrics, SnapshotRequest, SnapshotState, Snapshotter,
-};
-use crate::vm::{ProbeError, Vm, VmConfig, VmError};
+use crate::cli::{self, SnapshotArgs};
+use crate::error::{BenchError, Result};
 
 /// Worker threads for stop-the-world's copy inside the pause.
 pub const STOP_THE_WORLD_WORKERS: usize = 2;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error("probe: {0}")]
-    Probe(#[from] ProbeError),
-    #[error("the guest stopped during the benchmark: {0:?}")]
-    GuestStopped(crate::VmExit),
-    #[error("the guest did not populate its buffer within {0:?} (heartbeats {1:?})")]
-    PopulateTimeout(Duration, Vec<u64>),
-    #[error("{mode} x{workers}: {source}")]
-    Snapshot {
-        mode: Strategy,
-        workers: usize,
-        source: SnapshotError,
-    },
-    #[error("snapshot directory {0} already exists")]
-    DirExists(PathBuf),
-    #[error("dd into {dir}: {why}")]
-    Dd { dir: PathBuf, why: String },
+/// `snapvm-bench snapshot`: checks the flags, then prints one JSON object
+/// per snapshot on stdout as it is measured, then a blank line and the
+/// Markdown table.
+pub fn command(args: SnapshotArgs) -> Result<()> {
+    cli::init_vmm_logging(&args.log_level)?;
+    let (memory_size, vcpus) = cli::machine_size(&args.memory, args.vcpus)?;
+    if !args.dir.is_dir() {
+        return Err(BenchError::NotADirectory(args.dir));
+    }
+    let cpus = args.cpus.map(CpuPlacement::new).transpose()?;
+    let params = Params {
+        memory_size,
+        vcpus,
+        modes: args.modes,
+        workers: args.workers,
+        backing: args.hugepages,
+        dir: args.dir,
+        populate_fraction: args.populate_fraction,
+        warm: args.warm,
+        memory_budget: args.memory_budget,
+        baseline: Duration::from_millis(args.baseline_ms.max(1)),
+        priorities: args.priorities,
+        cpus,
+    };
+    let rows = run(&params, &mut |row| {
+        println!("{}", row.to_json());
+    })?;
+    println!();
+    print!("{}", markdown(&rows));
+    Ok(())
 }
 
 /// What to measure.
@@ -80,7 +93,7 @@ pub struct Params {
     /// Persist-thread priorities tried for every mode but fork.
     pub priorities: Vec<BackgroundPriority>,
     /// `--cpus`: the guest on some CPUs, the copiers on the others.
-    pub cpus: Option<crate::placement::CpuPlacement>,
+    pub cpus: Option<CpuPlacement>,
 }
 
 /// One measured snapshot.
@@ -334,7 +347,7 @@ fn status_bytes(key: &str) -> u64 {
 
 /// `dd if=/dev/zero of=DIR/dd.img bs=2M count=N oflag=direct conv=fsync`
 /// for `bytes` (rounded up to 2 MiB), timed; the file is removed.
-fn dd(dir: &Path, bytes: u64) -> Result<Duration, BenchError> {
+fn dd(dir: &Path, bytes: u64) -> Result<Duration> {
     let file = dir.join(format!("snapvm-bench-dd-{}.img", std::process::id()));
     let count = bytes.div_ceil(2 << 20).max(1);
     let t = Instant::now();
@@ -375,7 +388,7 @@ fn reset_peak_rss() {
     }
 }
 
-fn check_running(vm: &Vm) -> Result<(), BenchError> {
+fn check_running(vm: &Vm) -> Result<()> {
     match vm.exit_reason() {
         Some(exit) => Err(BenchError::GuestStopped(exit)),
         None => Ok(()),
@@ -383,7 +396,7 @@ fn check_running(vm: &Vm) -> Result<(), BenchError> {
 }
 
 /// Waits until every vCPU finished its first pass (the buffer is populated).
-fn wait_populated(vm: &Vm, vcpus: usize, timeout: Duration) -> Result<Duration, BenchError> {
+fn wait_populated(vm: &Vm, vcpus: usize, timeout: Duration) -> Result<Duration> {
     let start = Instant::now();
     let mut last_log = Instant::now();
     loop {
@@ -418,24 +431,20 @@ const SPLIT_WAIT: Duration = Duration::from_millis(500);
 /// writes are copy-on-write faults); splitting then put the pause's stall
 /// in the persist part. Without a TSC, or after [`SPLIT_WAIT`], it splits
 /// anyway.
-fn pause_gap_closed(
-    gaps: &crate::probe_gaps::ProbeGaps,
-    fork_tsc: Option<u64>,
-    since: Instant,
-) -> bool {
+fn pause_gap_closed(gaps: &ProbeGaps, fork_tsc: Option<u64>, since: Instant) -> bool {
     match fork_tsc {
         Some(tsc) if since.elapsed() < SPLIT_WAIT => gaps.spanning_us(tsc).is_some(),
         _ => true,
     }
 }
 
-fn passes(vm: &Vm) -> Result<u64, BenchError> {
+fn passes(vm: &Vm) -> Result<u64> {
     Ok(vm.heartbeats()?.iter().sum())
 }
 
 /// Boots the scribble guest and measures every requested snapshot. Each
 /// row is passed to `on_row` as soon as it is measured.
-pub fn run(p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchError> {
+pub fn run(p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>> {
     let pct = ((p.populate_fraction * 100.0).round() as u64).clamp(1, 95);
     let config = VmConfig {
         boot: BootConfig {
@@ -449,7 +458,7 @@ pub fn run(p: &Params, on_row: &mut dyn FnMut(&Row)) -> Result<Vec<Row>, BenchEr
         serial_in: false,
         backing: p.backing,
     };
-    let mut vm = crate::builder::boot(config)?;
+    let mut vm = snapvm_vmm::builder::boot(config)?;
     if let Some(cpus) = &p.cpus {
         vm.set_cpu_placement(cpus.clone());
     }
@@ -485,7 +494,7 @@ fn measure(
     snapshotter: &Snapshotter,
     p: &Params,
     on_row: &mut dyn FnMut(&Row),
-) -> Result<Vec<Row>, BenchError> {
+) -> Result<Vec<Row>> {
     let gib = p.memory_size as f64 / (1u64 << 30) as f64;
     let timeout = Duration::from_secs_f64(60.0 + 60.0 * gib);
     let took = wait_populated(vm, p.vcpus, timeout)?;
@@ -537,7 +546,7 @@ fn one(
     p: &Params,
     what: (Strategy, usize, BackgroundPriority),
     warm: bool,
-) -> Result<Row, BenchError> {
+) -> Result<Row> {
     check_running(vm)?;
     let (mode, workers, priority) = what;
     let dir = snapshot_dir(&p.dir, what, warm);
@@ -572,14 +581,14 @@ fn one(
     let mut cursors = Vec::new();
     // Everything logged before the request is not this snapshot's.
     vm.probe_gaps(&mut cursors)?;
-    let mut gaps = crate::probe_gaps::ProbeGaps::default();
+    let mut gaps = ProbeGaps::default();
     // `take` returns after arming and the pause (tens of ms, more on 4 KiB
     // pages, and the pool's allocation the first time): read the guest's
     // gap ring meanwhile, or it laps.
     let sync_done = std::sync::atomic::AtomicBool::new(false);
     let snapshotted = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
-            let mut got = crate::probe_gaps::ProbeGaps::default();
+            let mut got = ProbeGaps::default();
             while !sync_done.load(std::sync::atomic::Ordering::Acquire) {
                 if let Ok(g) = vm.probe_gaps(&mut cursors) {
                     got.extend(g);
@@ -593,7 +602,8 @@ fn one(
         (r, reader.join())
     });
     let (snapshotted, read) = snapshotted;
-    // (A panicking reader aborts the process: snapvm's panic hook.)
+    // (A panicking reader aborts the process: the panic hook main()
+    // installs for the in-process drivers.)
     gaps.extend(read.unwrap_or_default());
     let handle = snapshotted.map_err(err)?;
     let fork_tsc = handle.metrics().sync.guest_tsc;
@@ -676,7 +686,7 @@ mod tests {
     #[test]
     fn the_window_splits_only_once_the_pause_gap_is_logged_or_too_late() {
         use snapvm_guest::abi::GapRecord;
-        let mut gaps = crate::probe_gaps::ProbeGaps {
+        let mut gaps = ProbeGaps {
             tsc_khz: 1_000_000,
             ..Default::default()
         };
@@ -697,7 +707,7 @@ mod tests {
         assert!(pause_gap_closed(&gaps, None, now));
         let long_ago = now - SPLIT_WAIT - Duration::from_millis(1);
         assert!(pause_gap_closed(
-            &crate::probe_gaps::ProbeGaps::default(),
+            &ProbeGaps::default(),
             Some(5_000),
             long_ago
         ));

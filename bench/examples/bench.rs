@@ -1,7 +1,7 @@
 //! Snapshot a populated THP region while writer threads hammer it and print
 //! the engine's metrics.
 //!
-//! `cargo run --release -p snapvm-snapshot --example bench -- [MiB] [workers] [writers] [strategy] [key=value...]`
+//! `cargo run --release -p snapvm-bench --example bench -- [MiB] [workers] [writers] [strategy] [key=value...]`
 //! - strategy: async-fork (default), stop-the-world, sync-wp
 //! - `pop=75`: percent of the region populated before the snapshot (the
 //!   rest is never touched; writers write anywhere, so they first-touch it)
