@@ -14,7 +14,7 @@
 //! touches ≥ ~6 pages of a chunk is already better off with one chunk copy,
 //! and a chunk is copied at most once per snapshot, so chunk granularity
 //! bounds the total fault count by the chunk count. Hence: chunk
-//! (`examples/uffd_probe.rs` measures both; docs/journal/ has the numbers).
+//! (`bench/examples/uffd_probe.rs` measures both; docs/journal/ has the numbers).
 //!
 //! # Never blocking on others
 //! The handler never waits for another thread: if a worker (or a hook) is
