@@ -32,7 +32,7 @@ pub enum Command {
     /// Pause, resume or inspect a running snapvm's VM, through its API socket.
     #[command(subcommand)]
     Vm(VmCommand),
-    /// Load a snapshot into a snapvm started with only --api-sock.
+    /// Load a snapshot into a snapvm started with --no-boot.
     Restore(RestoreArgs),
 }
 
@@ -197,10 +197,15 @@ pub struct RunArgs {
     #[arg(long)]
     pub verify: bool,
     /// Serve the HTTP API on this Unix socket (created 0600, removed on
-    /// exit). Without --kernel, --cmdline or --restore nothing boots:
-    /// snapvm waits for `PUT /snapshot/load`.
+    /// exit). It changes nothing about what runs: the VM boots (or is
+    /// restored) as without it.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Boot nothing: wait for `PUT /snapshot/load` (or `snapvm restore`)
+    /// on --api-sock to bring a VM. --kv-listen and --serial apply to it;
+    /// the snapshot brings its own machine.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "restore"])]
+    pub no_boot: bool,
 }
 
 /// Default of `--memory`.
@@ -219,14 +224,9 @@ impl RunArgs {
         self.hugepages.unwrap_or(PageBacking::Huge)
     }
 
-    /// `--api-sock` with nothing to boot (no --kernel, --cmdline, --initrd
-    /// or --restore): snapvm waits for `PUT /snapshot/load`.
+    /// `--no-boot`: snapvm waits for `PUT /snapshot/load`.
     pub fn waits_for_load(&self) -> bool {
-        self.api_sock.is_some()
-            && self.kernel.is_none()
-            && self.cmdline.is_none()
-            && self.initrd.is_none()
-            && self.restore.is_none()
+        self.no_boot
     }
 
     /// In the waiting mode, flags that shape a booted VM mean nothing (the
@@ -234,6 +234,11 @@ impl RunArgs {
     fn validate_wait_for_load(&self) -> Result<(), String> {
         if !self.waits_for_load() {
             return Ok(());
+        }
+        if self.api_sock.is_none() {
+            return Err(
+                "--no-boot needs --api-sock: a VM comes only through PUT /snapshot/load".into(),
+            );
         }
         let given = [
             ("--memory", self.memory.is_some()),
@@ -243,7 +248,7 @@ impl RunArgs {
         ];
         match given.iter().find(|(_, g)| *g) {
             Some((flag, _)) => Err(format!(
-                "{flag} has no effect: `snapvm run --api-sock` without --kernel, --cmdline or --restore boots nothing and waits for PUT /snapshot/load (pass --cmdline mode=kv to boot the bundled KV guest)"
+                "{flag} has no effect with --no-boot: snapvm boots nothing and waits for PUT /snapshot/load, whose snapshot brings its own machine"
             )),
             None => Ok(()),
         }
@@ -539,20 +544,44 @@ mod tests {
     }
 
     #[test]
-    fn api_sock_alone_waits_for_load() {
-        assert!(run_args(&["--api-sock", "/s"]).waits_for_load());
-        assert!(!run_args(&["--api-sock", "/s", "--cmdline", "mode=kv"]).waits_for_load());
+    fn only_no_boot_waits_for_load() {
+        assert!(run_args(&["--no-boot", "--api-sock", "/s"]).waits_for_load());
+        // The API socket changes nothing about what boots.
+        assert!(!run_args(&["--api-sock", "/s"]).waits_for_load());
+        assert!(run_args(&["--api-sock", "/s", "--memory", "1G"])
+            .validate_snapshot_flags()
+            .is_ok());
         assert!(!run_args(&["--api-sock", "/s", "--restore", "/d"]).waits_for_load());
         assert!(!run_args(&[]).waits_for_load());
-        let e = run_args(&["--api-sock", "/s", "--memory", "1G"])
+        let e = run_args(&["--no-boot", "--api-sock", "/s", "--memory", "1G"])
             .validate_snapshot_flags()
             .unwrap_err();
-        assert!(e.starts_with("--memory has no effect"), "{e}");
-        assert!(
-            run_args(&["--api-sock", "/s", "--kv-listen", "127.0.0.1:1"])
-                .validate_snapshot_flags()
-                .is_ok()
+        assert_eq!(e, "--memory has no effect with --no-boot: snapvm boots nothing and waits for PUT /snapshot/load, whose snapshot brings its own machine");
+        let e = run_args(&["--no-boot"])
+            .validate_snapshot_flags()
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "--no-boot needs --api-sock: a VM comes only through PUT /snapshot/load"
         );
+        assert!(run_args(&[
+            "--no-boot",
+            "--api-sock",
+            "/s",
+            "--kv-listen",
+            "127.0.0.1:1"
+        ])
+        .validate_snapshot_flags()
+        .is_ok());
+        for other in [
+            ["--cmdline", "mode=kv"],
+            ["--restore", "/d"],
+            ["--kernel", "/k"],
+        ] {
+            let mut argv = vec!["snapvm", "run", "--no-boot", "--api-sock", "/s"];
+            argv.extend(other);
+            assert!(Cli::try_parse_from(argv).is_err(), "{other:?}");
+        }
     }
 
     #[test]

@@ -170,7 +170,7 @@ fn run(args: RunArgs) -> ExitCode {
     if args.waits_for_load() {
         return match api {
             Some(api) => run_waiting(&args, api, requests, cpus),
-            None => fail("waiting for a snapshot load needs --api-sock"),
+            None => fail("--no-boot needs --api-sock: a VM comes only through PUT /snapshot/load"),
         };
     }
     if args.restore.is_some() {
@@ -296,7 +296,7 @@ fn exit_status(exit: VmExit) -> ExitCode {
     }
 }
 
-/// `snapvm run --api-sock PATH` alone: no VM until `PUT /snapshot/load`
+/// `snapvm run --no-boot --api-sock PATH`: no VM until `PUT /snapshot/load`
 /// restores one (with `--kv-listen`, `--serial` as for `--restore`).
 fn run_waiting(
     args: &RunArgs,

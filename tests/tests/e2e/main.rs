@@ -5,6 +5,7 @@ mod api;
 mod bench_mode;
 mod bench_tool;
 mod cli_errors;
+mod early_connect;
 mod guest_boot;
 mod kv;
 mod linux_boot;

@@ -46,7 +46,7 @@ pub enum VmSource {
     },
 }
 
-/// How a snapvm started with only `--api-sock` builds the VM that a load
+/// How a snapvm started with `--no-boot` builds the VM that a load
 /// restores.
 pub struct Loader {
     /// `--serial`: `stdout` or a file path.

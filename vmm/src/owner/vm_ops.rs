@@ -122,12 +122,10 @@ impl Owner {
     pub(super) fn load(&mut self, order: &LoadOrder) -> Result<(), OwnerError> {
         let loader = match &mut self.slot {
             Slot::Waiting(l) => l,
-            Slot::Vm { .. } => {
-                return Err(OwnerError::Conflict(
-                    "a VM is already running: PUT /snapshot/load needs a snapvm started with only --api-sock"
-                        .into(),
-                ))
-            }
+            Slot::Vm { .. } => return Err(OwnerError::Conflict(
+                "a VM is already running: PUT /snapshot/load needs a snapvm started with --no-boot"
+                    .into(),
+            )),
         };
         let dir = order.dir.clone();
         let serial_out: Box<dyn Write + Send> = crate::vm::VmConfig::serial_sink(&loader.serial)

@@ -223,7 +223,7 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     )
     .assert_fault(
         409,
-        "a VM is already running: PUT /snapshot/load needs a snapvm started with only --api-sock",
+        "a VM is already running: PUT /snapshot/load needs a snapvm started with --no-boot",
     );
 
     // PUT /actions refusals; unknown routes; too large a body.

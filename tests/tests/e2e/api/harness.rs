@@ -14,7 +14,7 @@ use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, Finished, Proc};
 
 pub(super) const T: Duration = Duration::from_secs(60);
-const LISTENING: &str = "kv: listening on vsock port 6379";
+pub(super) const LISTENING: &str = "kv: listening on vsock port 6379";
 pub(super) const HOLD_ENV: &str = "SNAPVM_TEST_HOLD_SNAPSHOT_COPY";
 
 /// One HTTP exchange: status, headers (lower-cased names) and body.
@@ -133,14 +133,14 @@ pub(super) fn start_kv(tmp: &Path, env: &[(&str, &str)]) -> (Proc, PathBuf, u16)
     (vm, sock, port)
 }
 
-/// `snapvm run --api-sock` alone: waits for `PUT /snapshot/load`; a loaded
+/// `snapvm run --no-boot --api-sock`: waits for `PUT /snapshot/load`; a loaded
 /// KV guest listens on the returned port.
 pub(super) fn start_waiting(tmp: &Path, name: &str) -> (Proc, PathBuf, u16) {
     let sock = tmp.join(format!("{name}.sock"));
     let port = free_port();
     let vm = Proc::spawn_cmd(
         Command::new(snapvm_bin())
-            .args(["run", "--api-sock"])
+            .args(["run", "--no-boot", "--api-sock"])
             .arg(&sock)
             .arg("--kv-listen")
             .arg(format!("127.0.0.1:{port}"))

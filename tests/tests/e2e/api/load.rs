@@ -145,7 +145,7 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
     );
     load(json!({"snapshot_path": d})).assert_fault(
         409,
-        "a VM is already running: PUT /snapshot/load needs a snapvm started with only --api-sock",
+        "a VM is already running: PUT /snapshot/load needs a snapvm started with --no-boot",
     );
     req(
         &sock2,

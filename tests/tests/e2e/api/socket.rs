@@ -50,6 +50,7 @@ fn socket_is_private_refuses_live_and_non_sockets_and_replaces_stale_ones() {
             &snapvm_bin(),
             &[
                 "run",
+                "--no-boot",
                 "--api-sock",
                 live.to_str().unwrap(),
                 "--log-level",
@@ -74,6 +75,7 @@ fn socket_is_private_refuses_live_and_non_sockets_and_replaces_stale_ones() {
         &snapvm_bin(),
         &[
             "run",
+            "--no-boot",
             "--api-sock",
             sock.to_str().unwrap(),
             "--memory",
@@ -84,7 +86,7 @@ fn socket_is_private_refuses_live_and_non_sockets_and_replaces_stale_ones() {
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(
         out.stderr
-            .starts_with("snapvm: error: --memory has no effect"),
+            .starts_with("snapvm: error: --memory has no effect with --no-boot"),
         "{out:?}"
     );
     assert!(!sock.exists(), "a refused start left its socket");

@@ -6,11 +6,19 @@
 //! addresses) is an [`Broken`] error: the caller stops the device for good.
 //! A guest that breaks the vsock protocol on one connection only loses that
 //! connection.
+//!
+//! Early clients are not dropped: a connection the guest refuses (OP_RST to
+//! our OP_REQUEST) before it has accepted any is held and offered again
+//! every [`RETRY_INTERVAL`] for up to [`HOLD_LIMIT`] (its server may still
+//! be starting), and a driver reset keeps the connections still waiting for
+//! their answer and offers them to the new driver. (Before the driver is up
+//! at all, the device thread leaves clients in the listen backlog.)
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::num::Wrapping;
 use std::os::unix::io::AsRawFd;
+use std::time::Duration;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -33,6 +41,11 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 const MAX_ORPHAN_RSTS: usize = 1024;
 /// Host ports we number connections from (the guest only sees them).
 const FIRST_HOST_PORT: u32 = 1024;
+/// How long after its connect a client the guest refused, before the guest
+/// served any, is still offered again.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(10);
+/// Between two offers of a held connection.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A guest mistake in the virtqueues: the device stops.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +65,11 @@ pub struct Backend {
     next_port: u32,
     epoll: Option<std::sync::Arc<Epoll>>,
     scratch: Vec<u8>,
+    /// The guest accepted a connection since the driver (re)started: from
+    /// then on a refusal is final.
+    guest_listens: bool,
+    /// The "holding connections" line was logged since the driver started.
+    held_logged: bool,
 }
 
 impl Backend {
@@ -64,6 +82,8 @@ impl Backend {
             next_port: FIRST_HOST_PORT,
             epoll,
             scratch: vec![0; MAX_PAYLOAD],
+            guest_listens: false,
+            held_logged: false,
         }
     }
 
@@ -82,11 +102,57 @@ impl Backend {
         self.conns.len()
     }
 
-    /// Drops every connection (device reset); their sockets close.
+    /// Drops every connection (the device stopped for good); their
+    /// sockets close.
     pub fn reset(&mut self) {
         self.conns.clear();
         self.ready.clear();
         self.orphan_rsts.clear();
+        self.guest_listens = false;
+        self.held_logged = false;
+    }
+
+    /// The driver reset the device: established streams are gone with the
+    /// old driver, but connections still waiting for their answer are
+    /// offered again once the new driver runs.
+    pub fn driver_reset(&mut self) {
+        self.conns
+            .retain(|_, c| c.state == State::Connecting && !c.close_after_flush);
+        self.ready.clear();
+        self.orphan_rsts.clear();
+        self.guest_listens = false;
+        self.held_logged = false;
+        let ports: Vec<u32> = self.conns.keys().copied().collect();
+        for port in ports {
+            if let Some(c) = self.conns.get_mut(&port) {
+                c.need_request = true;
+                c.held = false;
+                c.queued = false;
+            }
+            self.mark_ready(port);
+        }
+    }
+
+    /// Whether a refused connection waits to be offered again.
+    pub fn has_held(&self) -> bool {
+        self.conns.values().any(|c| c.held)
+    }
+
+    /// Offers every held connection to the guest again.
+    pub fn retry_held(&mut self) {
+        let ports: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.held)
+            .map(|(p, _)| *p)
+            .collect();
+        for port in ports {
+            if let Some(c) = self.conns.get_mut(&port) {
+                c.held = false;
+                c.need_request = true;
+            }
+            self.mark_ready(port);
+        }
     }
 
     /// Whether RX work is waiting for guest buffers.
@@ -262,7 +328,10 @@ impl Backend {
         c.peer_buf_alloc = hdr.buf_alloc;
         c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         match hdr.op {
-            OP_RESPONSE if c.state == State::Connecting => c.state = State::Established,
+            OP_RESPONSE if c.state == State::Connecting => {
+                c.state = State::Established;
+                self.guest_listens = true;
+            }
             OP_RW if c.state == State::Established && !c.close_after_flush => {
                 if c.pending_out.len() + payload.len() > BUF_ALLOC as usize {
                     tracing::warn!("vsock: guest overran its credit on port {port}; resetting");
@@ -283,7 +352,28 @@ impl Backend {
                 c.close_after_flush = true;
                 c.rst_on_close = true;
             }
+            OP_RST
+                if c.state == State::Connecting
+                    && !self.guest_listens
+                    && c.accepted_at.elapsed() < HOLD_LIMIT =>
+            {
+                // Its server may not listen yet: offer it again later.
+                c.held = true;
+                if !self.held_logged {
+                    self.held_logged = true;
+                    tracing::info!(
+                        "virtio-vsock: the guest refused a connection on port {KV_PORT} before serving any; holding connections and offering them again for up to {} s",
+                        HOLD_LIMIT.as_secs()
+                    );
+                }
+            }
             OP_RST => {
+                if c.state == State::Connecting && !self.guest_listens {
+                    tracing::warn!(
+                        "virtio-vsock: the guest did not accept a connection on port {KV_PORT} within {} s; closing it",
+                        HOLD_LIMIT.as_secs()
+                    );
+                }
                 c.close_after_flush = true;
                 c.rst_on_close = false;
             }

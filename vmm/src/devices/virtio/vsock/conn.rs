@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::num::Wrapping;
+use std::time::Instant;
 
 use super::host::HostStream;
 
@@ -49,6 +50,12 @@ pub struct HostConn {
     pub rst_on_close: bool,
     /// In the backend's ready queue.
     pub queued: bool,
+    /// When the client connected: bounds how long a connection the guest
+    /// refused is held (`backend::HOLD_LIMIT`).
+    pub accepted_at: Instant,
+    /// Refused by a guest that serves nobody yet: offered again by
+    /// `Backend::retry_held`.
+    pub held: bool,
 }
 
 impl HostConn {
@@ -71,6 +78,8 @@ impl HostConn {
             close_after_flush: false,
             rst_on_close: false,
             queued: false,
+            accepted_at: Instant::now(),
+            held: false,
         }
     }
 

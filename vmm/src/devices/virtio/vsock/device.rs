@@ -5,6 +5,12 @@
 //! listener and every host connection, so the per-request path is
 //! ioeventfd -> this thread -> guest memory, with no lock shared with
 //! unrelated devices and no loop timeout in the way.
+//!
+//! Clients are never turned away for being early: until the guest's driver
+//! sets the device up, the listener is not watched, so connections wait in
+//! its backlog (a line is logged if that lasts [`NOTICE_AFTER`]), and the
+//! backend holds connections the guest refuses before it serves any
+//! (backend.rs).
 
 use snapvm_snapshot::sync::lock;
 use std::os::unix::io::AsRawFd;
@@ -18,8 +24,9 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::backend::{Backend, Broken, GUEST_CID, TOKEN_CONN_BASE};
+use super::backend::{Backend, Broken, GUEST_CID, RETRY_INTERVAL, TOKEN_CONN_BASE};
 use super::host::HostListener;
 use super::state::{ResetEvent, VsockState};
 use crate::component::{Pausable, PauseFailed, Persist};
@@ -37,6 +44,12 @@ const TOKEN_NOTIFY: u64 = 1;
 const TOKEN_CONTROL: u64 = 2;
 const TOKEN_LISTENER: u64 = 3;
 const TOKEN_PAUSE: u64 = 4;
+const TOKEN_RETRY: u64 = 5;
+const TOKEN_NOTICE: u64 = 6;
+
+/// How long clients may wait for a guest that has not set up its vsock
+/// device before a line says so.
+pub const NOTICE_AFTER: Duration = Duration::from_secs(5);
 
 /// How long [`VsockDevice::pause`] waits for the thread. It only has to
 /// finish one round over the queues, so this is a "the thread is stuck"
@@ -58,6 +71,11 @@ pub enum VsockError {
     NotPaused,
     #[error("virtio-vsock: cannot restore: {0}")]
     BadState(String),
+}
+
+/// As [`io`], for the errno errors of vmm-sys-util.
+fn sys(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VsockError {
+    move |e| io(what)(std::io::Error::from_raw_os_error(e.errno()))
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> VsockError {
@@ -275,9 +293,22 @@ impl VsockDevice {
         add(notify.as_raw_fd(), TOKEN_NOTIFY).map_err(io("epoll"))?;
         add(shared.control.as_raw_fd(), TOKEN_CONTROL).map_err(io("epoll"))?;
         add(shared.pause_evt.as_raw_fd(), TOKEN_PAUSE).map_err(io("epoll"))?;
-        if let Some(l) = &listener {
-            add(l.as_raw_fd(), TOKEN_LISTENER).map_err(io("epoll"))?;
-        }
+        let retry = TimerFd::new().map_err(sys("timerfd"))?;
+        let mut notice = TimerFd::new().map_err(sys("timerfd"))?;
+        add(retry.as_raw_fd(), TOKEN_RETRY).map_err(io("epoll"))?;
+        add(notice.as_raw_fd(), TOKEN_NOTICE).map_err(io("epoll"))?;
+        // Until the driver is up, clients wait in the listen backlog.
+        let listening = match &listener {
+            Some(l) if active => {
+                add(l.as_raw_fd(), TOKEN_LISTENER).map_err(io("epoll"))?;
+                true
+            }
+            Some(_) => {
+                notice.reset(NOTICE_AFTER, None).map_err(sys("timerfd"))?;
+                false
+            }
+            None => false,
+        };
         let mut backend = Backend::new(Some(epoll.clone()));
         if let Some(port) = backend_port {
             backend.set_next_port(port);
@@ -294,6 +325,10 @@ impl VsockDevice {
             epoll,
             wake,
             active,
+            listening,
+            retry,
+            retry_armed: false,
+            notice,
             broken: false,
             // A restored, live device owes the guest a transport reset:
             // the streams it knows about died with the old process.
@@ -417,6 +452,13 @@ struct Worker {
     epoll: Arc<Epoll>,
     wake: Box<dyn Fn() + Send>,
     active: bool,
+    /// The listener is in the epoll set (only while the driver is up).
+    listening: bool,
+    /// Fires when held connections are due to be offered again.
+    retry: TimerFd,
+    retry_armed: bool,
+    /// Fires once if the driver is not up [`NOTICE_AFTER`] after start.
+    notice: TimerFd,
     broken: bool,
     reset: ResetEvent,
 }
@@ -456,6 +498,20 @@ impl Worker {
                     TOKEN_LISTENER => self.accept(),
                     TOKEN_PAUSE => {
                         let _ = self.shared.pause_evt.read();
+                    }
+                    TOKEN_RETRY => {
+                        let _ = self.retry.wait();
+                        self.retry_armed = false;
+                        self.backend.retry_held();
+                    }
+                    TOKEN_NOTICE => {
+                        let _ = self.notice.wait();
+                        if !self.active {
+                            tracing::warn!(
+                                "virtio-vsock: the guest has not set up its vsock device {} s after start; clients wait until it does",
+                                NOTICE_AFTER.as_secs()
+                            );
+                        }
                     }
                     token => {
                         let port = token.saturating_sub(TOKEN_CONN_BASE) as u32;
@@ -499,12 +555,53 @@ impl Worker {
         let ok = lock(&self.shared.transport).driver_ok();
         if !ok && self.active {
             tracing::info!("virtio-vsock: reset by the guest");
-            self.backend.reset();
+            self.backend.driver_reset();
             self.broken = false;
             // A driver that starts over has no old streams to drop.
             self.reset = ResetEvent::Done;
+            self.watch_listener(false);
         }
+        let activated = ok && !self.active;
         self.active = ok;
+        if activated {
+            self.watch_listener(true);
+            // Whoever waited in the backlog is served now.
+            self.accept();
+        }
+    }
+
+    /// Adds the listener to the epoll set or takes it out.
+    fn watch_listener(&mut self, on: bool) {
+        let Some(l) = &self.listener else {
+            return;
+        };
+        if on == self.listening {
+            return;
+        }
+        let op = if on {
+            ControlOperation::Add
+        } else {
+            ControlOperation::Delete
+        };
+        match self.epoll.ctl(
+            op,
+            l.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+        ) {
+            Ok(()) => self.listening = on,
+            Err(e) => tracing::warn!("virtio-vsock: cannot watch the listener: {e}"),
+        }
+    }
+
+    /// Arms the retry timer while refused connections are held.
+    fn arm_retry(&mut self) {
+        if self.retry_armed || !self.backend.has_held() {
+            return;
+        }
+        match self.retry.reset(RETRY_INTERVAL, None) {
+            Ok(()) => self.retry_armed = true,
+            Err(e) => tracing::warn!("virtio-vsock: cannot arm the retry timer: {e}"),
+        }
     }
 
     fn accept(&mut self) {
@@ -512,9 +609,13 @@ impl Worker {
             return;
         };
         loop {
+            if !self.active {
+                // The driver is not up: clients wait in the backlog.
+                return;
+            }
             match listener.accept() {
                 Ok(Some(stream)) => {
-                    if !self.active || self.broken {
+                    if self.broken {
                         // Nobody to forward to: closing tells the client.
                         continue;
                     }
@@ -543,6 +644,7 @@ impl Worker {
             let mut t = lock(&self.shared.transport);
             process_queues(&mut self.backend, &self.mem, &mut t, &mut self.reset)
         };
+        self.arm_retry();
         match result {
             Ok(true) => (self.wake)(),
             Ok(false) => {}

@@ -429,3 +429,83 @@ fn host_data_then_eof_reach_the_guest_through_epoll() {
         );
     }
 }
+
+/// Issue #21: a guest that refuses a connection before serving any (its
+/// server still starting) gets it offered again, and the client is kept;
+/// once the guest served one, a refusal is final and the client closed.
+#[test]
+fn refused_before_any_served_is_held_and_offered_again_then_refusals_are_final() {
+    use std::io::Read;
+    let mem = memory();
+    let mut t = driven_transport();
+    let mut reset = ResetEvent::Done;
+    let (mut backend, mut peer) = backend_with_connection();
+    peer.set_nonblocking(true).expect("nonblocking");
+    for i in 0..SIZES[0] {
+        post(&mem, 0, i, i, 0x100);
+    }
+    set_avail_idx(&mem, 0, SIZES[0]);
+    process_queues(&mut backend, &mem, &mut t, &mut reset).expect("round");
+    assert_eq!(rx_packets(&mem, 0, 1), vec![(OP_REQUEST, vec![])]);
+
+    // Refused: held, nothing new for the guest until the retry.
+    guest_sends(&mem, 0, OP_RST, 5000);
+    process_queues(&mut backend, &mem, &mut t, &mut reset).expect("refusal");
+    assert!(backend.has_held());
+    assert_eq!(backend.connection_count(), 1);
+    assert_eq!(used_idx(&mem, 0), 1);
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(peer.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the client must stay connected"
+    );
+    backend.retry_held();
+    assert!(!backend.has_held());
+    process_queues(&mut backend, &mem, &mut t, &mut reset).expect("retry");
+    assert_eq!(rx_packets(&mem, 1, 2), vec![(OP_REQUEST, vec![])]);
+    guest_sends(&mem, 1, OP_RESPONSE, 5000);
+    process_queues(&mut backend, &mem, &mut t, &mut reset).expect("accepted");
+
+    // A second client, refused now that the guest serves: closed at once.
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    a.set_nonblocking(true).expect("nonblocking");
+    let port = backend
+        .add_host_stream(HostStream::Unix(a))
+        .expect("second stream");
+    process_queues(&mut backend, &mem, &mut t, &mut reset).expect("request");
+    assert_eq!(rx_packets(&mem, 2, 3), vec![(OP_REQUEST, vec![])]);
+    guest_sends(&mem, 2, OP_RST, port);
+    process_queues(&mut backend, &mem, &mut t, &mut reset).expect("final refusal");
+    assert!(!backend.has_held());
+    assert_eq!(backend.connection_count(), 1);
+    assert_eq!(
+        b.read(&mut buf).expect("EOF"),
+        0,
+        "the refused client is closed"
+    );
+}
+
+/// A driver reset keeps the connections still waiting for an answer (and
+/// asks again), and drops the established ones.
+#[test]
+fn a_driver_reset_keeps_waiting_connections_and_drops_established_ones() {
+    let mem = memory();
+    let mut t = driven_transport();
+    let mut reset = ResetEvent::Done;
+    let (mut backend, _peer) = backend_with_connection();
+    for i in 0..SIZES[0] {
+        post(&mem, 0, i, i, 0x100);
+    }
+    set_avail_idx(&mem, 0, SIZES[0]);
+    process_queues(&mut backend, &mem, &mut t, &mut reset).expect("round");
+    guest_sends(&mem, 0, OP_RESPONSE, 5000);
+    process_queues(&mut backend, &mem, &mut t, &mut reset).expect("accepted");
+    let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    backend
+        .add_host_stream(HostStream::Unix(a))
+        .expect("second stream");
+    assert_eq!(backend.connection_count(), 2);
+    backend.driver_reset();
+    assert_eq!(backend.connection_count(), 1, "only the waiting one stays");
+    assert!(backend.has_rx_work(), "and it is offered again");
+}
