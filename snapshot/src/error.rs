@@ -104,6 +104,13 @@ pub enum Error {
     /// A copier panicked (a bug); caught, and the snapshot rolled back.
     #[error("{phase}: panicked ({what}); snapshot rolled back")]
     Panicked { phase: Phase, what: String },
+    /// A chunk of the snapshot a VM is still loading from could not be
+    /// read for the new snapshot.
+    #[error("{phase}: {source}")]
+    Parent {
+        phase: Phase,
+        source: crate::lazy::LoadError,
+    },
     /// `SNAPVM_INJECT` could not be parsed (test hook).
     #[error("invalid fault injection: {0}")]
     InvalidInjection(String),

@@ -81,9 +81,15 @@ struct Handler {
 impl Handler {
     fn serve(&mut self) {
         loop {
+            // A VM still loading from a snapshot: its loader reads the
+            // uffd and passes our faults on (lazy/sink.rs).
+            let events_fd = match &self.shared.parent {
+                Some(p) => p.sink.as_raw_fd(),
+                None => self.shared.uffd.as_raw_fd(),
+            };
             let mut fds = [
                 libc::pollfd {
-                    fd: self.shared.uffd.as_raw_fd(),
+                    fd: events_fd,
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -130,7 +136,9 @@ impl Handler {
 
     fn read_and_handle(&mut self) {
         self.events.clear();
-        if let Err(e) = self.shared.uffd.read_events(&mut self.events) {
+        if let Some(p) = &self.shared.parent {
+            p.sink.take(&mut self.events);
+        } else if let Err(e) = self.shared.uffd.read_events(&mut self.events) {
             // Cannot happen on a valid uffd; keep serving regardless, but
             // fail the snapshot so it is rolled back, and back off so a
             // persistent error cannot spin a core.

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub direct_fault_writes: u64,
     /// 2 MiB chunks that are holes in the image (no data at the fork).
     pub zero_chunks: u64,
+    /// Chunks of a VM still loading from a snapshot that were not in guest
+    /// RAM at the fork instant: copied from that snapshot's image.
+    pub chunks_from_parent: u64,
     /// Bytes written to the image.
     pub bytes_written: u64,
     /// Write faults on protected pages handled.
@@ -102,6 +105,7 @@ impl std::fmt::Debug for Metrics {
             .field("chunks_staged", &self.chunks_staged)
             .field("direct_fault_writes", &self.direct_fault_writes)
             .field("zero_chunks", &self.zero_chunks)
+            .field("chunks_from_parent", &self.chunks_from_parent)
             .field("bytes_written", &self.bytes_written)
             .field("wp_faults", &self.wp_faults)
             .field("missing_faults", &self.missing_faults)
@@ -131,6 +135,7 @@ pub(crate) struct Counters {
     pub direct_fault_writes: AtomicU64,
     pub zero_units: AtomicU64,
     pub bytes_written: AtomicU64,
+    pub from_parent: AtomicU64,
 }
 
 impl Counters {

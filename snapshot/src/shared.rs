@@ -18,6 +18,7 @@ use crate::eventfd::EventFd;
 use crate::inject::FaultInjection;
 use crate::memory::{copy_populated, Pagemap};
 use crate::metrics::Counters;
+use crate::parent::ParentLink;
 use crate::persist::ImageFile;
 use crate::region::{Layout, CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 use crate::save::{examine, write_runs};
@@ -40,7 +41,10 @@ pub(crate) struct Shared {
     /// memory.img, being written.
     pub image: Arc<ImageFile>,
     pub pagemap: Pagemap,
-    pub uffd: Uffd,
+    /// The snapshot's own, or (with `parent`) the loader's.
+    pub uffd: Arc<Uffd>,
+    /// The VM is still loading from a snapshot (parent.rs).
+    pub parent: Option<ParentLink>,
     pub counters: Counters,
     pub injection: FaultInjection,
     /// Fault-path saves started (for `fail_fault_path_at`).
@@ -188,6 +192,25 @@ impl Shared {
         }
     }
 
+    /// The end of the snapshot (or its rollback): every protection lifted
+    /// and the regions unregistered, which also wakes threads parked on a
+    /// missing page. Guest RAM still loading stays registered with its
+    /// loader (whose registration this was), with the protection lifted.
+    pub fn release_regions(&self) -> Result<(), crate::error::UffdError> {
+        let mut res = Ok(());
+        for r in self.layout.regions() {
+            let r = if self.parent.is_some() {
+                self.uffd.write_protect(r.host_addr, r.len, false, false)
+            } else {
+                self.uffd.unregister(r.host_addr, r.len)
+            };
+            if let Err(e) = r {
+                res = res.and(Err(e));
+            }
+        }
+        res
+    }
+
     /// Rollback's last resort: every region unprotected (one ioctl each,
     /// waking blocked writers), errors ignored.
     pub fn lift_all_protection(&self) {
@@ -299,6 +322,16 @@ impl Shared {
         let ppu = self.pages_per_unit();
         let chunk = units[0] / per;
         let loc = self.layout.chunk(chunk);
+        if let Some(p) = self.parent.as_ref().filter(|p| p.is_from_parent(chunk)) {
+            // Not in guest RAM at the instant: the parent's bytes (async-fork
+            // only, so the unit is the chunk).
+            let rec = p.copy_chunk(chunk, &self.image, loc.image_offset, &self.counters, phase)?;
+            self.table.record(units[0], rec);
+            if rec == Record::Zero {
+                Counters::add(&self.counters.zero_units, 1);
+            }
+            return Ok(());
+        }
         let pop = self
             .pagemap
             .populated(loc.host_addr, PAGES_PER_CHUNK, phase)?;
@@ -339,6 +372,10 @@ impl Shared {
     /// goes and the unit settles. Returns whether it succeeded (on failure
     /// the snapshot rolls back and the writer is released all the same).
     pub fn save_for_fault(&self, i: usize, copier: Copier) -> bool {
+        if self.parent.as_ref().is_some_and(|p| p.is_from_parent(i)) {
+            // Nothing in guest RAM to stage: copy from the parent's image.
+            return self.save_units(&[i], copier);
+        }
         let slot = self
             .staging
             .as_ref()

@@ -178,17 +178,15 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
     // Unregistering drops MISSING mode (first touches go back to the kernel)
     // and wakes any thread still parked on a missing page.
     let t = Instant::now();
-    for r in shared.layout.regions() {
-        if let Err(source) = shared.uffd.unregister(r.host_addr, r.len) {
-            if !shared.is_aborted() {
-                shared.fail(Error::Uffd {
-                    phase: Phase::Worker,
-                    source,
-                });
-            }
-            // Last resort so no writer stays blocked.
-            let _ = shared.uffd.write_protect(r.host_addr, r.len, false, false);
+    if let Err(source) = shared.release_regions() {
+        if !shared.is_aborted() {
+            shared.fail(Error::Uffd {
+                phase: Phase::Worker,
+                source,
+            });
         }
+        // Last resort so no writer stays blocked.
+        shared.lift_all_protection();
     }
     let finish = t.elapsed();
 
@@ -200,6 +198,10 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
             HandlerStats::new()
         }
     };
+    if let Some(p) = &shared.parent {
+        // The loader serves every fault again (and may finish its load).
+        p.loader.detach();
+    }
 
     if shared.is_aborted() {
         return Err(shared.take_error().unwrap_or(Error::Cancelled));
@@ -219,6 +221,7 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
         chunks_staged: Counters::get(&c.staged),
         direct_fault_writes: Counters::get(&c.direct_fault_writes),
         zero_chunks: chunks.iter().filter(|c| c.zero).count() as u64,
+        chunks_from_parent: Counters::get(&c.from_parent),
         bytes_written: Counters::get(&c.bytes_written),
         wp_faults: stats.wp_faults,
         missing_faults: stats.missing_faults,

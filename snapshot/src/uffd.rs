@@ -54,6 +54,11 @@ const UFFDIO_WRITEPROTECT: u64 = ioc(
     0x06,
     std::mem::size_of::<UffdioWriteprotect>(),
 );
+const UFFDIO_MOVE: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x05,
+    std::mem::size_of::<UffdioMove>(),
+);
 /// `/dev/userfaultfd` ioctl that hands out a new uffd (kernel >= 6.1).
 const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
 
@@ -118,6 +123,7 @@ impl RegisterMode {
 }
 
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
+const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
@@ -161,6 +167,16 @@ struct UffdioCopy {
 
 #[repr(C)]
 #[derive(Default)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
 struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
@@ -191,6 +207,7 @@ const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
 const _: () = assert!(std::mem::size_of::<UffdioZeropage>() == 32);
+const _: () = assert!(std::mem::size_of::<UffdioMove>() == 40);
 const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
 
 /// What kind of fault a thread took.
@@ -381,6 +398,43 @@ impl Uffd {
             copy: 0,
         };
         match self.range_ioctl("copy", UFFDIO_COPY, &mut c, dst, len) {
+            Ok(()) => Ok(true),
+            Err(UffdError::Range { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resolves a missing fault by moving `len` bytes of our own anonymous
+    /// memory at `src` into the registered range at `dst` (UFFDIO_MOVE,
+    /// Linux >= 6.8, feature [`feature::MOVE`]): the pages themselves
+    /// change owner, no copy. A PMD-mapped huge page moves as one when
+    /// both ends are 2 MiB aligned and `len` covers it, so guest RAM keeps
+    /// its huge pages. `src` is left unmapped. `Ok(false)` on EEXIST.
+    ///
+    /// The kernel checks both ranges (EFAULT/EINVAL on bad ones), so a
+    /// wrong address is an error, not memory unsafety; the caller must not
+    /// keep references into `src`.
+    pub fn move_pages(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        dont_wake: bool,
+    ) -> Result<bool, UffdError> {
+        let mut m = UffdioMove {
+            dst,
+            src,
+            len,
+            mode: if dont_wake {
+                UFFDIO_MOVE_MODE_DONTWAKE
+            } else {
+                0
+            },
+            moved: 0,
+        };
+        match self.range_ioctl("move", UFFDIO_MOVE, &mut m, dst, len) {
             Ok(()) => Ok(true),
             Err(UffdError::Range { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(false)

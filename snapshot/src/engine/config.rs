@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::ARM_STEP;
 use crate::cpus::CpuSet;
 use crate::inject::FaultInjection;
+use crate::lazy::Loader;
 use crate::staging::{StagingPool, DEFAULT_BUDGET};
 
 /// How a snapshot is taken (DESIGN.md §2: the baselines live beside the
@@ -83,6 +84,11 @@ pub struct Config {
     /// None leaves them wherever the scheduler puts them. A failure to pin
     /// only costs the placement (logged).
     pub background_cpus: Option<CpuSet>,
+    /// The VM's memory is still loading from a snapshot (lazy restore):
+    /// the engine shares the loader's userfaultfd and copies chunks not
+    /// yet loaded at its instant from that snapshot's image (lazy/mod.rs).
+    /// Async-fork only; ignored once the load is over.
+    pub lazy: Option<Arc<Loader>>,
 }
 
 impl Default for Config {
@@ -94,6 +100,7 @@ impl Default for Config {
             arm_step: ARM_STEP,
             staging: Arc::new(StagingPool::new(DEFAULT_BUDGET)),
             background_cpus: None,
+            lazy: None,
         }
     }
 }

@@ -295,17 +295,24 @@ impl Drop for Engine {
 /// Rolls back a set-up (armed or begun, before the supervisor exists):
 /// protections and registrations gone, handler stopped and joined.
 fn tear_down(shared: &Shared, handler: JoinHandle<HandlerStats>) {
-    undo_sync(&shared.uffd, shared.layout.regions());
+    shared.lift_all_protection();
+    let _ = shared.release_regions();
     shared.handler_stop.signal();
     let _ = handler.join();
+    if let Some(p) = &shared.parent {
+        p.loader.stop_tracking();
+        p.loader.detach();
+    }
 }
 
 /// Sync-phase rollback: lift protection (waking any writer blocked on it)
 /// and unregister. Errors are ignored: closing the uffd, which the caller
 /// does next, clears all of it too.
-fn undo_sync(uffd: &Uffd, regions: &[Region]) {
+fn undo_sync(uffd: &Uffd, regions: &[Region], registered_here: bool) {
     for r in regions {
         let _ = uffd.write_protect(r.host_addr, r.len, false, false);
-        let _ = uffd.unregister(r.host_addr, r.len);
+        if registered_here {
+            let _ = uffd.unregister(r.host_addr, r.len);
+        }
     }
 }

@@ -124,6 +124,7 @@ impl Engine {
             chunks_staged: 0,
             direct_fault_writes: 0,
             zero_chunks: chunks.iter().filter(|c| c.zero).count() as u64,
+            chunks_from_parent: 0,
             bytes_written: bytes.into_inner(),
             wp_faults: 0,
             missing_faults: 0,

@@ -8,8 +8,10 @@ use crate::chunk_table::ChunkTable;
 use crate::error::{Error, Phase};
 use crate::eventfd::EventFd;
 use crate::fault_handler;
+use crate::lazy::EventSink;
 use crate::memory::Pagemap;
 use crate::metrics::{Counters, HandlerStats, SyncMetrics};
+use crate::parent::ParentLink;
 use crate::persist::ImageFile;
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE};
 use crate::shared::Shared;
@@ -144,7 +146,13 @@ impl Engine {
                 "the memory image's length differs from the regions'",
             ));
         }
+        let loading = self.config.lazy.as_ref().is_some_and(|l| !l.is_released());
         let unit = match self.config.strategy {
+            Strategy::StopTheWorld if loading => {
+                return Err(Error::InvalidConfig(
+                    "a VM still loading its memory from a snapshot can only be snapshotted with async-fork",
+                ))
+            }
             Strategy::StopTheWorld => return self.begin_stop_the_world(layout, image, t_total),
             Strategy::SyncWp => PAGE_SIZE,
             Strategy::AsyncFork | Strategy::Fork => CHUNK_SIZE,
@@ -181,6 +189,12 @@ impl Engine {
                 (shared, handler, m, None)
             }
         };
+
+        if let Some(p) = &shared.parent {
+            // The instant: which chunks are not in guest RAM (their bytes
+            // are the parent's). Loads from now on are not protected.
+            let _ = p.from_parent.set(p.loader.freeze());
+        }
 
         if self.config.injection.fail_sync {
             drop(standby);
@@ -231,25 +245,62 @@ impl Engine {
     ) -> Result<(Arc<Shared>, JoinHandle<HandlerStats>, SyncMetrics), Error> {
         let mut m = SyncMetrics::default();
         let pagemap = Pagemap::open()?;
-        let uffd = Uffd::new(UFFD_FEATURES).map_err(|source| Error::Uffd {
-            phase: Phase::Sync,
-            source,
-        })?;
         let sync_err = |source| Error::Uffd {
             phase: Phase::Sync,
             source,
         };
+        // A VM still loading from a snapshot: its guest RAM is registered
+        // with the loader's uffd already (a range takes one), and the loader
+        // hands us the faults that are ours.
+        let parent = match &self.config.lazy {
+            Some(loader) => {
+                let sink = Arc::new(EventSink::new().map_err(|source| Error::Memory {
+                    phase: Phase::Sync,
+                    op: "eventfd",
+                    start: 0,
+                    len: 0,
+                    source,
+                })?);
+                loader
+                    .attach(sink.clone())
+                    .map(|uffd| (uffd, ParentLink::new(loader.clone(), sink)))
+            }
+            None => None,
+        };
+        if parent.is_some() && unit != CHUNK_SIZE {
+            if let Some(l) = &self.config.lazy {
+                l.detach();
+            }
+            return Err(Error::InvalidConfig(
+                "a VM still loading its memory from a snapshot can only be snapshotted with async-fork",
+            ));
+        }
+        let registered_here = parent.is_none();
+        let (uffd, parent) = match parent {
+            Some((uffd, link)) => (uffd, Some(link)),
+            None => (Arc::new(Uffd::new(UFFD_FEATURES).map_err(sync_err)?), None),
+        };
+        let detach = |parent: &Option<ParentLink>| {
+            if let Some(p) = parent {
+                p.loader.detach();
+            }
+        };
 
         let t = Instant::now();
-        for (i, r) in layout.regions().iter().enumerate() {
-            if let Err(e) = uffd.register(
-                r.host_addr,
-                r.len,
-                RegisterMode::MISSING.union(RegisterMode::WP),
-            ) {
-                undo_sync(&uffd, &layout.regions()[..i]);
-                return Err(sync_err(e));
+        if registered_here {
+            for (i, r) in layout.regions().iter().enumerate() {
+                if let Err(e) = uffd.register(
+                    r.host_addr,
+                    r.len,
+                    RegisterMode::MISSING.union(RegisterMode::WP),
+                ) {
+                    undo_sync(&uffd, &layout.regions()[..i], true);
+                    return Err(sync_err(e));
+                }
             }
+        } else if let Some(p) = &parent {
+            // Chunks that load from now on are protected as they land.
+            p.loader.start_tracking();
         }
         m.register = t.elapsed();
 
@@ -260,7 +311,8 @@ impl Engine {
         let (nudge, stop) = match (EventFd::new(), EventFd::new()) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(source), _) | (_, Err(source)) => {
-                undo_sync(&uffd, layout.regions());
+                undo_sync(&uffd, layout.regions(), registered_here);
+                detach(&parent);
                 return Err(Error::Memory {
                     phase: Phase::Sync,
                     op: "eventfd",
@@ -278,6 +330,7 @@ impl Engine {
             image: image.clone(),
             pagemap,
             uffd,
+            parent,
             counters: Counters::default(),
             injection: self.config.injection.clone(),
             fault_copies: AtomicUsize::new(0),
@@ -302,7 +355,11 @@ impl Engine {
         {
             Ok(h) => h,
             Err(source) => {
-                undo_sync(&shared.uffd, shared.layout.regions());
+                undo_sync(&shared.uffd, shared.layout.regions(), registered_here);
+                if let Some(p) = &shared.parent {
+                    p.loader.stop_tracking();
+                    p.loader.detach();
+                }
                 return Err(Error::Spawn {
                     phase: Phase::Sync,
                     name: "snap-faults".into(),

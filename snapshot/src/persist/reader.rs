@@ -69,6 +69,13 @@ impl SnapshotDir {
         &self.header
     }
 
+    /// The open memory.img (for a reader that reopens it, e.g. with
+    /// `O_DIRECT`, through `/proc/self/fd`: the same file even if the
+    /// directory is renamed or replaced meanwhile).
+    pub fn image_fd(&self) -> i32 {
+        self.image.as_raw_fd()
+    }
+
     /// The VMM's opaque vCPU and device state, checksum-verified.
     pub fn vm_state(&self) -> &[u8] {
         &self.vm_state
