@@ -91,19 +91,34 @@ impl Proc {
     /// Waits until stdout contains `needle`; panics with everything printed
     /// so far if it does not within `timeout` or if the process exits first.
     pub fn wait_for_stdout(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for(needle, timeout, "stdout", Proc::stdout);
+    }
+
+    /// As [`Proc::wait_for_stdout`], for stderr (where the log goes).
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for(needle, timeout, "stderr", Proc::stderr);
+    }
+
+    fn wait_for(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+        stream: &str,
+        read: fn(&Proc) -> String,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.stdout().contains(needle) {
+            if read(self).contains(needle) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Give the reader a moment to drain what was printed last.
                 thread::sleep(Duration::from_millis(100));
-                if self.stdout().contains(needle) {
+                if read(self).contains(needle) {
                     return;
                 }
                 panic!(
-                    "{} exited ({status}) before printing {needle:?}\nstdout:\n{}\nstderr:\n{}",
+                    "{} exited ({status}) before printing {needle:?} on {stream}\nstdout:\n{}\nstderr:\n{}",
                     self.what,
                     self.stdout(),
                     self.stderr()
@@ -111,7 +126,7 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "{} did not print {needle:?} within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    "{} did not print {needle:?} on {stream} within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
                     self.what,
                     self.stdout(),
                     self.stderr()

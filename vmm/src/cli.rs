@@ -112,6 +112,11 @@ pub struct RestoreArgs {
     /// Check every memory chunk's checksum before loading.
     #[arg(long)]
     pub verify: bool,
+    /// Follow the memory load until the VM no longer needs the snapshot
+    /// directory (a progress bar when stderr is a terminal); exits 1 if
+    /// the load fails.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -243,7 +248,6 @@ impl RunArgs {
         let given = [
             ("--memory", self.memory.is_some()),
             ("--vcpus", self.vcpus.is_some()),
-            ("--hugepages", self.hugepages.is_some()),
             ("--snapshot-dir", self.snapshot_dir.is_some()),
         ];
         match given.iter().find(|(_, g)| *g) {

@@ -16,7 +16,7 @@ use snapvm_vmm::devices::virtio::{
     vsock::{HostListener, ListenAddr},
 };
 use snapvm_vmm::loader::{BootConfig, KernelImage};
-use snapvm_vmm::owner::{self, Envelope, Loader, Owner, SnapshotDefaults, VmSource};
+use snapvm_vmm::owner::{self, Envelope, LoadSettings, Owner, SnapshotDefaults, VmSource};
 use snapvm_vmm::placement::CpuPlacement;
 use snapvm_vmm::snapshotting::restore_cli;
 use snapvm_vmm::trigger;
@@ -312,15 +312,16 @@ fn run_waiting(
         },
         None => None,
     };
-    let loader = Loader {
+    let settings = LoadSettings {
         serial: args.serial.clone(),
         serial_in: true,
         kv_addr,
         kv_listener,
         cpus,
+        backing: args.hugepages(),
     };
     tracing::info!("no VM: waiting for PUT /snapshot/load");
-    let mut owner = Owner::waiting(loader, instance_id());
+    let mut owner = Owner::waiting(settings, instance_id());
     owner.set_snapshot_defaults(snapshot_defaults(args));
     let Requests { tx, rx } = requests;
     drop(tx);
@@ -356,19 +357,23 @@ fn run_restored(
         }
         None => None,
     };
-    let mut vm = match restore_cli::restore_from_dir(&dir, args.verify, serial_out, true, listener)
-    {
+    let opts = restore_cli::RestoreOptions {
+        verify: args.verify,
+        serial_out,
+        serial_in: true,
+        kv_listener: listener,
+        backing: args.hugepages(),
+        cpus,
+    };
+    let mut vm = match restore_cli::restore_from_dir(&dir, opts) {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
-    if let Some(p) = cpus {
-        vm.set_cpu_placement(p);
-    }
     if let Err(e) = vm.start() {
         return fail(e);
     }
     tracing::info!(
-        "restored {} and resumed the guest in {:.1} ms (open, map, rebuild, start)",
+        "restored {} and resumed the guest in {:.1} ms (open, rebuild, start; memory loads meanwhile)",
         dir.display(),
         t_restore.elapsed().as_secs_f64() * 1e3
     );

@@ -74,6 +74,9 @@ pub struct GuestRam {
     // Field order matters: the vm-memory view must drop before the mappings.
     mem: GuestMemoryMmap,
     regions: Vec<HostRegion>,
+    /// A restored VM's memory still loading from its snapshot (or done);
+    /// goes before the mappings it loads into.
+    loader: Option<Arc<snapvm_snapshot::lazy::Loader>>,
     _mappings: Arc<Vec<HostMapping>>,
     /// Owner of memory this GuestRam does not map itself (see
     /// [`GuestRam::from_host_regions`]).
@@ -125,6 +128,7 @@ impl GuestRam {
             regions,
             _mappings: Arc::new(mappings),
             _external: None,
+            loader: None,
         })
     }
 
@@ -168,12 +172,24 @@ impl GuestRam {
             regions: host,
             _mappings: Arc::new(Vec::new()),
             _external: Some(owner),
+            loader: None,
         })
     }
 
     /// The vm-memory view, for loaders and devices.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Restore: the memory loads lazily through `loader` (which must have
+    /// registered exactly these regions).
+    pub fn set_loader(&mut self, loader: Arc<snapvm_snapshot::lazy::Loader>) {
+        self.loader = Some(loader);
+    }
+
+    /// The lazy load of a restored VM's memory, if it was restored.
+    pub fn loader(&self) -> Option<&Arc<snapvm_snapshot::lazy::Loader>> {
+        self.loader.as_ref()
     }
 
     /// Whether the RAM is snapvm's own anonymous memory (not memory mapped

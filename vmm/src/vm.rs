@@ -405,6 +405,12 @@ impl Vm {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // The guest is gone: a restore still loading (or stuck on a chunk
+        // it could not load) lets go of guest RAM, so a device thread
+        // blocked on it returns and can be stopped.
+        if let Some(l) = self.ram.loader() {
+            l.shutdown();
+        }
         if let Some(mut l) = self.event_loop.take() {
             l.stop();
         }

@@ -77,9 +77,15 @@ fn request(dir: &Path, mode: Strategy, workers: usize) -> SnapshotRequest {
 }
 
 fn restore(dir: &Path) -> Vm {
-    let mut vm =
-        restore_cli::restore_from_dir(dir, true, Box::new(Console::default()), false, None)
-            .expect("restore");
+    let opts = restore_cli::RestoreOptions {
+        verify: true,
+        serial_out: Box::new(Console::default()),
+        serial_in: false,
+        kv_listener: None,
+        backing: snapvm_vmm::PageBacking::Huge,
+        cpus: None,
+    };
+    let mut vm = restore_cli::restore_from_dir(dir, opts).expect("restore");
     vm.start().expect("start restored VM");
     vm
 }
@@ -122,16 +128,25 @@ fn async_fork_snapshot_of_a_running_counter_restores_and_continues() {
         );
     }
     wait_for_heartbeats_above(&restored, &first);
-    // Its memory is the image file, mapped: not snapshottable, refused
-    // up front, and the VM runs on.
-    let err = Snapshotter::new()
-        .take(
-            &restored,
-            request(&tmp.path("again"), Strategy::AsyncFork, 2),
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("restored VM"), "{err}");
+    // A restored VM is an ordinary VM: it snapshots, and that snapshot
+    // restores and runs on from its own instant.
+    let again = tmp.path("again");
+    let before_again = restored.heartbeats().unwrap();
+    let h2 = Snapshotter::new()
+        .take(&restored, request(&again, Strategy::AsyncFork, 2))
+        .expect("snapshot of the restored VM");
+    h2.wait().expect("second snapshot done");
     wait_for_heartbeats_above(&restored, &restored.heartbeats().unwrap());
+    let mut second = restore(&again);
+    let first2 = second.heartbeats().unwrap();
+    for (f, b) in first2.iter().zip(&before_again) {
+        assert!(
+            f >= b,
+            "second fork heartbeats {first2:?} before {before_again:?}"
+        );
+    }
+    wait_for_heartbeats_above(&second, &first2);
+    assert_eq!(second.shutdown(), VmExit::Shutdown);
     assert_eq!(restored.shutdown(), VmExit::Shutdown);
     drop(vm);
 }

@@ -447,22 +447,29 @@ impl Loader {
         &self.inner.source
     }
 
-    /// Stops loading and lets go of guest RAM (unregistering wakes every
-    /// thread blocked on it; what was not loaded then reads as zero):
-    /// for a VM that is being torn down, e.g. after a failed load.
-    pub fn shutdown(&self) {
+    /// Stops loading and lets go of guest RAM without waiting for any
+    /// thread (so it may be called from `on_error`): unregistering wakes
+    /// every thread blocked on it, and what was not loaded then reads as
+    /// zero. Only for a VM already told to stop — after a failed load, the
+    /// threads blocked on the bad chunk must return for the VM to stop,
+    /// and a vCPU told to stop does not enter the guest again.
+    pub fn let_go(&self) {
         let i = &self.inner;
         i.stop.store(true, Ordering::Release);
         i.stop_evt.signal();
-        {
-            let mut a = lock(&i.attach);
-            if !a.released {
-                a.released = true;
-                for r in i.layout.regions() {
-                    let _ = i.uffd.unregister(r.host_addr, r.len);
-                }
+        let mut a = lock(&i.attach);
+        if !a.released {
+            a.released = true;
+            for r in i.layout.regions() {
+                let _ = i.uffd.unregister(r.host_addr, r.len);
             }
         }
+    }
+
+    /// [`Loader::let_go`], then waits for the loader's threads: for a VM
+    /// being torn down.
+    pub fn shutdown(&self) {
+        self.let_go();
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
@@ -519,7 +526,8 @@ impl Inner {
             }
             *slot = Some(msg.clone());
         }
-        tracing::error!("{msg}");
+        // `on_error` reports it (the VMM stops the VM with it).
+        tracing::debug!("{msg}");
         self.stop.store(true, Ordering::Release);
         (self.on_error)(msg);
     }

@@ -12,5 +12,6 @@ mod linux_boot;
 mod pause_resume;
 mod qemu_boot;
 mod reliability;
+mod restore_chain;
 mod snapshot;
 mod snapshot_bench;

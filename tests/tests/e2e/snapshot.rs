@@ -243,15 +243,16 @@ fn damaged_snapshots_are_refused_with_one_line() {
     img[(1 << 20) + 4096] ^= 0x01;
     std::fs::write(chunk.join("memory.img"), img).unwrap();
     assert_one_error_line(&restore(&chunk, true), &["chunk 0", "memory image"]);
-    // Without --verify the restore starts at once, the image is checked in
-    // the background, and the corrupt chunk stops the VM with one line.
+    // Without --verify the restore starts at once, every chunk is checked
+    // as it loads, and the corrupt one stops the VM with one line.
     assert_one_error_line(
         &restore(&chunk, false),
         &[
-            "restored snapshot",
-            "is corrupt",
-            "chunk 0",
-            "the VM was stopped",
+            &format!(
+                "snapshot {}: memory chunk 0 (guest 0x0) is corrupt",
+                chunk.display()
+            ),
+            "; the VM was",
         ],
     );
 

@@ -29,6 +29,8 @@ pub enum CommandError {
     },
     #[error("snapshot {id} failed: {reason}")]
     SnapshotFailed { id: String, reason: String },
+    #[error("{0}")]
+    LoadFailed(String),
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
@@ -200,8 +202,57 @@ pub fn restore(args: &RestoreArgs) -> Result<(), CommandError> {
         "resume_vm": !args.no_resume,
         "verify": args.verify,
     });
-    ApiClient::new(&args.sock.api_sock)?
+    let client = ApiClient::new(&args.sock.api_sock)?;
+    client
         .call(Method::PUT, "/snapshot/load", Some(&body))?
         .check()?;
+    if args.wait {
+        follow_load(&client)?;
+    }
     Ok(())
+}
+
+/// Polls `GET /` until the loaded VM's memory is all in (or the load
+/// failed), with a progress bar when stderr is a terminal.
+fn follow_load(client: &ApiClient) -> Result<(), CommandError> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "loading [{bar:40}] {pos}/{len} chunks ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    loop {
+        let info: InstanceInfo = client.call(Method::GET, "/", None)?.ok_json()?;
+        let Some(load) = info.memory_load else {
+            return Ok(());
+        };
+        if let Some(bar) = &bar {
+            bar.set_length(load.chunks_total);
+            bar.set_position(load.chunks_loaded);
+        }
+        match load.state.as_str() {
+            "done" => {
+                if let Some(bar) = bar {
+                    bar.finish();
+                }
+                print_json(&load);
+                return Ok(());
+            }
+            "failed" => {
+                if let Some(bar) = bar {
+                    bar.abandon();
+                }
+                return Err(CommandError::LoadFailed(
+                    load.error
+                        .unwrap_or_else(|| "the memory load failed".into()),
+                ));
+            }
+            _ => std::thread::sleep(POLL),
+        }
+    }
 }

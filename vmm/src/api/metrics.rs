@@ -3,12 +3,13 @@
 
 use prometheus::{Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::owner::Counters;
+use crate::owner::MetricsReport;
 
 /// VM states reported as `snapvm_vm_state{state=...}` (1 for the current).
 const STATES: [&str; 4] = ["Not started", "Running", "Paused", "Stopped"];
 
-pub fn render(vm_state: &str, in_flight: usize, c: &Counters) -> Result<String, prometheus::Error> {
+pub fn render(m: &MetricsReport) -> Result<String, prometheus::Error> {
+    let (vm_state, in_flight, c) = (m.vm_state, m.in_flight, &m.counters);
     let reg = Registry::new();
     let state = IntGaugeVec::new(
         Opts::new(
@@ -74,6 +75,36 @@ pub fn render(vm_state: &str, in_flight: usize, c: &Counters) -> Result<String, 
     )?;
     reg.register(Box::new(staging.clone()))?;
     staging.set(c.staging_bytes as i64);
+    if let Some(l) = &m.memory_load {
+        // A restored VM: its memory coming in from the snapshot.
+        let loaded = IntGauge::new(
+            "snapvm_restore_chunks_loaded",
+            "Data chunks (2 MiB) of a restored VM's memory loaded from its snapshot",
+        )?;
+        reg.register(Box::new(loaded.clone()))?;
+        loaded.set(l.chunks_loaded as i64);
+        let total = IntGauge::new(
+            "snapvm_restore_chunks_total",
+            "Data chunks a restored VM's memory loads from its snapshot",
+        )?;
+        reg.register(Box::new(total.clone()))?;
+        total.set(l.chunks_total as i64);
+        let read = IntCounterVec::new(
+            Opts::new(
+                "snapvm_restore_bytes_read_total",
+                "Bytes read from the snapshot's memory image by the restore",
+            ),
+            &[],
+        )?;
+        reg.register(Box::new(read.clone()))?;
+        read.with_label_values(&[]).inc_by(l.bytes_read);
+        let done = IntGauge::new(
+            "snapvm_restore_done",
+            "1 once a restored VM's memory is all loaded (it no longer needs the snapshot)",
+        )?;
+        reg.register(Box::new(done.clone()))?;
+        done.set(i64::from(l.state == "done"));
+    }
     let mut out = Vec::new();
     prometheus::TextEncoder::new().encode(&reg.gather(), &mut out)?;
     String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
@@ -87,6 +118,7 @@ fn label(state: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::owner::Counters;
     use std::time::Duration;
 
     #[test]
@@ -101,7 +133,22 @@ mod tests {
             bytes_written: 4096,
             staging_bytes: 256 << 20,
         };
-        let text = render("Running", 1, &c).unwrap();
+        let m = MetricsReport {
+            vm_state: "Running",
+            in_flight: 1,
+            counters: c,
+            memory_load: Some(crate::owner::MemoryLoad {
+                snapshot_path: "/var/tmp/snap".into(),
+                state: "loading".into(),
+                chunks_loaded: 3,
+                chunks_total: 10,
+                chunks_on_demand: 1,
+                bytes_read: 6 << 20,
+                elapsed_ms: 500,
+                error: None,
+            }),
+        };
+        let text = render(&m).unwrap();
         for line in [
             "# TYPE snapvm_vm_state gauge",
             "snapvm_vm_state{state=\"running\"} 1",
@@ -116,6 +163,10 @@ mod tests {
             "snapvm_snapshot_faults_total{kind=\"missing\"} 3",
             "snapvm_snapshot_bytes_written_total 4096",
             "snapvm_snapshot_staging_bytes 268435456",
+            "snapvm_restore_chunks_loaded 3",
+            "snapvm_restore_chunks_total 10",
+            "snapvm_restore_bytes_read_total 6291456",
+            "snapvm_restore_done 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
         }

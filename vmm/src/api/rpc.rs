@@ -57,7 +57,7 @@ pub fn to_reply(answer: Answer, result: Result<Response, OwnerError>) -> Reply {
         Ok(Response::VmConfig(v)) => Reply::json(200, &v),
         Ok(Response::Snapshot(s)) => Reply::json(status, &s),
         Ok(Response::Snapshots(l)) => Reply::json(200, &l),
-        Ok(Response::Metrics(m)) => match metrics::render(m.vm_state, m.in_flight, &m.counters) {
+        Ok(Response::Metrics(m)) => match metrics::render(&m) {
             Ok(text) => Reply {
                 status: 200,
                 body: ReplyBody::Metrics(text),

@@ -48,7 +48,7 @@ pub enum VmSource {
 
 /// How a snapvm started with `--no-boot` builds the VM that a load
 /// restores.
-pub struct Loader {
+pub struct LoadSettings {
     /// `--serial`: `stdout` or a file path.
     pub serial: String,
     pub serial_in: bool,
@@ -57,6 +57,8 @@ pub struct Loader {
     pub kv_listener: Option<HostListener>,
     /// `--cpus`, applied to every loaded VM.
     pub cpus: Option<crate::placement::CpuPlacement>,
+    /// `--hugepages`: the loaded VM's guest RAM backing.
+    pub backing: crate::memory::PageBacking,
 }
 
 /// A snapshot to take.
@@ -147,6 +149,45 @@ pub struct InstanceInfo {
     pub state: String,
     pub vmm_version: String,
     pub app_name: String,
+    /// A restored VM: its memory loading from the snapshot (absent for a
+    /// booted VM).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub memory_load: Option<MemoryLoad>,
+}
+
+/// How far a restored VM's memory has loaded from its snapshot.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct MemoryLoad {
+    pub snapshot_path: PathBuf,
+    /// `loading`, `done` (the VM no longer needs the snapshot directory) or
+    /// `failed` (the VM was stopped; see `error`).
+    pub state: String,
+    /// Data chunks (2 MiB) loaded, of the total (holes are not loaded).
+    pub chunks_loaded: u64,
+    pub chunks_total: u64,
+    /// Of those, loaded because the guest (or a device) touched them first.
+    pub chunks_on_demand: u64,
+    pub bytes_read: u64,
+    /// Since the restore (until done).
+    pub elapsed_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+impl MemoryLoad {
+    pub fn of(l: &snapvm_snapshot::lazy::Loader) -> MemoryLoad {
+        let p = l.progress();
+        MemoryLoad {
+            snapshot_path: l.dir().to_path_buf(),
+            state: p.state.name().to_string(),
+            chunks_loaded: p.chunks_loaded,
+            chunks_total: p.chunks_total,
+            chunks_on_demand: p.chunks_on_demand,
+            bytes_read: p.bytes_read,
+            elapsed_ms: p.elapsed.as_millis() as u64,
+            error: p.error,
+        }
+    }
 }
 
 /// Live progress of a snapshot.
@@ -194,12 +235,13 @@ pub struct MetricsReport {
     pub vm_state: &'static str,
     pub in_flight: usize,
     pub counters: Counters,
+    pub memory_load: Option<MemoryLoad>,
 }
 
 /// Where the VM is.
 enum Slot {
     /// Nothing runs until a load.
-    Waiting(Loader),
+    Waiting(LoadSettings),
     Vm {
         vm: Box<Vm>,
         source: VmSource,
@@ -278,7 +320,7 @@ impl Owner {
     }
 
     /// An owner waiting for a load.
-    pub fn waiting(loader: Loader, instance_id: String) -> Owner {
+    pub fn waiting(loader: LoadSettings, instance_id: String) -> Owner {
         Owner::new(Slot::Waiting(loader), instance_id)
     }
 

@@ -3,10 +3,7 @@
 
 use std::time::Duration;
 
-use super::{
-    Entry, MetricsReport, Owner, OwnerError, Progress, Slot, SnapshotOrder, SnapshotStatus,
-    VmSource,
-};
+use super::{Entry, MetricsReport, Owner, OwnerError, Progress, SnapshotOrder, SnapshotStatus};
 use crate::snapshotting::{copier_count, SnapshotHandle, SnapshotRequest, SnapshotState};
 
 /// Totals over the snapshots that ended.
@@ -81,16 +78,6 @@ impl Owner {
             }
         }
         let vm = self.live_vm()?.0;
-        if let Slot::Vm {
-            source: VmSource::Snapshot { .. },
-            ..
-        } = &self.slot
-        {
-            return Err(OwnerError::Conflict(
-                "a restored VM cannot be snapshotted yet (its memory is the mapped snapshot image)"
-                    .into(),
-            ));
-        }
         let workers = order.workers.unwrap_or(self.defaults.workers);
         let req = SnapshotRequest {
             mode: order.mode,
@@ -115,7 +102,9 @@ impl Owner {
                     dir.display()
                 );
                 Err(match &e {
-                    E::InProgress | E::Pause(_) => OwnerError::Conflict(e.to_string()),
+                    E::InProgress | E::Pause(_) | E::Conflict(_) => {
+                        OwnerError::Conflict(e.to_string())
+                    }
                     E::Invalid(_)
                     | E::Target(
                         snapvm_snapshot::PersistError::TargetExists(_)
@@ -249,6 +238,7 @@ impl Owner {
                 .filter(|e| !e.handle.state().is_finished())
                 .count(),
             counters,
+            memory_load: self.memory_load(),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use super::{InstanceInfo, LoadOrder, Owner, OwnerError, Slot, VmSource, VmTargetState};
 use crate::devices::virtio::vsock::HostListener;
-use crate::snapshotting::restore_cli::restore_from_dir;
+use crate::snapshotting::restore_cli::{restore_from_dir, RestoreOptions};
 use crate::vm::Vm;
 
 const NO_VM: &str = "no VM yet: load one with PUT /snapshot/load";
@@ -32,6 +32,15 @@ impl Owner {
             state: self.vm_state_name().to_string(),
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
             app_name: "snapvm".to_string(),
+            memory_load: self.memory_load(),
+        }
+    }
+
+    /// A restored VM's memory load, if this VM was restored.
+    pub(super) fn memory_load(&self) -> Option<super::MemoryLoad> {
+        match &self.slot {
+            Slot::Vm { vm, .. } => vm.memory().loader().map(|l| super::MemoryLoad::of(l)),
+            Slot::Waiting(_) => None,
         }
     }
 
@@ -140,11 +149,16 @@ impl Owner {
             (None, None) => None,
         };
         let t = std::time::Instant::now();
-        let mut vm = restore_from_dir(&dir, order.verify, serial_out, loader.serial_in, listener)
-            .map_err(|e| OwnerError::Invalid(e.to_string()))?;
-        if let Some(p) = &loader.cpus {
-            vm.set_cpu_placement(p.clone());
-        }
+        let opts = RestoreOptions {
+            verify: order.verify,
+            serial_out,
+            serial_in: loader.serial_in,
+            kv_listener: listener,
+            backing: loader.backing,
+            cpus: loader.cpus.clone(),
+        };
+        let mut vm =
+            restore_from_dir(&dir, opts).map_err(|e| OwnerError::Invalid(e.to_string()))?;
         let mut started = false;
         if order.resume {
             vm.start()

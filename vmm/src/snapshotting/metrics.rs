@@ -99,6 +99,8 @@ struct EngineJson {
     chunks_staged: u64,
     direct_fault_writes: u64,
     zero_chunks: u64,
+    /// A restored VM still loading: chunks copied from its snapshot.
+    chunks_from_parent: u64,
     bytes_written: u64,
     wp_faults: u64,
     missing_faults: u64,
@@ -204,6 +206,7 @@ impl SnapshotMetrics {
                     chunks_staged: m.chunks_staged,
                     direct_fault_writes: m.direct_fault_writes,
                     zero_chunks: m.zero_chunks,
+                    chunks_from_parent: m.chunks_from_parent,
                     bytes_written: m.bytes_written,
                     wp_faults: m.wp_faults,
                     missing_faults: m.missing_faults,

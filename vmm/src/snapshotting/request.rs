@@ -59,6 +59,10 @@ pub enum SnapshotError {
     InProgress,
     #[error("invalid snapshot request: {0}")]
     Invalid(String),
+    /// Not now, in this VM's state (e.g. a mode its loading memory
+    /// cannot take yet).
+    #[error("{0}")]
+    Conflict(String),
     /// The snapshot directory cannot be made (it exists, no parent, no
     /// space, no permission).
     #[error("cannot create the snapshot directory: {0}")]

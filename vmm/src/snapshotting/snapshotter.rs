@@ -102,10 +102,24 @@ impl Snapshotter {
         let t_request = Instant::now();
         if !vm.memory().is_anonymous() {
             return Err(SnapshotError::Invalid(
-                "guest memory is mapped from a snapshot image (a restored VM); \
-                 snapshots need snapvm's anonymous memory"
+                "guest memory is mapped from a file; snapshots need snapvm's anonymous memory"
                     .into(),
             ));
+        }
+        // A restored VM whose memory still loads: async-fork shares the
+        // load (chunks not loaded yet come from the parent's image); the
+        // baselines would read memory that is not there yet.
+        let loading = vm.memory().loader().filter(|l| !l.is_released()).cloned();
+        if let Some(l) = &loading {
+            if req.mode != Strategy::AsyncFork {
+                let p = l.progress();
+                return Err(SnapshotError::Conflict(format!(
+                    "the VM's memory is still loading from {} ({} of {} chunks): until it is in, only async-fork snapshots it",
+                    l.dir().display(),
+                    p.chunks_loaded,
+                    p.chunks_total
+                )));
+            }
         }
         if req.workers == 0 {
             return Err(SnapshotError::Invalid("workers must be at least 1".into()));
@@ -140,6 +154,7 @@ impl Snapshotter {
                 injection: req.injection.clone(),
                 staging,
                 background_cpus: vm.background_cpus().cloned(),
+                lazy: loading,
                 ..Config::default()
             })?)),
         };

@@ -147,20 +147,24 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
         409,
         "a VM is already running: PUT /snapshot/load needs a snapvm started with --no-boot",
     );
-    req(
-        &sock2,
-        "PUT",
-        "/snapshot/create",
-        Some(&json!({"snapshot_path": tmp.path().join("again")}).to_string()),
-    )
-    .assert_fault(
-        409,
-        "a restored VM cannot be snapshotted yet (its memory is the mapped snapshot image)",
-    );
     let out = cli(&["vm", "resume", "--api-sock", s2]);
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert_eq!(get(&sock2, "/").json()["state"], "Running");
     let mut kv2 = redis_con(port2);
     assert_eq!(get_key(&mut kv2, "k").as_deref(), Some("at-the-fork"));
+    // A loaded VM is an ordinary VM: it snapshots (even while its memory
+    // may still be loading; only async-fork until the load is done).
+    let again = tmp.path().join("again");
+    let r = req(
+        &sock2,
+        "PUT",
+        "/snapshot/create?wait=true",
+        Some(&json!({"snapshot_path": again}).to_string()),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["state"], "done", "{r:?}");
+    assert!(again.join("state.bin").exists());
+    let info = get(&sock2, "/").json();
+    assert_eq!(info["memory_load"]["snapshot_path"], d, "{info}");
     shutdown(waiting, &sock2);
 }
