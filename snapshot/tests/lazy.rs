@@ -35,6 +35,7 @@ fn opts(prefetch_threads: usize) -> LoadOptions {
         huge_pages: true,
         prefetch_threads,
         cpus: None,
+        hot: Vec::new(),
     }
 }
 
@@ -98,6 +99,7 @@ fn an_image_loads_bit_exact_on_touch_and_in_the_background_into_huge_pages() {
         let target = Mem::new(0, 0, 16, 1);
         let (seen, on_error) = errors();
         let l = Loader::start(&snap, &[target.region()], opts(prefetch), on_error).expect("start");
+        l.start_prefetch();
         // Touching everything (holes included) loads it; with prefetch the
         // background threads race the toucher.
         assert_eq!(bytes_of(&target), reference, "prefetch {prefetch}");

@@ -163,6 +163,10 @@ impl Vm {
                 }
             }
         }
+        // A restored VM: the guest runs, the bulk of its memory may load.
+        if let Some(l) = self.ram.loader() {
+            l.start_prefetch();
+        }
         Ok(())
     }
 

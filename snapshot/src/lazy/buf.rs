@@ -57,6 +57,22 @@ impl ChunkBuf {
         self.addr as u64
     }
 
+    /// Makes the kernel allocate the buffer's memory now (one huge page
+    /// when advised so), so the next read into it does not: done right
+    /// after a move, off the path of the next fault.
+    pub fn prefault(&mut self) {
+        let mut at = 0;
+        while at < CHUNK_SIZE as usize {
+            // SAFETY: inside the mapping. Reading first keeps any data (a
+            // buffer whose move failed still holds its chunk).
+            unsafe {
+                let p = self.addr.add(at);
+                std::ptr::write_volatile(p, std::ptr::read_volatile(p));
+            }
+            at += PAGE_SIZE as usize;
+        }
+    }
+
     /// Populates every page with zeros (fresh anonymous pages are zero; a
     /// write per page makes the kernel allocate them), for a chunk the
     /// image holds no data for.

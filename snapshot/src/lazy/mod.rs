@@ -40,7 +40,7 @@ mod source;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,14 @@ use crate::persist::SnapshotDir;
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE};
 use crate::sync::lock;
 use crate::uffd::{feature, Event, FaultKind, RegisterMode, Uffd};
+
+/// After a load a faulting thread waited for, the prefetch starts no new
+/// read for this long, unless it has yielded [`MAX_YIELD`] in a row.
+const DEMAND_QUIET: Duration = Duration::from_millis(5);
+const MAX_YIELD: Duration = Duration::from_millis(50);
+
+/// Prefetch threads run this much nicer than the VMM's others.
+const PREFETCH_NICE_DELTA: i32 = 10;
 
 const NOT_LOADED: u8 = 0;
 const LOADING: u8 = 1;
@@ -122,6 +130,10 @@ pub struct LoadOptions {
     pub prefetch_threads: usize,
     /// Where the prefetch threads run (None: anywhere).
     pub cpus: Option<CpuSet>,
+    /// Guest addresses the guest will touch first when it resumes (its
+    /// stacks, code, page tables, device rings: the VMM can tell from the
+    /// saved state): their chunks are prefetched before the rest.
+    pub hot: Vec<u64>,
 }
 
 impl Default for LoadOptions {
@@ -130,6 +142,7 @@ impl Default for LoadOptions {
             huge_pages: true,
             prefetch_threads: 2,
             cpus: None,
+            hot: Vec::new(),
         }
     }
 }
@@ -221,7 +234,20 @@ struct Inner {
     on_error: OnError,
     stop: AtomicBool,
     stop_evt: EventFd,
+    /// Prefetch order: the hot chunks, then every chunk in address order.
+    order: Vec<usize>,
+    /// How many of `order` are hot: loaded at once; the rest waits for
+    /// [`Loader::start_prefetch`] (so the VM's build and its first steps
+    /// do not compete with the bulk of the reads).
+    hot_len: usize,
+    go: Mutex<bool>,
+    go_cv: Condvar,
     next: AtomicUsize,
+    /// Loads a faulting thread waits for, in flight: the prefetch starts no
+    /// new read meanwhile, so a fault's read does not queue behind it.
+    demand: AtomicUsize,
+    /// When the last such load ended (ns since `started`).
+    last_demand_ns: AtomicU64,
 }
 
 /// What one attempt to load a chunk did.
@@ -274,6 +300,15 @@ impl Loader {
             }
         }
         let n = layout.total_chunks();
+        let mut order: Vec<usize> = opts
+            .hot
+            .iter()
+            .filter_map(|&g| chunk_of_guest(&layout, g))
+            .collect();
+        let mut seen = vec![false; n];
+        order.retain(|&c| !std::mem::replace(&mut seen[c], true));
+        let hot_len = order.len();
+        order.extend((0..n).filter(|&c| !seen[c]));
         let inner = Arc::new(Inner {
             data_total: source.data_chunks() as u64,
             source,
@@ -295,7 +330,13 @@ impl Loader {
             on_error: Box::new(on_error),
             stop: AtomicBool::new(false),
             stop_evt: EventFd::new().map_err(LoadError::Staging)?,
+            order,
+            hot_len,
+            go: Mutex::new(false),
+            go_cv: Condvar::new(),
             next: AtomicUsize::new(0),
+            demand: AtomicUsize::new(0),
+            last_demand_ns: AtomicU64::new(0),
         });
         let loader = Loader {
             inner: inner.clone(),
@@ -331,6 +372,11 @@ impl Loader {
                             tracing::debug!("restore prefetch not kept on CPUs {c}: {e}");
                         }
                     }
+                    // The guest (and its faults) first: the bulk of the
+                    // reads takes what CPU they leave.
+                    if let Err(e) = crate::priority::adjust_current_thread(PREFETCH_NICE_DELTA) {
+                        tracing::debug!("restore prefetch keeps normal priority: {e}");
+                    }
                     p.prefetch(buf)
                 });
             match spawned {
@@ -340,6 +386,13 @@ impl Loader {
             }
         }
         Ok(loader)
+    }
+
+    /// Lets the prefetch go past the hot chunks: call once the guest runs
+    /// (or now, for a VM that stays paused).
+    pub fn start_prefetch(&self) {
+        *lock(&self.inner.go) = true;
+        self.inner.go_cv.notify_all();
     }
 
     pub fn progress(&self) -> LoadProgress {
@@ -457,6 +510,8 @@ impl Loader {
         let i = &self.inner;
         i.stop.store(true, Ordering::Release);
         i.stop_evt.signal();
+        *lock(&i.go) = true;
+        i.go_cv.notify_all();
         let mut a = lock(&i.attach);
         if !a.released {
             a.released = true;
@@ -480,6 +535,16 @@ impl Drop for Loader {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The chunk holding guest address `g`, if guest RAM has it.
+fn chunk_of_guest(layout: &Layout, g: u64) -> Option<usize> {
+    let (k, r) = layout
+        .regions()
+        .iter()
+        .enumerate()
+        .find(|(_, r)| g >= r.guest_addr && g < r.guest_addr + r.len)?;
+    Some(layout.first_chunk(k) + ((g - r.guest_addr) / CHUNK_SIZE) as usize)
 }
 
 fn check_layout(
@@ -633,11 +698,31 @@ impl Inner {
     }
 
     fn prefetch(&self, mut buf: ChunkBuf) {
-        let n = self.state.len();
+        let mut yielded = Duration::ZERO;
         while !self.stop.load(Ordering::Acquire) {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            if i >= n {
+            // A guest that just faulted is likely to fault again: its
+            // reads go first, while they come in bursts (bounded, so a
+            // guest faulting without pause cannot starve the prefetch).
+            let since = (self.started.elapsed().as_nanos() as u64)
+                .saturating_sub(self.last_demand_ns.load(Ordering::Acquire));
+            let busy = self.demand.load(Ordering::Acquire) > 0
+                || (self.on_demand.load(Ordering::Relaxed) > 0
+                    && since < DEMAND_QUIET.as_nanos() as u64);
+            if busy && yielded < MAX_YIELD {
+                std::thread::sleep(Duration::from_micros(200));
+                yielded += Duration::from_micros(200);
+                continue;
+            }
+            yielded = Duration::ZERO;
+            let k = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(&i) = self.order.get(k) else {
                 return;
+            };
+            if k >= self.hot_len {
+                let mut go = lock(&self.go);
+                while !*go {
+                    go = self.go_cv.wait(go).unwrap_or_else(|p| p.into_inner());
+                }
             }
             if self.source.data(i) == ChunkData::Zero {
                 continue;
@@ -696,9 +781,17 @@ impl Inner {
             return;
         };
         if kind != FaultKind::WriteProtect && self.state[i].load(Ordering::Acquire) == NOT_LOADED {
-            match self.load(i, buf) {
+            self.demand.fetch_add(1, Ordering::AcqRel);
+            let outcome = self.load(i, buf);
+            self.last_demand_ns
+                .store(self.started.elapsed().as_nanos() as u64, Ordering::Release);
+            self.demand.fetch_sub(1, Ordering::AcqRel);
+            match outcome {
                 Outcome::Loaded => {
                     self.on_demand.fetch_add(1, Ordering::Relaxed);
+                    // The faulting thread runs again; get the next fault's
+                    // staging memory now rather than in its read.
+                    buf.prefault();
                     return;
                 }
                 Outcome::Busy | Outcome::Failed => return,

@@ -164,6 +164,9 @@ impl Owner {
             vm.start()
                 .map_err(|e| OwnerError::Failed(format!("cannot start the loaded VM: {e}")))?;
             started = true;
+        } else if let Some(l) = vm.memory().loader() {
+            // Nothing runs yet: the memory may load meanwhile.
+            l.start_prefetch();
         }
         tracing::info!(
             "loaded {} in {:.1} ms ({})",

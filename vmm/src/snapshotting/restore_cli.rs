@@ -67,6 +67,26 @@ pub struct RestoreOptions {
     pub cpus: Option<CpuPlacement>,
 }
 
+/// Guest addresses the restored guest touches first: each vCPU's
+/// instruction and stack pointers, page-table root and descriptor tables (physical for the
+/// bundled guest, which identity-maps its memory; a kernel's virtual
+/// addresses that fall outside guest RAM are simply not found), and the
+/// vsock device's rings. Their chunks load before the rest.
+fn hot_addresses(state: &VmState) -> Vec<u64> {
+    let mut hot = Vec::new();
+    for v in &state.vcpus.vcpus {
+        let s = &v.sregs;
+        hot.extend([v.regs.rip, v.regs.rsp, s.cr3 & !0xfff]);
+        hot.extend([s.gdt.base, s.idt.base, s.tr.base]);
+    }
+    if let Some(vsock) = &state.vsock {
+        for q in &vsock.transport.queues {
+            hot.extend([q.desc_table, q.avail_ring, q.used_ring]);
+        }
+    }
+    hot
+}
+
 /// Opens `dir` (state file and image size checked; with `verify`, every
 /// chunk checksum too), gives the VM fresh guest RAM, starts loading it
 /// from the image, and builds a VM ready to [`Vm::start`]: the guest
@@ -121,6 +141,7 @@ pub fn restore_from_dir(dir: &Path, opts: RestoreOptions) -> Result<Vm, RestoreE
         huge_pages: opts.backing == PageBacking::Huge,
         prefetch_threads: PREFETCH_THREADS,
         cpus: opts.cpus.as_ref().and_then(|p| p.background.clone()),
+        hot: hot_addresses(&state),
     };
     let loader =
         Loader::start(&opened, &regions, load, on_error).map_err(|source| RestoreError::Load {
