@@ -424,7 +424,7 @@ pub struct SnapshotArgs {
     #[arg(long, default_value = "2", value_parser = parse_worker_list)]
     pub workers: ::std::vec::Vec<usize>,
     /// Guest RAM page backing: on (THP) or off (4 KiB).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_hugepages)]
+    #[arg(long, value_name = "on|off|hugetlbfs", default_value = "on", value_parser = parse_hugepages)]
     pub hugepages: PageBacking,
     /// Comma-separated scheduling of the persist thread to compare (idle,
     /// normal); fork runs once.

@@ -40,7 +40,7 @@ use std::time::Instant;
 use crate::chunk_table::{ChunkState, Copier};
 use crate::error::{panic_message, Error, Phase};
 use crate::metrics::HandlerStats;
-use crate::region::PAGE_SIZE;
+use crate::region::{CHUNK_SIZE, PAGE_SIZE, ZERO_CHUNK};
 use crate::shared::Shared;
 use crate::uffd::{Event, FaultKind};
 
@@ -257,6 +257,14 @@ impl Handler {
         let uffd = &self.shared.uffd;
         let page = address & !(PAGE_SIZE - 1);
         let done = match kind {
+            // hugetlbfs: a first touch gets a whole zeroed huge page.
+            FaultKind::Missing { .. } if self.shared.hugetlb => {
+                let at = address & !(CHUNK_SIZE - 1);
+                matches!(
+                    uffd.copy(at, ZERO_CHUNK.as_ptr(), CHUNK_SIZE, false),
+                    Ok(true)
+                )
+            }
             FaultKind::WriteProtect => uffd.wake(page, PAGE_SIZE).is_ok(),
             // EEXIST (a racing fault mapped it) counts as resolved (Ok(false))
             // but wakes nobody, hence the explicit wake below.

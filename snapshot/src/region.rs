@@ -12,6 +12,11 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Pages per chunk.
 pub const PAGES_PER_CHUNK: usize = (CHUNK_SIZE / PAGE_SIZE) as usize;
 
+/// A whole chunk of zeros: what a first touch of a hugetlbfs chunk is
+/// resolved with (hugetlbfs takes UFFDIO_COPY only of whole huge pages,
+/// and no UFFDIO_ZEROPAGE).
+pub static ZERO_CHUNK: [u8; CHUNK_SIZE as usize] = [0; CHUNK_SIZE as usize];
+
 /// One region of guest RAM: `len` bytes at guest-physical `guest_addr`, backed
 /// by host memory at `host_addr`. All three 2 MiB aligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

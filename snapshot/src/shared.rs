@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub uffd: Arc<Uffd>,
     /// The VM is still loading from a snapshot (parent.rs).
     pub parent: Option<ParentLink>,
+    /// Guest RAM is hugetlbfs (`Config::hugetlb`).
+    pub hugetlb: bool,
     pub counters: Counters,
     pub injection: FaultInjection,
     /// Fault-path saves started (for `fail_fault_path_at`).

@@ -33,6 +33,7 @@ fn parent() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
 fn opts(prefetch_threads: usize) -> LoadOptions {
     LoadOptions {
         huge_pages: true,
+        hugetlb: false,
         prefetch_threads,
         cpus: None,
         hot: Vec::new(),

@@ -98,6 +98,11 @@ fn serial_irq(vm: &KvmVm) -> Result<EventFd, VmError> {
 pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
     let kvm = open_kvm()?;
     let ram = GuestRam::with_backing(config.memory_size, config.backing)?;
+    tracing::info!(
+        "guest RAM: {} MiB in {} pages",
+        ram.size() >> 20,
+        ram.backing().label()
+    );
     let vm = KvmVm::create(&kvm, &ram, Irqchip::IfAvailable)?;
     let loaded = loader::load(&ram, &config.boot)?;
     tracing::info!(

@@ -149,9 +149,11 @@ pub struct RunArgs {
     /// guest. Default: no pinning.
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<snapvm_snapshot::CpuSet>,
-    /// Back guest RAM with transparent huge pages (`on`, MADV_HUGEPAGE) or
-    /// with 4 KiB pages only (`off`, MADV_NOHUGEPAGE) [default: on].
-    #[arg(long, value_name = "on|off", value_parser = parse_hugepages)]
+    /// Back guest RAM with transparent huge pages (`on`, MADV_HUGEPAGE),
+    /// with 4 KiB pages only (`off`, MADV_NOHUGEPAGE), or with 2 MiB pages
+    /// from the hugetlbfs pool (`hugetlbfs`, reserved at start: set
+    /// vm.nr_hugepages first; for hosts with THP off) [default: on].
+    #[arg(long, value_name = "on|off|hugetlbfs", value_parser = parse_hugepages)]
     pub hugepages: Option<PageBacking>,
     /// Where COM1 output goes: `stdout` or a file path.
     #[arg(long, default_value = "stdout")]
@@ -297,8 +299,9 @@ pub fn parse_hugepages(s: &str) -> Result<PageBacking, String> {
     match s.to_ascii_lowercase().as_str() {
         "on" | "true" | "yes" | "1" => Ok(PageBacking::Huge),
         "off" | "false" | "no" | "0" => Ok(PageBacking::Small),
+        "hugetlbfs" | "hugetlb" => Ok(PageBacking::HugeTlb),
         _ => Err(format!(
-            "invalid value '{s}' for --hugepages: expected on or off"
+            "invalid value '{s}' for --hugepages: expected on, off or hugetlbfs"
         )),
     }
 }

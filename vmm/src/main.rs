@@ -243,7 +243,6 @@ fn run(args: RunArgs) -> ExitCode {
             .as_ref()
             .map_or_else(|| "bundled".to_string(), |p| p.display().to_string()),
         cmdline: args.cmdline.clone(),
-        hugepages: args.hugepages() == snapvm_vmm::PageBacking::Huge,
     };
     run_to_exit(vm, &args, api, requests, source)
 }

@@ -26,6 +26,15 @@ pub enum MemoryError {
     },
     #[error("guest RAM size {0} bytes does not fit in this host's address space")]
     TooBig(u64),
+    #[error(
+        "--hugepages hugetlbfs needs {needed} free 2 MiB huge pages for {size} bytes of guest RAM, and {free} are free: reserve them first (as root: sysctl vm.nr_hugepages={wanted})"
+    )]
+    HugePages {
+        size: u64,
+        needed: u64,
+        free: u64,
+        wanted: u64,
+    },
 }
 
 /// One host mapping backing one guest RAM region. Owns the mapping: it is
@@ -81,6 +90,7 @@ pub struct GuestRam {
     /// Owner of memory this GuestRam does not map itself (see
     /// [`GuestRam::from_host_regions`]).
     _external: Option<Arc<dyn std::fmt::Debug + Send + Sync>>,
+    backing: PageBacking,
 }
 
 impl GuestRam {
@@ -92,17 +102,28 @@ impl GuestRam {
 
     /// As [`GuestRam::new`] with an explicit page backing (`--hugepages`).
     pub fn with_backing(size: u64, backing: PageBacking) -> Result<Self, MemoryError> {
+        if backing == PageBacking::Huge && thp_mode().as_deref() == Some("never") {
+            tracing::warn!(
+                "transparent huge pages are off on this host (transparent_hugepage=never): guest RAM gets 4 KiB pages and snapshots pause longer; reserve huge pages and use --hugepages hugetlbfs, or enable THP (madvise)"
+            );
+        }
         let mut mappings = Vec::new();
         let mut regions = Vec::new();
         let mut vm_regions = Vec::new();
         for (slot, range) in layout::ram_ranges(size).into_iter().enumerate() {
             let len = usize::try_from(range.len).map_err(|_| MemoryError::TooBig(size))?;
-            let mapping = map_aligned(len, backing).map_err(|source| MemoryError::Mmap {
-                size: range.len,
-                source,
-            })?;
+            let mapping = match backing {
+                PageBacking::HugeTlb => map_hugetlb(len)?,
+                _ => map_aligned(len, backing).map_err(|source| MemoryError::Mmap {
+                    size: range.len,
+                    source,
+                })?,
+            };
             let prot = libc::PROT_READ | libc::PROT_WRITE;
-            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+            let flags = match backing {
+                PageBacking::HugeTlb => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+                _ => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            };
             // SAFETY: `mapping` is a live mapping of `len` bytes with these
             // protections and flags, and it outlives the region (see the
             // field order of GuestRam).
@@ -129,6 +150,7 @@ impl GuestRam {
             _mappings: Arc::new(mappings),
             _external: None,
             loader: None,
+            backing,
         })
     }
 
@@ -173,7 +195,13 @@ impl GuestRam {
             _mappings: Arc::new(Vec::new()),
             _external: Some(owner),
             loader: None,
+            backing: PageBacking::Small,
         })
+    }
+
+    /// How the host backs this RAM (`--hugepages`).
+    pub fn backing(&self) -> PageBacking {
+        self.backing
     }
 
     /// The vm-memory view, for loaders and devices.
@@ -243,6 +271,9 @@ pub enum PageBacking {
     /// `MADV_NOHUGEPAGE`: 4 KiB pages only, like an ordinary process heap
     /// (what the fork baseline copies page table by page table).
     Small,
+    /// 2 MiB pages from the hugetlbfs pool (`MAP_HUGETLB`), reserved when
+    /// the VM starts: huge pages on hosts that run with THP off.
+    HugeTlb,
 }
 
 impl PageBacking {
@@ -259,8 +290,105 @@ impl PageBacking {
         match self {
             PageBacking::Huge => "huge",
             PageBacking::Small => "4k",
+            PageBacking::HugeTlb => "hugetlbfs",
         }
     }
+
+    /// What `GET /vm/config`, metrics and logs call it.
+    pub fn label(self) -> &'static str {
+        match self {
+            PageBacking::Huge => "thp",
+            PageBacking::Small => "4k",
+            PageBacking::HugeTlb => "hugetlbfs",
+        }
+    }
+
+    /// Whether a 2 MiB chunk of guest RAM is one host page table entry.
+    pub fn is_huge(self) -> bool {
+        self != PageBacking::Small
+    }
+}
+
+/// Transparent huge pages as the host has them: `always`, `madvise` or
+/// `never` (None if the host does not say).
+pub fn thp_mode() -> Option<String> {
+    let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let start = s.find('[')?;
+    let end = s[start..].find(']')?;
+    Some(s[start + 1..start + end].to_string())
+}
+
+/// Huge pages nobody has reserved (`HugePages_Free` minus
+/// `HugePages_Rsvd`) and the default huge page size in bytes, from
+/// /proc/meminfo.
+fn hugetlb_free() -> (u64, u64) {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:")),
+        field("Hugepagesize:") * 1024,
+    )
+}
+
+/// Maps `len` bytes of hugetlbfs memory (2 MiB pages, aligned by the
+/// kernel), reserving the pages now: a pool too small fails here with a
+/// message saying what to reserve, never with a SIGBUS in the guest later.
+fn map_hugetlb(len: usize) -> Result<HostMapping, MemoryError> {
+    const MAP_HUGE_2MB: i32 = 21 << libc::MAP_HUGE_SHIFT;
+    let size = len as u64;
+    let needed = size.div_ceil(HUGE_PAGE_SIZE);
+    let (free, page) = hugetlb_free();
+    let short = |free: u64| MemoryError::HugePages {
+        size,
+        needed,
+        free,
+        wanted: needed.saturating_sub(free) + hugetlb_total(),
+    };
+    if page != 0 && page != HUGE_PAGE_SIZE {
+        tracing::debug!("default huge page size is {page} bytes; asking for 2 MiB pages");
+    }
+    if free < needed {
+        return Err(short(free));
+    }
+    // SAFETY: an anonymous private hugetlb mapping at a kernel-chosen
+    // address; no existing memory is affected. Checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | MAP_HUGE_2MB,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOMEM) {
+            return Err(short(hugetlb_free().0));
+        }
+        return Err(MemoryError::Mmap { size, source: e });
+    }
+    Ok(HostMapping {
+        addr: p.cast(),
+        len,
+    })
+}
+
+/// `HugePages_Total` from /proc/meminfo.
+fn hugetlb_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Total:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Maps `len` bytes of anonymous memory at a 2 MiB aligned address: map
@@ -302,7 +430,7 @@ fn map_aligned(len: usize, backing: PageBacking) -> std::io::Result<HostMapping>
     let addr = aligned as *mut u8;
     let (advice, name) = match backing {
         PageBacking::Huge => (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"),
-        PageBacking::Small => (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"),
+        PageBacking::Small | PageBacking::HugeTlb => (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"),
     };
     // SAFETY: advice on our own mapping; failure only means no THP (e.g.
     // THP disabled on the host), which is slower but correct.

@@ -89,6 +89,9 @@ pub struct Config {
     /// yet loaded at its instant from that snapshot's image (lazy/mod.rs).
     /// Async-fork only; ignored once the load is over.
     pub lazy: Option<Arc<Loader>>,
+    /// Guest RAM is hugetlbfs: a first touch is resolved a whole huge page
+    /// at a time, and sync-wp (which protects 4 KiB pages) is refused.
+    pub hugetlb: bool,
 }
 
 impl Default for Config {
@@ -101,6 +104,7 @@ impl Default for Config {
             staging: Arc::new(StagingPool::new(DEFAULT_BUDGET)),
             background_cpus: None,
             lazy: None,
+            hugetlb: false,
         }
     }
 }

@@ -69,6 +69,7 @@ impl Engine {
         let layout = Layout::new(regions)?;
         match self.config.strategy {
             Strategy::AsyncFork => {}
+            Strategy::SyncWp if self.config.hugetlb => return Ok(()),
             Strategy::SyncWp => {
                 self.start_staging(&layout);
                 return Ok(());
@@ -154,6 +155,11 @@ impl Engine {
                 ))
             }
             Strategy::StopTheWorld => return self.begin_stop_the_world(layout, image, t_total),
+            Strategy::SyncWp if self.config.hugetlb => {
+                return Err(Error::InvalidConfig(
+                    "sync-wp protects 4 KiB pages; hugetlbfs guest RAM has none",
+                ))
+            }
             Strategy::SyncWp => PAGE_SIZE,
             Strategy::AsyncFork | Strategy::Fork => CHUNK_SIZE,
         };
@@ -331,6 +337,7 @@ impl Engine {
             pagemap,
             uffd,
             parent,
+            hugetlb: self.config.hugetlb,
             counters: Counters::default(),
             injection: self.config.injection.clone(),
             fault_copies: AtomicUsize::new(0),

@@ -51,7 +51,7 @@ use crate::cpus::CpuSet;
 use crate::error::UffdError;
 use crate::eventfd::EventFd;
 use crate::persist::SnapshotDir;
-use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE};
+use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE, ZERO_CHUNK};
 use crate::sync::lock;
 use crate::uffd::{feature, Event, FaultKind, RegisterMode, Uffd};
 
@@ -126,6 +126,9 @@ impl LoadError {
 pub struct LoadOptions {
     /// Guest RAM is THP-advised: stage chunks in huge pages.
     pub huge_pages: bool,
+    /// Guest RAM is hugetlbfs: chunks are copied in whole (UFFDIO_MOVE
+    /// does not take hugetlbfs; a copy fills one huge page).
+    pub hugetlb: bool,
     /// Background threads reading the image (0: only faults load).
     pub prefetch_threads: usize,
     /// Where the prefetch threads run (None: anywhere).
@@ -140,6 +143,7 @@ impl Default for LoadOptions {
     fn default() -> LoadOptions {
         LoadOptions {
             huge_pages: true,
+            hugetlb: false,
             prefetch_threads: 2,
             cpus: None,
             hot: Vec::new(),
@@ -218,6 +222,7 @@ struct Inner {
     layout: Layout,
     uffd: Arc<Uffd>,
     hand: Hand,
+    hugetlb: bool,
     state: Vec<AtomicU8>,
     data_total: u64,
     data_loaded: AtomicU64,
@@ -276,7 +281,9 @@ impl Loader {
         let layout = Layout::new(regions).map_err(|e| LoadError::Layout(e.to_string()))?;
         check_layout(&layout, &source, snap)?;
         let available = Uffd::available_features().unwrap_or(0);
-        let hand = if available & feature::MOVE != 0 {
+        let hand = if opts.hugetlb {
+            Hand::Copy
+        } else if available & feature::MOVE != 0 {
             Hand::Move
         } else {
             tracing::warn!(
@@ -315,6 +322,7 @@ impl Loader {
             layout,
             uffd,
             hand,
+            hugetlb: opts.hugetlb,
             state: (0..n).map(|_| AtomicU8::new(NOT_LOADED)).collect(),
             data_loaded: AtomicU64::new(0),
             on_demand: AtomicU64::new(0),
@@ -815,6 +823,13 @@ impl Inner {
     fn settle_loaded(&self, i: usize, address: u64, kind: FaultKind) {
         let page = address & !(PAGE_SIZE - 1);
         let done = match kind {
+            FaultKind::Missing { .. } if self.hugetlb => {
+                let at = self.layout.chunk(i).host_addr;
+                matches!(
+                    self.uffd.copy(at, ZERO_CHUNK.as_ptr(), CHUNK_SIZE, false),
+                    Ok(true)
+                )
+            }
             // Left protected by a snapshot that is gone: lift it.
             FaultKind::WriteProtect => {
                 let at = self.layout.chunk(i).host_addr;

@@ -7,6 +7,7 @@ mod bench_tool;
 mod cli_errors;
 mod early_connect;
 mod guest_boot;
+mod hugetlb;
 mod kv;
 mod linux_boot;
 mod pause_resume;

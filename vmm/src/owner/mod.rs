@@ -39,7 +39,6 @@ pub enum VmSource {
         /// `bundled` or the kernel path.
         kernel: String,
         cmdline: Option<String>,
-        hugepages: bool,
     },
     Snapshot {
         path: PathBuf,

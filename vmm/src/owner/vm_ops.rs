@@ -66,6 +66,8 @@ impl Owner {
             "machine_config": {
                 "vcpu_count": vm.vcpu_count(),
                 "mem_size_mib": vm.memory().size() >> 20,
+                "huge_pages": vm.memory().backing().is_huge(),
+                "page_backing": vm.memory().backing().label(),
             },
         });
         if let Some(p) = vm.cpu_placement() {
@@ -75,12 +77,7 @@ impl Owner {
             });
         }
         match source {
-            VmSource::Boot {
-                kernel,
-                cmdline,
-                hugepages,
-            } => {
-                config["machine_config"]["huge_pages"] = (*hugepages).into();
+            VmSource::Boot { kernel, cmdline } => {
                 config["boot_source"] = serde_json::json!({
                     "kernel_image_path": kernel,
                     "boot_args": cmdline,

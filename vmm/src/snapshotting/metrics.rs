@@ -49,6 +49,8 @@ pub struct SnapshotMetrics {
     pub priority: BackgroundPriority,
     /// The staging budget asked for.
     pub memory_budget: u64,
+    /// How the host backs guest RAM (`thp`, `4k`, `hugetlbfs`).
+    pub page_backing: &'static str,
     pub sync: SyncPhase,
     /// The engine's final numbers (writes, faults, staging).
     pub engine: Option<Metrics>,
@@ -126,6 +128,7 @@ struct MetricsJson {
     workers: usize,
     priority: &'static str,
     memory_budget: u64,
+    page_backing: &'static str,
     sync_us: SyncJson,
     reprotected_chunks: u64,
     copy_wait_us: f64,
@@ -142,12 +145,14 @@ impl SnapshotMetrics {
         workers: usize,
         priority: BackgroundPriority,
         memory_budget: u64,
+        page_backing: &'static str,
     ) -> SnapshotMetrics {
         SnapshotMetrics {
             strategy,
             workers,
             priority,
             memory_budget,
+            page_backing,
             sync: SyncPhase::default(),
             engine: None,
             copy_wait: Duration::ZERO,
@@ -174,6 +179,7 @@ impl SnapshotMetrics {
             workers: self.workers,
             priority: self.priority.name(),
             memory_budget: self.memory_budget,
+            page_backing: self.page_backing,
             sync_us: SyncJson {
                 total: us(s.total),
                 pause: us(s.pause),

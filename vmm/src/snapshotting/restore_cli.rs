@@ -139,6 +139,7 @@ pub fn restore_from_dir(dir: &Path, opts: RestoreOptions) -> Result<Vm, RestoreE
     };
     let load = LoadOptions {
         huge_pages: opts.backing == PageBacking::Huge,
+        hugetlb: opts.backing == PageBacking::HugeTlb,
         prefetch_threads: PREFETCH_THREADS,
         cpus: opts.cpus.as_ref().and_then(|p| p.background.clone()),
         hot: hot_addresses(&state),

@@ -155,13 +155,20 @@ impl Snapshotter {
                 staging,
                 background_cpus: vm.background_cpus().cloned(),
                 lazy: loading,
+                hugetlb: vm.memory().backing() == crate::memory::PageBacking::HugeTlb,
                 ..Config::default()
             })?)),
         };
         let handle = SnapshotHandle::new(
             req.dir.clone(),
             writer.image().clone(),
-            SnapshotMetrics::new(req.mode, workers, req.priority, req.memory_budget),
+            SnapshotMetrics::new(
+                req.mode,
+                workers,
+                req.priority,
+                req.memory_budget,
+                vm.memory().backing().label(),
+            ),
             t_request,
         );
 

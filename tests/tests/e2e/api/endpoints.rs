@@ -31,7 +31,8 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
     assert_eq!(
         r.json(),
         json!({"boot_source": {"boot_args": "mode=kv", "kernel_image_path": "bundled"},
-               "machine_config": {"huge_pages": true, "mem_size_mib": 512, "vcpu_count": 1}})
+               "machine_config": {"huge_pages": true, "mem_size_mib": 512, "vcpu_count": 1,
+                                  "page_backing": "thp"}})
     );
 
     // PATCH /vm: pause (twice: idempotent), resume (twice).

@@ -140,7 +140,8 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
     assert_eq!(get(&sock2, "/").json()["state"], "Paused");
     assert_eq!(
         get(&sock2, "/vm/config").json(),
-        json!({"machine_config": {"mem_size_mib": 512, "vcpu_count": 1},
+        json!({"machine_config": {"mem_size_mib": 512, "vcpu_count": 1,
+                                  "huge_pages": true, "page_backing": "thp"},
                "snapshot": {"snapshot_path": d}})
     );
     load(json!({"snapshot_path": d})).assert_fault(

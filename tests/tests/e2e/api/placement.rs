@@ -40,7 +40,7 @@ fn vm_config_reports_the_cpu_placement() {
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json()["machine_config"],
-        json!({"huge_pages": true, "mem_size_mib": 256, "vcpu_count": 1,
+        json!({"huge_pages": true, "mem_size_mib": 256, "vcpu_count": 1, "page_backing": "thp",
                "cpus": {"guest": last.to_string(), "background": background}})
     );
     shutdown(vm, &sock);
