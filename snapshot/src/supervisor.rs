@@ -270,9 +270,9 @@ fn chunk_entries(shared: &Shared) -> Result<Vec<ChunkEntry>, Error> {
             };
         }
         out.push(if data {
-            ChunkEntry { zero: false, crc }
+            ChunkEntry::data(crc)
         } else {
-            ChunkEntry { zero: true, crc: 0 }
+            ChunkEntry::zero()
         });
     }
     Ok(out)

@@ -215,6 +215,7 @@ fn failing_writer_leaves_nothing_behind() {
     let opts = WriteOptions {
         overwrite: true,
         fail_after_bytes: Some((5 * CHUNK_SIZE, libc::EIO)),
+        ..WriteOptions::default()
     };
     let err = write(&target, &opts).expect_err("injected EIO");
     let Failed::Engine(Error::Write {
@@ -399,11 +400,11 @@ fn with_fixed_crc(mut s: Vec<u8>) -> Vec<u8> {
 fn wrong_version_refused() {
     let (_tmp, target, _) = written();
     let mut s = state_bytes(&target);
-    s[8..12].copy_from_slice(&2u32.to_le_bytes());
+    s[8..12].copy_from_slice(&3u32.to_le_bytes());
     fs::write(target.join(STATE_FILE), with_fixed_crc(s)).unwrap();
     assert_eq!(
         open_err(&target),
-        "unsupported snapshot format version 2 (this snapvm reads 1)"
+        "unsupported snapshot format version 3 (this snapvm reads 1 to 2)"
     );
 }
 

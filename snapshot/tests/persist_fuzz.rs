@@ -25,11 +25,18 @@ fn valid() -> Vec<u8> {
             },
         ],
         chunks: (0..5)
-            .map(|i| ChunkEntry {
-                zero: i % 2 == 1,
-                crc: if i % 2 == 1 { 0 } else { 0xdead_0000 + i },
+            .map(|i| match i {
+                1 | 3 => ChunkEntry::zero(),
+                4 => ChunkEntry::inherited(0xdead_0004),
+                _ => ChunkEntry::data(0xdead_0000 + i),
             })
             .collect(),
+        // Version 2: the parent block and inherited chunks are fuzzed too.
+        parent: Some(format::ParentRef {
+            path: "snap-000001".into(),
+            state_crc: 0x1234_5678,
+            state_len: 999,
+        }),
     };
     encode(&h, b"opaque vm state")
 }

@@ -107,8 +107,8 @@ impl Engine {
             .into_iter()
             .map(
                 |r| match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                    Some(Record::Data(crc)) => ChunkEntry { zero: false, crc },
-                    _ => ChunkEntry { zero: true, crc: 0 },
+                    Some(Record::Data(crc)) => ChunkEntry::data(crc),
+                    _ => ChunkEntry::zero(),
                 },
             )
             .collect();

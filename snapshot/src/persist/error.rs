@@ -26,8 +26,8 @@ pub enum PersistError {
     },
     #[error("{}: not a snapvm snapshot state file (bad magic)", .0.display())]
     BadMagic(PathBuf),
-    #[error("unsupported snapshot format version {found} (this snapvm reads {supported})")]
-    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("unsupported snapshot format version {found} (this snapvm reads 1 to {newest})")]
+    UnsupportedVersion { found: u32, newest: u32 },
     #[error("{}: state file is truncated ({actual} bytes, expected {expected})", .path.display())]
     Truncated {
         path: PathBuf,
@@ -108,7 +108,7 @@ impl PersistError {
             DecodeError::BadMagic => PersistError::BadMagic(path),
             DecodeError::UnsupportedVersion(found) => PersistError::UnsupportedVersion {
                 found,
-                supported: super::format::FORMAT_VERSION,
+                newest: super::format::FORMAT_VERSION_DIFF,
             },
             DecodeError::Truncated { actual, expected } => PersistError::Truncated {
                 path,

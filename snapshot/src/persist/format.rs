@@ -1,4 +1,11 @@
-//! The on-disk layout of a snapshot directory, version 1.
+//! The on-disk layout of a snapshot directory, versions 1 and 2.
+//!
+//! Version 2 is an incremental snapshot: the chunks the guest did not
+//! write since its parent snapshot are not stored again (chunk flag 2,
+//! with the crc32c they have in the parent chain), and a parent block
+//! between the chunk checksums and the blob names the parent and its
+//! content id (see below). A snapshot without a parent is written as
+//! version 1, so older readers keep reading full snapshots.
 //!
 //! ```text
 //! <dir>/memory.img   raw guest memory: region i's bytes at regions[i].file_offset;
@@ -16,8 +23,15 @@
 //!   44   4     reserved, 0
 //!   48   24*R  regions: guest address, length, file offset (u64 each)
 //!   ..   8     chunk count C (= sum of region lengths / chunk size)
-//!   ..   C     chunk flags: 0 = data, 1 = zero (a hole in memory.img)
+//!   ..   C     chunk flags: 0 = data, 1 = zero (a hole in memory.img),
+//!                2 = data held by the parent chain (version 2 only)
 //!   ..   4*C   chunk checksums: crc32c of the chunk's bytes (0 for zero chunks)
+//!   (version 2 only:)
+//!   ..   4     parent state.bin's trailer crc32c (its content id)
+//!   ..   8     parent state.bin's length
+//!   ..   4     parent path length P (1..=4096)
+//!   ..   P     parent path, UTF-8: relative to this directory's parent
+//!                directory, or absolute
 //!   ..   8     VM state blob length B
 //!   ..   4     crc32c of the blob
 //!   ..   B     VM state blob (opaque: vCPU and device state, serialised by the VMM)
@@ -32,8 +46,12 @@
 
 /// First 8 bytes of `state.bin`.
 pub const MAGIC: [u8; 8] = *b"SNAPVMSS";
-/// The only version this code reads and writes.
+/// Full snapshots (no parent).
 pub const FORMAT_VERSION: u32 = 1;
+/// Incremental snapshots (a parent block, inherited chunks).
+pub const FORMAT_VERSION_DIFF: u32 = 2;
+/// Upper bound on a parent path's length.
+pub const MAX_PARENT_PATH: u32 = 4096;
 /// File names inside a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.img";
@@ -45,6 +63,18 @@ const PREAMBLE: usize = 24;
 const TRAILER: usize = 4;
 const FLAG_DATA: u8 = 0;
 const FLAG_ZERO: u8 = 1;
+const FLAG_PARENT: u8 = 2;
+
+/// What an incremental snapshot depends on: its parent directory and the
+/// parent state file's content id (its trailer crc32c and length), so a
+/// parent replaced by another snapshot of the same name is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRef {
+    /// Relative to the child directory's parent directory, or absolute.
+    pub path: String,
+    pub state_crc: u32,
+    pub state_len: u64,
+}
 
 /// One region of guest RAM and where its bytes live in memory.img.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,11 +84,41 @@ pub struct RegionEntry {
     pub file_offset: u64,
 }
 
-/// One chunk: whether it is a hole, and the crc32c of its bytes.
+/// One chunk: a hole, data stored here, or data held by the parent chain
+/// (an incremental snapshot); with the crc32c of its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkEntry {
     pub zero: bool,
     pub crc: u32,
+    /// Not stored in this directory's memory.img: the nearest ancestor
+    /// holding it has it (with this crc).
+    pub inherited: bool,
+}
+
+impl ChunkEntry {
+    pub const fn zero() -> ChunkEntry {
+        ChunkEntry {
+            zero: true,
+            crc: 0,
+            inherited: false,
+        }
+    }
+
+    pub const fn data(crc: u32) -> ChunkEntry {
+        ChunkEntry {
+            zero: false,
+            crc,
+            inherited: false,
+        }
+    }
+
+    pub const fn inherited(crc: u32) -> ChunkEntry {
+        ChunkEntry {
+            zero: false,
+            crc,
+            inherited: true,
+        }
+    }
 }
 
 /// Everything in `state.bin` except the VM state blob.
@@ -68,6 +128,8 @@ pub struct Header {
     pub image_len: u64,
     pub regions: Vec<RegionEntry>,
     pub chunks: Vec<ChunkEntry>,
+    /// An incremental snapshot's parent (version 2).
+    pub parent: Option<ParentRef>,
 }
 
 /// Where chunk `index` lives.
@@ -149,6 +211,18 @@ impl Header {
         if self.chunks.iter().any(|c| c.zero && c.crc != 0) {
             return Err("a zero chunk carries a checksum".into());
         }
+        if self.chunks.iter().any(|c| c.zero && c.inherited) {
+            return Err("a zero chunk is marked inherited".into());
+        }
+        match &self.parent {
+            None if self.chunks.iter().any(|c| c.inherited) => {
+                return Err("chunks are inherited but there is no parent".into())
+            }
+            Some(p) if p.path.is_empty() || p.path.len() > MAX_PARENT_PATH as usize => {
+                return Err(format!("parent path of {} bytes", p.path.len()))
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -167,10 +241,24 @@ pub fn checksum_append(crc: u32, bytes: &[u8]) -> u32 {
 /// Serialises a state file. The header must be valid (`Header::validate`).
 pub fn encode(header: &Header, blob: &[u8]) -> Vec<u8> {
     let c = header.chunks.len();
-    let len = PREAMBLE + 24 + 24 * header.regions.len() + 8 + 5 * c + 12 + blob.len() + TRAILER;
+    let parent_len = header.parent.as_ref().map_or(0, |p| 16 + p.path.len());
+    let len = PREAMBLE
+        + 24
+        + 24 * header.regions.len()
+        + 8
+        + 5 * c
+        + parent_len
+        + 12
+        + blob.len()
+        + TRAILER;
+    let version = if header.parent.is_some() {
+        FORMAT_VERSION_DIFF
+    } else {
+        FORMAT_VERSION
+    };
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(len as u64).to_le_bytes());
     out.extend_from_slice(&header.chunk_size.to_le_bytes());
@@ -187,10 +275,20 @@ pub fn encode(header: &Header, blob: &[u8]) -> Vec<u8> {
         header
             .chunks
             .iter()
-            .map(|ch| if ch.zero { FLAG_ZERO } else { FLAG_DATA }),
+            .map(|ch| match (ch.zero, ch.inherited) {
+                (true, _) => FLAG_ZERO,
+                (false, true) => FLAG_PARENT,
+                (false, false) => FLAG_DATA,
+            }),
     );
     for ch in &header.chunks {
         out.extend_from_slice(&ch.crc.to_le_bytes());
+    }
+    if let Some(p) = &header.parent {
+        out.extend_from_slice(&p.state_crc.to_le_bytes());
+        out.extend_from_slice(&p.state_len.to_le_bytes());
+        out.extend_from_slice(&(p.path.len() as u32).to_le_bytes());
+        out.extend_from_slice(p.path.as_bytes());
     }
     out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
     out.extend_from_slice(&checksum(blob).to_le_bytes());
@@ -261,7 +359,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Vec<u8>), DecodeError> {
         });
     }
     let version = le_u32(&buf[8..12]);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_DIFF {
         return Err(DecodeError::UnsupportedVersion(version));
     }
     if buf.len() < PREAMBLE + TRAILER {
@@ -319,20 +417,41 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Vec<u8>), DecodeError> {
     let crcs = c.take(nchunks.saturating_mul(4), "chunk checksums")?;
     let mut chunks = Vec::with_capacity(flags.len());
     for (i, (&f, crc)) in flags.iter().zip(crcs.chunks_exact(4)).enumerate() {
-        let zero = match f {
-            FLAG_DATA => false,
-            FLAG_ZERO => true,
+        let crc = le_u32(crc);
+        chunks.push(match f {
+            FLAG_DATA => ChunkEntry::data(crc),
+            FLAG_ZERO => ChunkEntry {
+                crc,
+                ..ChunkEntry::zero()
+            },
+            FLAG_PARENT if version == FORMAT_VERSION_DIFF => ChunkEntry::inherited(crc),
             other => {
                 return Err(DecodeError::Malformed(format!(
                     "chunk {i} has unknown flags {other:#04x}"
                 )))
             }
-        };
-        chunks.push(ChunkEntry {
-            zero,
-            crc: le_u32(crc),
         });
     }
+    let parent = if version == FORMAT_VERSION_DIFF {
+        let state_crc = c.u32("parent content id")?;
+        let state_len = c.u64("parent state length")?;
+        let plen = c.u32("parent path length")?;
+        if plen == 0 || plen > MAX_PARENT_PATH {
+            return Err(DecodeError::Malformed(format!(
+                "parent path length {plen} (1..={MAX_PARENT_PATH})"
+            )));
+        }
+        let path = std::str::from_utf8(c.take(u64::from(plen), "parent path")?)
+            .map_err(|_| DecodeError::Malformed("parent path is not UTF-8".into()))?
+            .to_string();
+        Some(ParentRef {
+            path,
+            state_crc,
+            state_len,
+        })
+    } else {
+        None
+    };
     let blob_len = c.u64("blob length")?;
     let blob_crc = c.u32("blob checksum")?;
     let blob = c.take(blob_len, "VM state blob")?;
@@ -354,6 +473,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Vec<u8>), DecodeError> {
         image_len,
         regions,
         chunks,
+        parent,
     };
     header.validate().map_err(DecodeError::Malformed)?;
     Ok((header, blob.to_vec()))
@@ -387,17 +507,8 @@ mod tests {
                     file_offset: 2 * 4096,
                 },
             ],
-            chunks: vec![
-                ChunkEntry {
-                    zero: false,
-                    crc: 7,
-                },
-                ChunkEntry { zero: true, crc: 0 },
-                ChunkEntry {
-                    zero: false,
-                    crc: 9,
-                },
-            ],
+            chunks: vec![ChunkEntry::data(7), ChunkEntry::zero(), ChunkEntry::data(9)],
+            parent: None,
         }
     }
 
@@ -411,6 +522,31 @@ mod tests {
         assert_eq!(blob, b"vcpu state");
         let pos: Vec<_> = h.chunk_positions().map(|p| p.guest_addr).collect();
         assert_eq!(pos, vec![0, 4096, 1 << 32]);
+    }
+
+    #[test]
+    fn an_incremental_header_round_trips_as_version_2() {
+        let mut h = sample();
+        h.chunks[2] = ChunkEntry::inherited(9);
+        h.parent = Some(ParentRef {
+            path: "snap-000001".into(),
+            state_crc: 0xdead_beef,
+            state_len: 4242,
+        });
+        h.validate().unwrap();
+        let bytes = encode(&h, b"blob");
+        assert_eq!(le_u32(&bytes[8..12]), FORMAT_VERSION_DIFF);
+        let (h2, blob) = decode(&bytes).unwrap();
+        assert_eq!(h2, h);
+        assert_eq!(blob, b"blob");
+        // A full header stays version 1.
+        assert_eq!(le_u32(&encode(&sample(), b"b")[8..12]), FORMAT_VERSION);
+        let mut orphan = sample();
+        orphan.chunks[0] = ChunkEntry::inherited(7);
+        assert_eq!(
+            orphan.validate().unwrap_err(),
+            "chunks are inherited but there is no parent"
+        );
     }
 
     #[test]

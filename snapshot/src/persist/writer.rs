@@ -43,6 +43,9 @@ pub struct WriteOptions {
     /// Test hook: after this many bytes of memory image, fail every write
     /// with the given errno (e.g. `libc::ENOSPC`, `libc::EIO`).
     pub fail_after_bytes: Option<(u64, i32)>,
+    /// An incremental snapshot: its parent (the chunks it inherits are not
+    /// written).
+    pub parent: Option<super::format::ParentRef>,
 }
 
 /// What was written.
@@ -202,6 +205,7 @@ impl SnapshotWriter {
             image_len: 0,
             regions: Vec::with_capacity(regions.len()),
             chunks: Vec::new(),
+            parent: opts.parent.clone(),
         };
         for r in regions {
             header.regions.push(RegionEntry {
@@ -212,7 +216,7 @@ impl SnapshotWriter {
             header.image_len = header.image_len.saturating_add(r.len);
         }
         let chunks = (header.image_len / CHUNK_SIZE) as usize;
-        header.chunks = vec![ChunkEntry { zero: true, crc: 0 }; chunks];
+        header.chunks = vec![ChunkEntry::zero(); chunks];
         header.validate().map_err(PersistError::InvalidSnapshot)?;
         let env = EnvInjection::next_persist()
             .map_err(PersistError::Injection)?

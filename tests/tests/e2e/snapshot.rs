@@ -281,11 +281,11 @@ fn damaged_snapshots_are_refused_with_one_line() {
     // checksum, so the message names the version, not a checksum).
     let version = copy("version");
     let mut state = std::fs::read(version.join("state.bin")).unwrap();
-    state[8..12].copy_from_slice(&2u32.to_le_bytes());
+    state[8..12].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(version.join("state.bin"), state).unwrap();
     assert_one_error_line(
         &restore(&version, false),
-        &["unsupported snapshot format version 2 (this snapvm reads 1)"],
+        &["unsupported snapshot format version 3 (this snapvm reads 1 to 2)"],
     );
 
     // A memory image larger than the state file says (128 MiB guest).

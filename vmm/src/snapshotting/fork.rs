@@ -58,9 +58,9 @@ impl ForkChild {
                 .map(|e| {
                     let crc = u32::from_le_bytes([e[1], e[2], e[3], e[4]]);
                     if e[0] == 1 {
-                        ChunkEntry { zero: true, crc: 0 }
+                        ChunkEntry::zero()
                     } else {
-                        ChunkEntry { zero: false, crc }
+                        ChunkEntry::data(crc)
                     }
                 })
                 .collect()),
@@ -148,8 +148,8 @@ fn write_child(regions: &[Region], image: &ImageFile) -> Result<Vec<ChunkEntry>,
             }
             .map_err(|e| e.to_string())?;
             entries.push(match rec {
-                Record::Zero => ChunkEntry { zero: true, crc: 0 },
-                Record::Data(crc) => ChunkEntry { zero: false, crc },
+                Record::Zero => ChunkEntry::zero(),
+                Record::Data(crc) => ChunkEntry::data(crc),
             });
             offset += CHUNK_SIZE;
         }
