@@ -219,9 +219,9 @@ impl Row {
         match &self.metrics.engine {
             Some(e) => (
                 e.faults(),
-                e.fault_latency_at(0.5) as f64 / 1e3,
-                e.fault_latency_at(0.99) as f64 / 1e3,
-                e.fault_latency_ns.max() as f64 / 1e3,
+                e.fault_latency.p50_ns as f64 / 1e3,
+                e.fault_latency.p99_ns as f64 / 1e3,
+                e.fault_latency.max_ns as f64 / 1e3,
             ),
             None => (0, 0.0, 0.0, 0.0),
         }

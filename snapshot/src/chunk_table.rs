@@ -49,11 +49,15 @@ pub enum Record {
     /// Written; crc32c of the unit's bytes (zero where no page was
     /// populated).
     Data(u32),
+    /// Not written: an incremental snapshot's parent chain holds these
+    /// bytes (with this crc32c) — the guest did not write the chunk since.
+    Inherited(u32),
 }
 
 const REC_NONE: u64 = 0;
 const REC_ZERO: u64 = 1 << 32;
 const REC_DATA: u64 = 2 << 32;
+const REC_INHERITED: u64 = 3 << 32;
 
 /// Who copied a chunk (for metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +122,7 @@ impl ChunkTable {
         let v = match r {
             Record::Zero => REC_ZERO,
             Record::Data(crc) => REC_DATA | u64::from(crc),
+            Record::Inherited(crc) => REC_INHERITED | u64::from(crc),
         };
         self.records[i].store(v, Ordering::Release);
     }
@@ -128,8 +133,17 @@ impl ChunkTable {
         match v & !0xffff_ffff {
             REC_ZERO => Some(Record::Zero),
             REC_DATA => Some(Record::Data(v as u32)),
+            REC_INHERITED => Some(Record::Inherited(v as u32)),
             _ => None,
         }
+    }
+
+    /// An incremental snapshot, in its pause: unit `i` is settled with
+    /// `rec` before anyone could claim it (nobody copies it).
+    pub fn pre_settle(&self, i: usize, rec: Record) {
+        self.states[i].store(COPIED, Ordering::Release);
+        self.record(i, rec);
+        self.settled.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Settles a claimed unit. Returns true if the fault handler parked a

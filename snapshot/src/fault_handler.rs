@@ -189,6 +189,10 @@ impl Handler {
             return;
         };
         let sh = &self.shared;
+        if sh.tracking {
+            // Whatever happens below, the writer writes this chunk.
+            sh.mark_dirty_after(chunk);
+        }
         if sh.is_aborted() {
             // Rolling back: never block or corrupt the writer. Lift the
             // chunk's protection and let it go.
@@ -218,6 +222,12 @@ impl Handler {
             }
             // Copied: a worker won the race and already lifted protection.
             // Protected is impossible after a failed claim.
+            // (Tracking writes: a saved chunk keeps its protection until
+            // written; this is that write.)
+            ChunkState::Copied if sh.tracking && kind == FaultKind::WriteProtect => {
+                let _ = sh.unprotect_unit(chunk, Phase::FaultPath);
+                self.resolve(address, kind, since)
+            }
             ChunkState::Copied | ChunkState::Protected => self.resolve(address, kind, since),
         }
     }

@@ -41,6 +41,7 @@ mod shared;
 mod staging;
 mod supervisor;
 pub mod sync;
+pub mod tracking;
 pub mod uffd;
 mod worker;
 

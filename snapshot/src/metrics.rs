@@ -33,7 +33,7 @@ pub struct SyncMetrics {
 }
 
 /// Final numbers of a snapshot.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Metrics {
     pub sync: SyncMetrics,
     /// From the end of `begin()` until every unit was in the image.
@@ -59,14 +59,22 @@ pub struct Metrics {
     /// Chunks of a VM still loading from a snapshot that were not in guest
     /// RAM at the fork instant: copied from that snapshot's image.
     pub chunks_from_parent: u64,
+    /// An incremental snapshot: chunks not written since the parent (not
+    /// saved again).
+    pub chunks_inherited: u64,
+    /// After this snapshot, chunks left protected to track writes (0 when
+    /// tracking is off).
+    pub tracking: bool,
     /// Bytes written to the image.
     pub bytes_written: u64,
     /// Write faults on protected pages handled.
     pub wp_faults: u64,
     /// First-touch faults on never-populated pages handled.
     pub missing_faults: u64,
-    /// Fault latency in ns, from reading the event to waking the writer.
-    pub fault_latency_ns: Histogram<u64>,
+    /// Fault latency, from reading the event to waking the writer (a
+    /// summary: a snapshot's metrics are kept for as long as the VM runs,
+    /// and a full histogram is some 200 KiB).
+    pub fault_latency: LatencySummary,
     /// Staging pool memory usable at the end of this snapshot (bytes; the
     /// first snapshot's pool fills while it runs).
     pub staging_bytes: u64,
@@ -82,46 +90,25 @@ impl Metrics {
     pub fn faults(&self) -> u64 {
         self.wp_faults + self.missing_faults
     }
-
-    /// Fault latency at quantile `q` (0..=1), in ns; 0 without faults.
-    pub fn fault_latency_at(&self, q: f64) -> u64 {
-        self.fault_latency_ns.value_at_quantile(q)
-    }
 }
 
-// Hand-written so the histogram prints as a summary, not 50k buckets.
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let h = &self.fault_latency_ns;
-        f.debug_struct("Metrics")
-            .field("sync", &self.sync)
-            .field("copy_total", &self.copy_total)
-            .field("finish", &self.finish)
-            .field("unit_size", &self.unit_size)
-            .field("chunks_total", &self.chunks_total)
-            .field("chunks_by_workers", &self.chunks_by_workers)
-            .field("chunks_by_fault_path", &self.chunks_by_fault_path)
-            .field("chunks_by_hook", &self.chunks_by_hook)
-            .field("chunks_staged", &self.chunks_staged)
-            .field("direct_fault_writes", &self.direct_fault_writes)
-            .field("zero_chunks", &self.zero_chunks)
-            .field("chunks_from_parent", &self.chunks_from_parent)
-            .field("bytes_written", &self.bytes_written)
-            .field("wp_faults", &self.wp_faults)
-            .field("missing_faults", &self.missing_faults)
-            .field(
-                "fault_latency_us(p50/p99/max)",
-                &(
-                    h.value_at_quantile(0.5) / 1000,
-                    h.value_at_quantile(0.99) / 1000,
-                    h.max() / 1000,
-                ),
-            )
-            .field("staging_bytes", &self.staging_bytes)
-            .field("staging_peak_bytes", &self.staging_peak_bytes)
-            .field("workers", &self.workers)
-            .field("direct_io", &self.direct_io)
-            .finish()
+/// Quantiles of a latency histogram, in ns (0 without samples).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+}
+
+impl LatencySummary {
+    pub fn of(h: &Histogram<u64>) -> LatencySummary {
+        LatencySummary {
+            count: h.len(),
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            max_ns: h.max(),
+        }
     }
 }
 
@@ -136,6 +123,7 @@ pub(crate) struct Counters {
     pub zero_units: AtomicU64,
     pub bytes_written: AtomicU64,
     pub from_parent: AtomicU64,
+    pub inherited: AtomicU64,
 }
 
 impl Counters {

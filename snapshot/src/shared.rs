@@ -47,6 +47,16 @@ pub(crate) struct Shared {
     pub parent: Option<ParentLink>,
     /// Guest RAM is hugetlbfs (`Config::hugetlb`).
     pub hugetlb: bool,
+    /// Writes are tracked after this snapshot (`Config::track`): workers
+    /// leave a saved chunk protected, and every chunk written after the
+    /// instant is marked in `dirty_after`.
+    pub tracking: bool,
+    /// Where the tracker goes at the end (with `tracking`).
+    pub track_slot: Option<Arc<crate::tracking::TrackerSlot>>,
+    pub dirty_after: Vec<AtomicBool>,
+    /// Taken over from the last snapshot's tracker: chunks written since
+    /// that snapshot (None: no tracker ran).
+    pub dirty_before: Option<Vec<bool>>,
     pub counters: Counters,
     pub injection: FaultInjection,
     /// Fault-path saves started (for `fail_fault_path_at`).
@@ -223,15 +233,21 @@ impl Shared {
 
     /// In the pause after `arm`: protects again the chunks written since
     /// (adjacent ones in one call). Returns how many.
-    pub fn reprotect_written_while_armed(&self) -> Result<u64, Error> {
+    pub fn reprotect_written_while_armed(&self) -> Result<Vec<usize>, Error> {
         let mut chunks = match self.written_while_armed.lock() {
             Ok(mut g) => std::mem::take(&mut *g),
             Err(p) => std::mem::take(&mut *p.into_inner()),
         };
         chunks.sort_unstable();
         chunks.dedup();
+        self.protect_chunks(&chunks)?;
+        Ok(chunks)
+    }
+
+    /// Protects `chunks` (ascending), adjacent ones in one call.
+    pub fn protect_chunks(&self, chunks: &[usize]) -> Result<(), Error> {
         let mut run: Option<(u64, u64)> = None;
-        for &i in &chunks {
+        for &i in chunks {
             let at = self.layout.unit(i, self.unit).host_addr;
             run = match run {
                 Some((start, len)) if start + len == at => Some((start, len + self.unit)),
@@ -245,7 +261,15 @@ impl Shared {
         if let Some((start, len)) = run {
             self.protect(start, len)?;
         }
-        Ok(chunks.len() as u64)
+        Ok(())
+    }
+
+    /// Tracking: chunk `i` was (or is about to be) written after the
+    /// instant.
+    pub fn mark_dirty_after(&self, i: usize) {
+        if let Some(d) = self.dirty_after.get(i / self.units_per_chunk()) {
+            d.store(true, Ordering::Release);
+        }
     }
 
     fn protect(&self, start: u64, len: u64) -> Result<(), Error> {
@@ -276,8 +300,20 @@ impl Shared {
             unsafe { self.write_units(units, phase) }
         });
         // Lift protection run by run of adjacent units (one ioctl per run).
+        // Tracking writes after the snapshot, a worker leaves it: a later
+        // write faults and marks the chunk dirty (a writer waiting on the
+        // chunk is woken all the same and faults again).
         let mut unprotect = Ok(());
-        let mut k = 0;
+        let mut k = if self.tracking && copier == Copier::Worker {
+            units.len()
+        } else {
+            for &u in units {
+                if self.tracking {
+                    self.mark_dirty_after(u);
+                }
+            }
+            0
+        };
         while k < units.len() {
             let start = k;
             while k + 1 < units.len() && units[k + 1] == units[k] + 1 {
@@ -406,6 +442,9 @@ impl Shared {
             filled = true;
             Ok(())
         });
+        if self.tracking {
+            self.mark_dirty_after(i);
+        }
         if filled {
             st.fill(slot, i);
             Counters::add(&self.counters.staged, 1);
@@ -442,7 +481,7 @@ impl Shared {
         // and holds the whole unit (gaps zeroed when it was filled).
         let rec = unsafe { examine(ptr, &all[..pages]) };
         let res = match rec {
-            Record::Zero => Ok(()),
+            Record::Zero | Record::Inherited(_) => Ok(()),
             Record::Data(_) => {
                 let off = self.layout.unit(f.unit, self.unit).image_offset;
                 // SAFETY: as above; the slot stays untouched until

@@ -176,9 +176,13 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
     }
 
     // Unregistering drops MISSING mode (first touches go back to the kernel)
-    // and wakes any thread still parked on a missing page.
+    // and wakes any thread still parked on a missing page. Tracking writes,
+    // a successful snapshot keeps the registration for its tracker.
     let t = Instant::now();
-    if let Err(source) = shared.release_regions() {
+    let tracking = shared.tracking && !shared.is_aborted();
+    if tracking {
+        // (The tracker is started once the handler stopped reading.)
+    } else if let Err(source) = shared.release_regions() {
         if !shared.is_aborted() {
             shared.fail(Error::Uffd {
                 phase: Phase::Worker,
@@ -198,6 +202,7 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
             HandlerStats::new()
         }
     };
+    let tracking = tracking && start_tracker(&shared);
     if let Some(p) = &shared.parent {
         // The loader serves every fault again (and may finish its load).
         p.loader.detach();
@@ -222,10 +227,12 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
         direct_fault_writes: Counters::get(&c.direct_fault_writes),
         zero_chunks: chunks.iter().filter(|c| c.zero).count() as u64,
         chunks_from_parent: Counters::get(&c.from_parent),
+        chunks_inherited: Counters::get(&c.inherited),
+        tracking,
         bytes_written: Counters::get(&c.bytes_written),
         wp_faults: stats.wp_faults,
         missing_faults: stats.missing_faults,
-        fault_latency_ns: stats.latency_ns,
+        fault_latency: crate::metrics::LatencySummary::of(&stats.latency_ns),
         staging_bytes: staging.map_or(0, |s| s.bytes()),
         staging_peak_bytes: staging.map_or(0, |s| s.peak_bytes()),
         workers: plan.workers,
@@ -238,6 +245,38 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Plan) -> Result<Snapshot, Error> {
     })
 }
 
+/// Hands guest RAM, still registered and protected where unwritten since
+/// the instant, to a `DirtyTracker` in the engine's slot. Without one (a
+/// thread that cannot start) tracking ends: registrations go.
+fn start_tracker(shared: &Shared) -> bool {
+    let Some(slot) = &shared.track_slot else {
+        let _ = shared.release_regions();
+        return false;
+    };
+    let dirty = shared
+        .dirty_after
+        .iter()
+        .map(|d| d.load(Ordering::Acquire))
+        .collect();
+    match crate::tracking::DirtyTracker::start(
+        shared.uffd.clone(),
+        shared.layout.clone(),
+        dirty,
+        shared.hugetlb,
+    ) {
+        Ok(t) => {
+            slot.put(t);
+            true
+        }
+        Err(e) => {
+            tracing::warn!("dirty tracking off (cannot start its thread: {e}); the next snapshot is a full one");
+            shared.lift_all_protection();
+            let _ = shared.release_regions();
+            false
+        }
+    }
+}
+
 /// Each 2 MiB chunk's entry for the state file, from its units' records:
 /// a hole if every unit is, else data with the chunk's crc32c (the units'
 /// crcs combined in order; a hole unit counts as zero bytes).
@@ -247,6 +286,12 @@ fn chunk_entries(shared: &Shared) -> Result<Vec<ChunkEntry>, Error> {
     let zero_unit = crate::save::zero_crc(shared.unit);
     let mut out = Vec::with_capacity(table.len() / per);
     for ch in 0..table.len() / per {
+        if per == 1 {
+            if let Some(Record::Inherited(c)) = table.recorded(ch) {
+                out.push(ChunkEntry::inherited(c));
+                continue;
+            }
+        }
         let mut crc = 0u32;
         let mut data = false;
         for u in ch * per..(ch + 1) * per {
@@ -256,7 +301,7 @@ fn chunk_entries(shared: &Shared) -> Result<Vec<ChunkEntry>, Error> {
                     data = true;
                     c
                 }
-                None => {
+                None | Some(Record::Inherited(_)) => {
                     return Err(Error::ThreadPanicked(format!(
                         "unit {u} was never saved (a bug); snapshot rolled back"
                     )))

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use snapvm_snapshot::lazy::{LoadOptions, LoadState, Loader};
-use snapvm_snapshot::persist::MEMORY_FILE;
+use snapvm_snapshot::persist::{SnapshotChain, MEMORY_FILE};
 use snapvm_snapshot::{
     Config, Engine, FaultInjection, SnapshotDir, SnapshotWriter, Strategy, WriteOptions,
 };
@@ -96,7 +96,7 @@ fn bytes_of(mem: &Mem) -> Vec<u8> {
 fn an_image_loads_bit_exact_on_touch_and_in_the_background_into_huge_pages() {
     let (_tmp, dir, reference) = parent();
     for prefetch in [0, 2] {
-        let snap = SnapshotDir::open(&dir).expect("open");
+        let snap = SnapshotChain::open(&dir).expect("open");
         let target = Mem::new(0, 0, 16, 1);
         let (seen, on_error) = errors();
         let l = Loader::start(&snap, &[target.region()], opts(prefetch), on_error).expect("start");
@@ -135,7 +135,7 @@ fn a_corrupt_chunk_is_reported_and_never_shown() {
     let mut bytes = std::fs::read(&img).unwrap();
     bytes[3 * CHUNK + 100] ^= 0xff;
     std::fs::write(&img, &bytes).unwrap();
-    let snap = SnapshotDir::open(&dir).expect("open");
+    let snap = SnapshotChain::open(&dir).expect("open");
     let target = Mem::new(0, 0, 16, 1);
     let (seen, on_error) = errors();
     let l = Loader::start(&snap, &[target.region()], opts(0), on_error).expect("start");
@@ -184,7 +184,7 @@ fn bytes_as_u64(b: &[u8], off: usize) -> u64 {
 #[test]
 fn removing_the_snapshot_directory_mid_load_changes_nothing() {
     let (tmp, dir, reference) = parent();
-    let snap = SnapshotDir::open(&dir).expect("open");
+    let snap = SnapshotChain::open(&dir).expect("open");
     let target = Mem::new(0, 0, 16, 1);
     let (seen, on_error) = errors();
     let l = Loader::start(&snap, &[target.region()], opts(0), on_error).expect("start");
@@ -206,7 +206,7 @@ fn removing_the_snapshot_directory_mid_load_changes_nothing() {
 #[test]
 fn a_snapshot_taken_while_loading_holds_the_parent_and_the_writes_before_its_instant() {
     let (_tmp, dir, parent_bytes) = parent();
-    let snap = SnapshotDir::open(&dir).expect("open");
+    let snap = SnapshotChain::open(&dir).expect("open");
     let target = Mem::new(0, 0, 16, 1);
     let (seen, on_error) = errors();
     // No prefetch: only what is touched loads.
@@ -273,7 +273,7 @@ fn a_snapshot_taken_while_loading_holds_the_parent_and_the_writes_before_its_ins
 #[test]
 fn only_async_fork_snapshots_a_loading_vm() {
     let (_tmp, dir, _) = parent();
-    let snap = SnapshotDir::open(&dir).expect("open");
+    let snap = SnapshotChain::open(&dir).expect("open");
     let target = Mem::new(0, 0, 16, 1);
     let (_seen, on_error) = errors();
     let l = Arc::new(Loader::start(&snap, &[target.region()], opts(0), on_error).expect("start"));

@@ -7,7 +7,9 @@ use super::ARM_STEP;
 use crate::cpus::CpuSet;
 use crate::inject::FaultInjection;
 use crate::lazy::Loader;
+use crate::persist::ChunkEntry;
 use crate::staging::{StagingPool, DEFAULT_BUDGET};
+use crate::tracking::TrackerSlot;
 
 /// How a snapshot is taken (DESIGN.md §2: the baselines live beside the
 /// real thing). All engine strategies return the same `Snapshot`.
@@ -92,6 +94,15 @@ pub struct Config {
     /// Guest RAM is hugetlbfs: a first touch is resolved a whole huge page
     /// at a time, and sync-wp (which protects 4 KiB pages) is refused.
     pub hugetlb: bool,
+    /// Track writes after this snapshot (async-fork): at its end guest RAM
+    /// stays registered and protected and a `DirtyTracker` goes into the
+    /// slot; a tracker already there (from the last snapshot) is taken
+    /// over, so only the chunks written since are protected again.
+    pub track: Option<Arc<TrackerSlot>>,
+    /// An incremental snapshot: the parent's chunk entries. Chunks not
+    /// written since the parent are not saved again (`Record::Inherited`).
+    /// Needs the slot's tracker to have run since the parent.
+    pub diff_base: Option<Arc<Vec<ChunkEntry>>>,
 }
 
 impl Default for Config {
@@ -105,6 +116,8 @@ impl Default for Config {
             background_cpus: None,
             lazy: None,
             hugetlb: false,
+            track: None,
+            diff_base: None,
         }
     }
 }

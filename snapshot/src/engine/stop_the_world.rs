@@ -9,7 +9,7 @@ use super::{standby::Pending, Engine};
 use crate::error::{Error, Phase};
 use crate::finished::Snapshot;
 use crate::memory::Pagemap;
-use crate::metrics::{new_histogram, Metrics, SyncMetrics};
+use crate::metrics::{Metrics, SyncMetrics};
 use crate::persist::{ChunkEntry, ImageFile};
 use crate::region::{Layout, CHUNK_SIZE, PAGES_PER_CHUNK};
 use crate::save::{examine, write_runs, Record};
@@ -125,10 +125,12 @@ impl Engine {
             direct_fault_writes: 0,
             zero_chunks: chunks.iter().filter(|c| c.zero).count() as u64,
             chunks_from_parent: 0,
+            chunks_inherited: 0,
+            tracking: false,
             bytes_written: bytes.into_inner(),
             wp_faults: 0,
             missing_faults: 0,
-            fault_latency_ns: new_histogram(),
+            fault_latency: Default::default(),
             staging_bytes: 0,
             staging_peak_bytes: 0,
             workers,

@@ -5,6 +5,7 @@
 use super::standby::{Launch, Pending, Standby};
 use super::{tear_down, undo_sync, Armed, Engine, Strategy, ARM_STEP_GAP, UFFD_FEATURES};
 use crate::chunk_table::ChunkTable;
+use crate::chunk_table::Record;
 use crate::error::{Error, Phase};
 use crate::eventfd::EventFd;
 use crate::fault_handler;
@@ -12,11 +13,13 @@ use crate::lazy::EventSink;
 use crate::memory::Pagemap;
 use crate::metrics::{Counters, HandlerStats, SyncMetrics};
 use crate::parent::ParentLink;
+use crate::persist::ChunkEntry;
 use crate::persist::ImageFile;
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE};
 use crate::shared::Shared;
 use crate::supervisor::Plan;
 use crate::sync::lock;
+use crate::tracking::DirtyTracker;
 use crate::uffd::{RegisterMode, Uffd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -163,6 +166,7 @@ impl Engine {
             Strategy::SyncWp => PAGE_SIZE,
             Strategy::AsyncFork | Strategy::Fork => CHUNK_SIZE,
         };
+        let mut written_while_armed = Vec::new();
         let (shared, handler, mut m, standby) = match armed {
             Some(a) if a.regions == regions && Arc::ptr_eq(&a.image, image) => {
                 let mut m = SyncMetrics {
@@ -174,7 +178,10 @@ impl Engine {
                 let reprotected = a.shared.reprotect_written_while_armed();
                 m.write_protect = t.elapsed();
                 match reprotected {
-                    Ok(n) if !a.shared.is_aborted() => m.reprotected_chunks = n,
+                    Ok(list) if !a.shared.is_aborted() => {
+                        m.reprotected_chunks = list.len() as u64;
+                        written_while_armed = list;
+                    }
                     Ok(_) => {
                         tear_down(&a.shared, a.handler);
                         return Err(a.shared.take_error().unwrap_or(Error::Cancelled));
@@ -195,6 +202,16 @@ impl Engine {
                 (shared, handler, m, None)
             }
         };
+
+        if let Some(base) = &self.config.diff_base {
+            // An incremental snapshot: what was not written since the
+            // parent is the parent's.
+            if let Err(e) = self.settle_inherited(&shared, base, &written_while_armed) {
+                drop(standby);
+                tear_down(&shared, handler);
+                return Err(e);
+            }
+        }
 
         if let Some(p) = &shared.parent {
             // The instant: which chunks are not in guest RAM (their bytes
@@ -282,9 +299,28 @@ impl Engine {
             ));
         }
         let registered_here = parent.is_none();
-        let (uffd, parent) = match parent {
-            Some((uffd, link)) => (uffd, Some(link)),
-            None => (Arc::new(Uffd::new(UFFD_FEATURES).map_err(sync_err)?), None),
+        // The last snapshot's tracker, if it watched these very regions:
+        // its uffd is registered and protects every chunk not written since.
+        let handover = match (&self.config.track, &parent) {
+            // Another mode needs guest RAM unregistered: tracking ends.
+            (Some(slot), _) if unit != CHUNK_SIZE => {
+                slot.clear();
+                None
+            }
+            (Some(slot), None) => slot
+                .take()
+                .filter(|t| t.regions() == layout.regions())
+                .map(DirtyTracker::hand_over),
+            _ => None,
+        };
+        let (uffd, parent, dirty_before) = match (parent, handover) {
+            (Some((uffd, link)), _) => (uffd, Some(link), None),
+            (None, Some(h)) => (h.uffd, None, Some(h.dirty)),
+            (None, None) => (
+                Arc::new(Uffd::new(UFFD_FEATURES).map_err(sync_err)?),
+                None,
+                None,
+            ),
         };
         let detach = |parent: &Option<ParentLink>| {
             if let Some(p) = parent {
@@ -293,7 +329,7 @@ impl Engine {
         };
 
         let t = Instant::now();
-        if registered_here {
+        if registered_here && dirty_before.is_none() {
             for (i, r) in layout.regions().iter().enumerate() {
                 if let Err(e) = uffd.register(
                     r.host_addr,
@@ -329,6 +365,7 @@ impl Engine {
             }
         };
         let staging = self.config.staging.lend(unit);
+        let layout_chunks = layout.total_chunks();
         let shared = Arc::new(Shared {
             layout,
             unit,
@@ -338,6 +375,10 @@ impl Engine {
             uffd,
             parent,
             hugetlb: self.config.hugetlb,
+            tracking: self.config.track.is_some() && unit == CHUNK_SIZE && registered_here,
+            track_slot: self.config.track.clone(),
+            dirty_after: (0..layout_chunks).map(|_| AtomicBool::new(false)).collect(),
+            dirty_before,
             counters: Counters::default(),
             injection: self.config.injection.clone(),
             fault_copies: AtomicUsize::new(0),
@@ -377,6 +418,17 @@ impl Engine {
         m.spawn = t.elapsed();
 
         let t = Instant::now();
+        if let Some(dirty) = &shared.dirty_before {
+            // Taken over from a tracker: only what was written since the
+            // last snapshot lacks protection.
+            let list: Vec<usize> = (0..dirty.len()).filter(|&i| dirty[i]).collect();
+            if let Err(e) = shared.protect_chunks(&list) {
+                tear_down(&shared, handler);
+                return Err(e);
+            }
+            m.write_protect = t.elapsed();
+            return Ok((shared, handler, m));
+        }
         // Whole chunks, so a step never splits a huge page's protection.
         let step = (self.config.arm_step.max(1)).div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
         for r in shared.layout.regions() {
@@ -404,5 +456,45 @@ impl Engine {
         }
         m.write_protect = t.elapsed();
         Ok((shared, handler, m))
+    }
+
+    /// An incremental snapshot, in the pause: every chunk not written since
+    /// the parent (per the tracker that ran since, and what was written
+    /// while armed) is settled as the parent's — inherited, or a hole.
+    fn settle_inherited(
+        &self,
+        shared: &Shared,
+        base: &[ChunkEntry],
+        written_while_armed: &[usize],
+    ) -> Result<(), Error> {
+        let Some(dirty) = &shared.dirty_before else {
+            return Err(Error::InvalidConfig(
+                "an incremental snapshot needs the writes since its parent tracked: take a full snapshot first",
+            ));
+        };
+        if base.len() != dirty.len() || shared.unit != CHUNK_SIZE {
+            return Err(Error::InvalidConfig(
+                "the parent snapshot's memory layout differs from this VM's",
+            ));
+        }
+        let mut written = dirty.clone();
+        for &i in written_while_armed {
+            if let Some(w) = written.get_mut(i) {
+                *w = true;
+            }
+        }
+        for (i, (e, w)) in base.iter().zip(&written).enumerate() {
+            if *w {
+                continue;
+            }
+            let rec = if e.zero {
+                Record::Zero
+            } else {
+                Record::Inherited(e.crc)
+            };
+            shared.table.pre_settle(i, rec);
+            Counters::add(&shared.counters.inherited, 1);
+        }
+        Ok(())
     }
 }

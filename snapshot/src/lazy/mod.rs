@@ -50,7 +50,7 @@ pub use self::source::{ChunkData, ImageSource};
 use crate::cpus::CpuSet;
 use crate::error::UffdError;
 use crate::eventfd::EventFd;
-use crate::persist::SnapshotDir;
+use crate::persist::{SnapshotChain, SnapshotDir};
 use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE, ZERO_CHUNK};
 use crate::sync::lock;
 use crate::uffd::{feature, Event, FaultKind, RegisterMode, Uffd};
@@ -272,14 +272,14 @@ impl Loader {
     /// touches guest RAM. `on_error` is called once if a chunk cannot be
     /// loaded (the VM must then stop: its faulting threads stay blocked).
     pub fn start(
-        snap: &SnapshotDir,
+        chain: &SnapshotChain,
         regions: &[Region],
         opts: LoadOptions,
         on_error: impl Fn(String) + Send + Sync + 'static,
     ) -> Result<Loader, LoadError> {
-        let source = ImageSource::new(snap)?;
+        let source = ImageSource::new(chain)?;
         let layout = Layout::new(regions).map_err(|e| LoadError::Layout(e.to_string()))?;
-        check_layout(&layout, &source, snap)?;
+        check_layout(&layout, &source, chain.top())?;
         let available = Uffd::available_features().unwrap_or(0);
         let hand = if opts.hugetlb {
             Hand::Copy

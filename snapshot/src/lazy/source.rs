@@ -1,18 +1,18 @@
-//! A snapshot's memory image as the source of a lazy restore: chunk `i`
-//! read with `O_DIRECT` (no page cache: the bytes go to their destination
-//! once) and checked against its checksum before anyone may see it.
+//! A snapshot's memory as the source of a lazy restore: chunk `i` read
+//! with `O_DIRECT` (no page cache: the bytes go to their destination once)
+//! from the layer of the snapshot's chain that holds it, and checked
+//! against its checksum before anyone may see it.
 //!
-//! The file is the one `SnapshotDir::open` validated, reopened through
-//! `/proc/self/fd`, so renaming, replacing or deleting the directory later
-//! changes nothing read here.
+//! The files are the ones `SnapshotChain::open` validated, reopened
+//! through `/proc/self/fd`, so renaming, replacing or deleting the
+//! directories later changes nothing read here.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::persist::format::{self, ChunkPos};
-use crate::persist::{ChunkEntry, SnapshotDir};
+use crate::persist::{SnapshotChain, SnapshotDir};
 
 use super::LoadError;
 
@@ -27,17 +27,44 @@ pub enum ChunkData {
 
 #[derive(Debug)]
 pub struct ImageSource {
+    /// The top snapshot's directory (what was restored).
     dir: PathBuf,
-    file: File,
-    direct: bool,
+    /// One per layer of the chain, top first.
+    layers: Vec<Layer>,
     chunk_size: u64,
-    chunks: Vec<ChunkEntry>,
+    /// Per chunk: (layer, crc32c) holding it, or None for a hole.
+    holders: Vec<Option<(usize, u32)>>,
     positions: Vec<ChunkPos>,
 }
 
+#[derive(Debug)]
+struct Layer {
+    dir: PathBuf,
+    file: File,
+    direct: bool,
+}
+
 impl ImageSource {
-    pub fn new(snap: &SnapshotDir) -> Result<ImageSource, LoadError> {
-        let h = snap.header();
+    pub fn new(chain: &SnapshotChain) -> Result<ImageSource, LoadError> {
+        let top = chain.top();
+        let h = top.header();
+        let layers = chain
+            .layers()
+            .iter()
+            .map(Layer::open)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ImageSource {
+            dir: top.path().to_path_buf(),
+            layers,
+            chunk_size: h.chunk_size,
+            holders: (0..chain.chunk_count()).map(|i| chain.holder(i)).collect(),
+            positions: h.chunk_positions().collect(),
+        })
+    }
+}
+
+impl Layer {
+    fn open(snap: &SnapshotDir) -> Result<Layer, LoadError> {
         let fd_path = format!("/proc/self/fd/{}", snap.image_fd());
         let reopen = |direct: bool| {
             let mut o = std::fs::OpenOptions::new();
@@ -56,22 +83,21 @@ impl ImageSource {
             },
             Err(e) => return Err(LoadError::open(snap.path(), e)),
         };
-        Ok(ImageSource {
+        Ok(Layer {
             dir: snap.path().to_path_buf(),
             file,
             direct,
-            chunk_size: h.chunk_size,
-            chunks: h.chunks.clone(),
-            positions: h.chunk_positions().collect(),
         })
     }
+}
 
+impl ImageSource {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     pub fn chunk_count(&self) -> usize {
-        self.chunks.len()
+        self.holders.len()
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -80,12 +106,17 @@ impl ImageSource {
 
     /// Whether reads bypass the page cache.
     pub fn is_direct(&self) -> bool {
-        self.direct
+        self.layers.iter().all(|l| l.direct)
+    }
+
+    /// How many snapshots the memory comes from (1: a full snapshot).
+    pub fn depth(&self) -> usize {
+        self.layers.len()
     }
 
     pub fn data(&self, i: usize) -> ChunkData {
-        match self.chunks.get(i) {
-            Some(c) if !c.zero => ChunkData::Data(c.crc),
+        match self.holders.get(i) {
+            Some(Some((_, crc))) => ChunkData::Data(*crc),
             _ => ChunkData::Zero,
         }
     }
@@ -97,7 +128,7 @@ impl ImageSource {
 
     /// Data chunks (those a full load reads).
     pub fn data_chunks(&self) -> usize {
-        self.chunks.iter().filter(|c| !c.zero).count()
+        self.holders.iter().filter(|h| h.is_some()).count()
     }
 
     /// Reads data chunk `i` into `buf` (chunk-sized, page aligned) and
@@ -107,23 +138,26 @@ impl ImageSource {
     /// `buf` must point to `chunk_size` writable bytes that nobody else
     /// reads or writes meanwhile.
     pub unsafe fn read_chunk(&self, i: usize, buf: *mut u8) -> Result<u32, LoadError> {
-        let (Some(pos), ChunkData::Data(crc)) = (self.positions.get(i), self.data(i)) else {
+        let (Some(pos), Some(Some((k, crc)))) = (self.positions.get(i), self.holders.get(i)) else {
             return Err(LoadError::NoSuchChunk(i));
         };
+        let (k, crc) = (*k, *crc);
+        let layer = &self.layers[k];
         let len = self.chunk_size as usize;
         // SAFETY: the caller hands us `len` exclusive writable bytes.
         let b = unsafe { std::slice::from_raw_parts_mut(buf, len) };
-        self.file
+        layer
+            .file
             .read_exact_at(b, pos.file_offset)
             .map_err(|source| LoadError::Read {
-                dir: self.dir.clone(),
+                dir: layer.dir.clone(),
                 index: i,
                 source,
             })?;
         let computed = format::checksum(b);
         if computed != crc {
             return Err(LoadError::Corrupt {
-                dir: self.dir.clone(),
+                dir: layer.dir.clone(),
                 index: i,
                 guest_addr: pos.guest_addr,
                 expected: crc,
@@ -131,9 +165,5 @@ impl ImageSource {
             });
         }
         Ok(crc)
-    }
-
-    pub fn raw_fd(&self) -> i32 {
-        self.file.as_raw_fd()
     }
 }

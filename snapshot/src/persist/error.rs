@@ -90,6 +90,36 @@ pub enum PersistError {
     /// `SNAPVM_INJECT` could not be parsed (test hook).
     #[error("invalid fault injection: {0}")]
     Injection(String),
+    /// An incremental snapshot whose parent cannot be opened (missing,
+    /// damaged, incomplete).
+    #[error("snapshot {}: its parent {} cannot be used: {source}", .child.display(), .parent.display())]
+    Parent {
+        child: PathBuf,
+        parent: PathBuf,
+        source: Box<PersistError>,
+    },
+    /// The parent directory holds another snapshot than the one the child
+    /// was taken from.
+    #[error(
+        "snapshot {}: its parent {} is not the snapshot it was taken from (content id {found_crc:#010x}/{found_len} bytes, expected {expected_crc:#010x}/{expected_len} bytes)",
+        .child.display(), .parent.display()
+    )]
+    ParentMismatch {
+        child: PathBuf,
+        parent: PathBuf,
+        found_crc: u32,
+        found_len: u64,
+        expected_crc: u32,
+        expected_len: u64,
+    },
+    #[error("snapshot {}: its parent {} disagrees with it: {what}", .child.display(), .parent.display())]
+    ParentInconsistent {
+        child: PathBuf,
+        parent: PathBuf,
+        what: String,
+    },
+    #[error("snapshot {}: its chain of parents is longer than {max} (or loops)", .dir.display())]
+    ChainTooLong { dir: PathBuf, max: usize },
 }
 
 impl PersistError {

@@ -25,6 +25,10 @@ pub struct SnapshotDir {
     header: Header,
     vm_state: Vec<u8>,
     image: File,
+    /// state.bin's trailer crc32c and length: the content id an
+    /// incremental child records for its parent.
+    state_crc: u32,
+    state_len: u64,
 }
 
 impl SnapshotDir {
@@ -53,11 +57,17 @@ impl SnapshotDir {
                 expected: header.image_len,
             });
         }
+        let state_len = buf.len() as u64;
+        let state_crc = buf
+            .get(buf.len().saturating_sub(4)..)
+            .map_or(0, |t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]));
         Ok(SnapshotDir {
             path: dir.into(),
             header,
             vm_state,
             image,
+            state_crc,
+            state_len,
         })
     }
 
@@ -67,6 +77,11 @@ impl SnapshotDir {
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The content id a child records for this snapshot as its parent.
+    pub fn content_id(&self) -> (u32, u64) {
+        (self.state_crc, self.state_len)
     }
 
     /// The open memory.img (for a reader that reopens it, e.g. with
@@ -144,6 +159,10 @@ impl SnapshotDir {
             self.image
                 .read_exact_at(&mut buf, pos.file_offset)
                 .map_err(|e| PersistError::io(&mem_path, "read", e))?;
+            if c.inherited {
+                // Held by the parent chain: checked in that layer.
+                continue;
+            }
             if c.zero {
                 if buf.iter().any(|&b| b != 0) {
                     return Err(PersistError::ChunkNotZero {

@@ -150,6 +150,8 @@ fn write_child(regions: &[Region], image: &ImageFile) -> Result<Vec<ChunkEntry>,
             entries.push(match rec {
                 Record::Zero => ChunkEntry::zero(),
                 Record::Data(crc) => ChunkEntry::data(crc),
+                // (The fork baseline writes every chunk: never inherited.)
+                Record::Inherited(crc) => ChunkEntry::inherited(crc),
             });
             offset += CHUNK_SIZE;
         }

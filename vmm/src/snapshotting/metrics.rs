@@ -200,7 +200,7 @@ impl SnapshotMetrics {
             copy_wait_us: us(self.copy_wait),
             total_us: us(self.total),
             engine: self.engine.as_ref().map(|m| {
-                let h = &m.fault_latency_ns;
+                let h = &m.fault_latency;
                 EngineJson {
                     copy_total_us: us(m.copy_total),
                     finish_us: us(m.finish),
@@ -217,10 +217,10 @@ impl SnapshotMetrics {
                     wp_faults: m.wp_faults,
                     missing_faults: m.missing_faults,
                     fault_latency_us: LatencyJson {
-                        count: h.len(),
-                        p50: h.value_at_quantile(0.5) as f64 / 1e3,
-                        p99: h.value_at_quantile(0.99) as f64 / 1e3,
-                        max: h.max() as f64 / 1e3,
+                        count: h.count,
+                        p50: h.p50_ns as f64 / 1e3,
+                        p99: h.p99_ns as f64 / 1e3,
+                        max: h.max_ns as f64 / 1e3,
                     },
                     staging_bytes: m.staging_bytes,
                     staging_peak_bytes: m.staging_peak_bytes,
@@ -268,9 +268,9 @@ impl SnapshotMetrics {
                 m.zero_chunks,
                 m.bytes_written,
                 m.faults(),
-                m.fault_latency_at(0.5) / 1000,
-                m.fault_latency_at(0.99) / 1000,
-                m.fault_latency_ns.max() / 1000,
+                m.fault_latency.p50_ns / 1000,
+                m.fault_latency.p99_ns / 1000,
+                m.fault_latency.max_ns / 1000,
                 m.staging_peak_bytes >> 20,
                 m.staging_bytes >> 20,
             ));

@@ -13,7 +13,8 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock, Weak};
 
 use snapvm_snapshot::lazy::{LoadError, LoadOptions, Loader};
-use snapvm_snapshot::{PersistError, Region, SnapshotDir};
+use snapvm_snapshot::persist::SnapshotChain;
+use snapvm_snapshot::{PersistError, Region};
 
 use crate::builder::{self, RestoreConfig};
 use crate::devices::virtio::vsock::HostListener;
@@ -104,11 +105,12 @@ pub fn restore_from_dir(dir: &Path, opts: RestoreOptions) -> Result<Vm, RestoreE
         dir: dir.into(),
         source,
     };
-    let opened = SnapshotDir::open(dir).map_err(snap_err)?;
+    // An incremental snapshot brings its parents (each checked).
+    let opened = SnapshotChain::open(dir).map_err(snap_err)?;
     if opts.verify {
         opened.verify_chunks().map_err(snap_err)?;
     }
-    let state = VmState::decode(opened.vm_state()).map_err(state_err)?;
+    let state = VmState::decode(opened.top().vm_state()).map_err(state_err)?;
     let total: u64 = state.memory_layout.iter().map(|r| r.len).sum();
     let mut ram = GuestRam::with_backing(total, opts.backing)
         .map_err(|e| state_err(VmStateError::Memory(e)))?;
