@@ -54,6 +54,21 @@ pub enum SnapshotCommand {
     Status(SnapshotIdArgs),
     /// Cancel a snapshot still copying (the guest runs on untouched).
     Cancel(SnapshotIdArgs),
+    /// Write the full snapshot a chain of incremental ones stands for
+    /// (no snapvm needed; prints a summary as JSON).
+    Merge(SnapshotMergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotMergeArgs {
+    /// The (incremental) snapshot directory, e.g. DIR/latest.
+    pub dir: PathBuf,
+    /// Where the full snapshot goes (must not exist unless --overwrite).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace an existing directory at --out.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +94,10 @@ pub struct SnapshotCreateArgs {
     /// (default: the server's --snapshot-memory-budget).
     #[arg(long, value_name = "SIZE", value_parser = parse_budget)]
     pub memory_budget: Option<u64>,
+    /// Only what the guest wrote since this VM's last snapshot, which
+    /// becomes its parent (`snapshot_type: "Diff"`).
+    #[arg(long)]
+    pub incremental: bool,
 }
 
 #[derive(Debug, Args)]
@@ -171,9 +190,30 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub snapshot_at: Option<f64>,
     /// Snapshot target directory (must not exist yet). With it, SIGUSR1
-    /// takes a snapshot into DIR-N (N = 1, 2, ... per signal).
+    /// takes a snapshot into DIR-N (N = 1, 2, ... per signal). With
+    /// --snapshot-every, the directory that holds the scheduled snapshots.
     #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
+    /// Take a snapshot into --snapshot-dir every DURATION (`30s`, `5m`,
+    /// `1h`): DIR/snap-000001, ... and DIR/latest, a symlink to the newest
+    /// complete one. Each is incremental (only what the guest wrote since
+    /// the previous one) except every --snapshot-full-every-th. SIGUSR1
+    /// takes the next one at once.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub snapshot_every: Option<std::time::Duration>,
+    /// Scheduled snapshots kept restorable (with the parents they need);
+    /// older ones are removed.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub snapshot_keep: u64,
+    /// Every N-th scheduled snapshot is a full one (1: all full); the
+    /// others are incremental. Bounds how many layers a restore reads.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub snapshot_full_every: u64,
+    /// Track guest writes between snapshots (on), so that the next one may
+    /// be incremental; off lifts every write-protection once a snapshot is
+    /// done.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    pub snapshot_track_dirty: bool,
     /// async-fork, stop-the-world, sync-wp or fork (the VMM process forks
     /// and the child writes the snapshot).
     #[arg(long, value_name = "MODE", default_value = "async-fork", value_parser = parse_strategy)]
@@ -274,8 +314,32 @@ impl RunArgs {
         if self.verify && self.restore.is_none() {
             return Err("--verify needs --restore".into());
         }
+        if self.snapshot_every.is_some() {
+            if self.snapshot_dir.is_none() {
+                return Err(
+                    "--snapshot-every needs --snapshot-dir (where the snapshots go)".into(),
+                );
+            }
+            if self.snapshot_at.is_some() {
+                return Err("--snapshot-every and --snapshot-at exclude each other".into());
+            }
+            if self.snapshot_mode != snapvm_snapshot::Strategy::AsyncFork {
+                return Err(
+                    "--snapshot-every takes async-fork snapshots; leave --snapshot-mode out".into(),
+                );
+            }
+            if self.snapshot_every.is_some_and(|d| d.is_zero()) {
+                return Err("--snapshot-every must be longer than 0".into());
+            }
+        }
         self.validate_wait_for_load()
     }
+}
+
+/// Parses a duration: `30s`, `5m`, `1h30m`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration '{s}': {e} (examples: 30s, 5m, 1h)"))
 }
 
 /// Parses a `--snapshot-mode` value.

@@ -26,6 +26,7 @@ pub mod msr;
 pub mod owner;
 pub mod placement;
 pub mod probe_gaps;
+pub mod schedule;
 pub mod signals;
 pub mod snapshotting;
 pub mod trigger;

@@ -76,6 +76,7 @@ fn order(plan: &TriggerPlan, dir: PathBuf, why: &str) -> Request {
         workers: Some(plan.workers),
         overwrite: false,
         memory_budget: None,
+        incremental: false,
         wait: false,
     })
 }

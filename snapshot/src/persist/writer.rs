@@ -62,6 +62,9 @@ pub struct WriteSummary {
     /// Chunks stored as holes.
     pub zero_chunks: usize,
     pub state_bytes: u64,
+    /// state.bin's trailer crc32c: with `state_bytes`, the content id a
+    /// child records for this snapshot as its parent.
+    pub state_crc: u32,
     /// `commit` itself: fsync of the image, state.bin, rename, fsyncs.
     pub commit: Duration,
 }
@@ -345,6 +348,9 @@ impl SnapshotWriter {
             },
             zero_chunks: self.header.chunks.iter().filter(|c| c.zero).count(),
             state_bytes: state.len() as u64,
+            state_crc: state
+                .get(state.len().saturating_sub(4)..)
+                .map_or(0, |t| u32::from_le_bytes([t[0], t[1], t[2], t[3]])),
             commit: t0.elapsed(),
         })
     }

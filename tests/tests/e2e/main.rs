@@ -8,6 +8,7 @@ mod cli_errors;
 mod early_connect;
 mod guest_boot;
 mod hugetlb;
+mod incremental;
 mod kv;
 mod linux_boot;
 mod pause_resume;

@@ -31,6 +31,32 @@ pub enum CommandError {
     SnapshotFailed { id: String, reason: String },
     #[error("{0}")]
     LoadFailed(String),
+    #[error("cannot merge {}: {source}", .dir.display())]
+    Merge {
+        dir: PathBuf,
+        source: snapvm_snapshot::PersistError,
+    },
+}
+
+/// `snapvm snapshot merge DIR --out OUT`: reads the chain, writes the full
+/// snapshot.
+fn merge(args: &crate::cli::SnapshotMergeArgs) -> Result<(), CommandError> {
+    let err = |source| CommandError::Merge {
+        dir: args.dir.clone(),
+        source,
+    };
+    let chain = snapvm_snapshot::persist::SnapshotChain::open(&args.dir).map_err(err)?;
+    let layers = chain.layers().len();
+    let sum =
+        snapvm_snapshot::persist::merge::merge(&chain, &args.out, args.overwrite).map_err(err)?;
+    print_json(&serde_json::json!({
+        "snapshot_path": sum.path.display().to_string(),
+        "layers_merged": layers,
+        "image_len": sum.image_len,
+        "data_bytes": sum.data_bytes,
+        "zero_chunks": sum.zero_chunks,
+    }));
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
@@ -63,6 +89,7 @@ pub fn snapshot(cmd: SnapshotCommand) -> Result<(), CommandError> {
             print_json(&s);
             Ok(())
         }
+        SnapshotCommand::Merge(a) => merge(&a),
         SnapshotCommand::Cancel(a) => {
             let s: SnapshotStatus = ApiClient::new(&a.sock.api_sock)?
                 .call(
@@ -111,6 +138,9 @@ fn create(args: &SnapshotCreateArgs) -> Result<(), CommandError> {
     }
     if let Some(b) = args.memory_budget {
         body["memory_budget"] = b.into();
+    }
+    if args.incremental {
+        body["snapshot_type"] = "Diff".into();
     }
     let created: SnapshotStatus = client
         .call(Method::PUT, "/snapshot/create", Some(&body))?

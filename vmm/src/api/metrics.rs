@@ -105,6 +105,48 @@ pub fn render(m: &MetricsReport) -> Result<String, prometheus::Error> {
         reg.register(Box::new(done.clone()))?;
         done.set(i64::from(l.state == "done"));
     }
+    if let Some(t) = &m.tracking {
+        let dirty = IntGauge::new(
+            "snapvm_dirty_chunks",
+            "Chunks (2 MiB) the guest wrote since the last snapshot: what an incremental one writes",
+        )?;
+        reg.register(Box::new(dirty.clone()))?;
+        dirty.set(t.dirty_chunks as i64);
+    }
+    if let Some(s) = &m.schedule {
+        let total = IntCounterVec::new(
+            Opts::new(
+                "snapvm_schedule_snapshots_total",
+                "Scheduled snapshots (--snapshot-every), by outcome",
+            ),
+            &["outcome"],
+        )?;
+        reg.register(Box::new(total.clone()))?;
+        total.with_label_values(&["done"]).inc_by(s.done);
+        total.with_label_values(&["failed"]).inc_by(s.failed);
+        let chain = IntGauge::new(
+            "snapvm_schedule_chain_length",
+            "Layers behind the newest scheduled snapshot (1: a full one)",
+        )?;
+        reg.register(Box::new(chain.clone()))?;
+        chain.set(s.chain_length as i64);
+        let last = IntGauge::new(
+            "snapvm_schedule_last_success_timestamp_seconds",
+            "When the newest scheduled snapshot was done (Unix time; 0: none yet)",
+        )?;
+        reg.register(Box::new(last.clone()))?;
+        last.set(s.last_success.as_ref().map_or(0, |l| l.done_unix_s as i64));
+        let bytes = IntGauge::new(
+            "snapvm_schedule_last_bytes_written",
+            "Guest memory bytes the newest scheduled snapshot wrote",
+        )?;
+        reg.register(Box::new(bytes.clone()))?;
+        bytes.set(
+            s.last_success
+                .as_ref()
+                .map_or(0, |l| l.bytes_written as i64),
+        );
+    }
     let mut out = Vec::new();
     prometheus::TextEncoder::new().encode(&reg.gather(), &mut out)?;
     String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
@@ -147,6 +189,16 @@ mod tests {
                 elapsed_ms: 500,
                 error: None,
             }),
+            schedule: Some(crate::schedule::ScheduleStatus {
+                done: 4,
+                failed: 1,
+                chain_length: 3,
+                ..Default::default()
+            }),
+            tracking: Some(crate::owner::Tracking {
+                dirty_chunks: 17,
+                parent: None,
+            }),
         };
         let text = render(&m).unwrap();
         for line in [
@@ -167,6 +219,11 @@ mod tests {
             "snapvm_restore_chunks_total 10",
             "snapvm_restore_bytes_read_total 6291456",
             "snapvm_restore_done 0",
+            "snapvm_dirty_chunks 17",
+            "snapvm_schedule_snapshots_total{outcome=\"done\"} 4",
+            "snapvm_schedule_snapshots_total{outcome=\"failed\"} 1",
+            "snapvm_schedule_chain_length 3",
+            "snapvm_schedule_last_success_timestamp_seconds 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
         }

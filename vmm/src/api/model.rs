@@ -25,7 +25,8 @@ pub struct SnapshotCreate {
     /// `<snapshot_path>/memory.img`.
     #[serde(default)]
     pub mem_file_path: Option<String>,
-    /// Only `Full`.
+    /// `Full` (default) or `Diff`: only what the guest wrote since this
+    /// VM's last snapshot (which becomes its parent).
     #[serde(default)]
     pub snapshot_type: Option<String>,
     /// `async-fork` (default), `stop-the-world`, `fork` or `sync-wp`.

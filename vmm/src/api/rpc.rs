@@ -81,10 +81,15 @@ fn bad(msg: String) -> Reply {
 }
 
 fn snapshot_order(body: &SnapshotCreate, wait: bool) -> Result<SnapshotOrder, Reply> {
-    match body.snapshot_type.as_deref() {
-        None | Some("Full") => {}
-        Some(t) => return Err(bad(format!("unsupported snapshot_type '{t}': only Full"))),
-    }
+    let incremental = match body.snapshot_type.as_deref() {
+        None | Some("Full") => false,
+        Some("Diff") => true,
+        Some(t) => {
+            return Err(bad(format!(
+                "unknown snapshot_type '{t}': expected Full or Diff"
+            )))
+        }
+    };
     let mode = match body.mode.as_deref() {
         None => Strategy::AsyncFork,
         Some(m) => Strategy::from_name(m).ok_or_else(|| {
@@ -104,6 +109,7 @@ fn snapshot_order(body: &SnapshotCreate, wait: bool) -> Result<SnapshotOrder, Re
         workers,
         overwrite: body.overwrite,
         memory_budget: body.memory_budget,
+        incremental,
         wait,
     })
 }

@@ -15,6 +15,7 @@ mod vm_ops;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -71,6 +72,8 @@ pub struct SnapshotOrder {
     pub overwrite: bool,
     /// None: the owner's default (`--snapshot-memory-budget`).
     pub memory_budget: Option<u64>,
+    /// Only what changed since the VM's last snapshot (`Diff`).
+    pub incremental: bool,
     /// Answer once the snapshot ended instead of once it began.
     pub wait: bool,
 }
@@ -226,6 +229,22 @@ pub struct SnapshotStatus {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct SnapshotList {
     pub snapshots: Vec<SnapshotStatus>,
+    /// `--snapshot-every`: the schedule and how it goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::schedule::ScheduleStatus>,
+    /// Writes tracked since the last snapshot: the chunks an incremental
+    /// snapshot would write now, and its parent (absent when writes are
+    /// not tracked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<Tracking>,
+}
+
+/// What an incremental snapshot would build on now.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Tracking {
+    pub dirty_chunks: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// What `GET /metrics` reports.
@@ -235,6 +254,8 @@ pub struct MetricsReport {
     pub in_flight: usize,
     pub counters: Counters,
     pub memory_load: Option<MemoryLoad>,
+    pub schedule: Option<crate::schedule::ScheduleStatus>,
+    pub tracking: Option<Tracking>,
 }
 
 /// Where the VM is.
@@ -258,6 +279,9 @@ pub struct SnapshotDefaults {
     pub priority: BackgroundPriority,
     /// `--snapshot-memory-budget`.
     pub memory_budget: u64,
+    /// `--snapshot-track-dirty`: track writes between snapshots, so the
+    /// next may be incremental.
+    pub track_dirty: bool,
 }
 
 impl Default for SnapshotDefaults {
@@ -266,6 +290,7 @@ impl Default for SnapshotDefaults {
             workers: 2,
             priority: BackgroundPriority::default(),
             memory_budget: snapvm_snapshot::DEFAULT_BUDGET,
+            track_dirty: true,
         }
     }
 }
@@ -303,6 +328,8 @@ pub struct Owner {
     counters: Counters,
     shutdown: bool,
     last_progress_log: Instant,
+    /// `--snapshot-every`: what the scheduler reports.
+    schedule: Option<Arc<Mutex<crate::schedule::ScheduleStatus>>>,
 }
 
 impl Owner {
@@ -335,11 +362,18 @@ impl Owner {
             counters: Counters::default(),
             shutdown: false,
             last_progress_log: Instant::now(),
+            schedule: None,
         }
+    }
+
+    /// The schedule's status, shown by `GET /snapshots` and `/metrics`.
+    pub fn set_schedule(&mut self, status: Arc<Mutex<crate::schedule::ScheduleStatus>>) {
+        self.schedule = Some(status);
     }
 
     /// The settings of the snapshots this owner takes.
     pub fn set_snapshot_defaults(&mut self, defaults: SnapshotDefaults) {
+        self.snapshotter.set_track_dirty(defaults.track_dirty);
         self.defaults = defaults;
     }
 
@@ -403,6 +437,8 @@ impl Owner {
             }
             Request::ListSnapshots => Ok(Response::Snapshots(SnapshotList {
                 snapshots: self.snapshots.keys().map(|&id| self.status(id)).collect(),
+                schedule: self.schedule_status(),
+                tracking: self.tracking(),
             })),
             Request::CancelSnapshot(id) => match self.cancel(&id) {
                 Ok(id) => {

@@ -85,6 +85,7 @@ impl Owner {
             overwrite: order.overwrite,
             priority: self.defaults.priority,
             memory_budget: order.memory_budget.unwrap_or(self.defaults.memory_budget),
+            incremental: order.incremental,
             ..SnapshotRequest::new(dir.clone())
         };
         let req = test_hooks::apply(req);
@@ -239,7 +240,25 @@ impl Owner {
                 .count(),
             counters,
             memory_load: self.memory_load(),
+            schedule: self.schedule_status(),
+            tracking: self.tracking(),
         }
+    }
+
+    pub(super) fn schedule_status(&self) -> Option<crate::schedule::ScheduleStatus> {
+        self.schedule
+            .as_ref()
+            .map(|s| snapvm_snapshot::sync::lock(s).clone())
+    }
+
+    pub(super) fn tracking(&self) -> Option<super::Tracking> {
+        self.snapshotter.dirty_chunks().map(|n| super::Tracking {
+            dirty_chunks: n as u64,
+            parent: self
+                .snapshotter
+                .incremental_parent()
+                .map(|p| p.display().to_string()),
+        })
     }
 }
 

@@ -51,6 +51,8 @@ pub struct SnapshotMetrics {
     pub memory_budget: u64,
     /// How the host backs guest RAM (`thp`, `4k`, `hugetlbfs`).
     pub page_backing: &'static str,
+    /// An incremental snapshot's parent directory (None: a full snapshot).
+    pub parent: Option<String>,
     pub sync: SyncPhase,
     /// The engine's final numbers (writes, faults, staging).
     pub engine: Option<Metrics>,
@@ -103,6 +105,10 @@ struct EngineJson {
     zero_chunks: u64,
     /// A restored VM still loading: chunks copied from its snapshot.
     chunks_from_parent: u64,
+    /// An incremental snapshot: chunks not written since the parent.
+    chunks_inherited: u64,
+    /// Writes are tracked from this snapshot on (the next may be a diff).
+    tracking: bool,
     bytes_written: u64,
     wp_faults: u64,
     missing_faults: u64,
@@ -129,6 +135,10 @@ struct MetricsJson {
     priority: &'static str,
     memory_budget: u64,
     page_backing: &'static str,
+    /// `Full` or `Diff` (Firecracker's names).
+    snapshot_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
     sync_us: SyncJson,
     reprotected_chunks: u64,
     copy_wait_us: f64,
@@ -153,6 +163,7 @@ impl SnapshotMetrics {
             priority,
             memory_budget,
             page_backing,
+            parent: None,
             sync: SyncPhase::default(),
             engine: None,
             copy_wait: Duration::ZERO,
@@ -180,6 +191,12 @@ impl SnapshotMetrics {
             priority: self.priority.name(),
             memory_budget: self.memory_budget,
             page_backing: self.page_backing,
+            snapshot_type: if self.parent.is_some() {
+                "Diff"
+            } else {
+                "Full"
+            },
+            parent: self.parent.clone(),
             sync_us: SyncJson {
                 total: us(s.total),
                 pause: us(s.pause),
@@ -213,6 +230,8 @@ impl SnapshotMetrics {
                     direct_fault_writes: m.direct_fault_writes,
                     zero_chunks: m.zero_chunks,
                     chunks_from_parent: m.chunks_from_parent,
+                    chunks_inherited: m.chunks_inherited,
+                    tracking: m.tracking,
                     bytes_written: m.bytes_written,
                     wp_faults: m.wp_faults,
                     missing_faults: m.missing_faults,

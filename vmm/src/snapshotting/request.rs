@@ -33,6 +33,10 @@ pub struct SnapshotRequest {
     /// image can be compared bit for bit
     /// ([`super::SnapshotHandle::sync_checksums`]).
     pub capture_checksums: bool,
+    /// Only the chunks written since this VM's last snapshot (which must
+    /// be an async-fork one taken by this snapvm, with writes tracked
+    /// since, and still be in place): `snapshot_type: "Diff"`.
+    pub incremental: bool,
 }
 
 impl SnapshotRequest {
@@ -48,6 +52,7 @@ impl SnapshotRequest {
             priority: BackgroundPriority::default(),
             injection: FaultInjection::default(),
             capture_checksums: false,
+            incremental: false,
         }
     }
 }

@@ -20,8 +20,13 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use std::path::PathBuf;
+
+use snapvm_snapshot::persist::chain::relative_to_child;
+use snapvm_snapshot::persist::{ChunkEntry, ParentRef};
+use snapvm_snapshot::tracking::TrackerSlot;
 use snapvm_snapshot::{
-    Config, Engine, SnapshotWriter, StagingPool, Strategy, WriteOptions, CHUNK_SIZE,
+    Config, Engine, SnapshotDir, SnapshotWriter, StagingPool, Strategy, WriteOptions, CHUNK_SIZE,
 };
 
 use super::handle::{lock, Copier, SnapshotHandle, SnapshotState};
@@ -35,12 +40,42 @@ use crate::vm::Vm;
 pub const METRICS_FILE: &str = "metrics.json";
 
 /// One VM's snapshots (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Snapshotter {
     busy: Arc<AtomicBool>,
     /// The staging pool, kept between snapshots (replaced when a request
     /// asks for another budget).
     pool: Mutex<Option<Arc<StagingPool>>>,
+    /// Track writes between snapshots (`--snapshot-track-dirty`), so the
+    /// next one may be incremental.
+    track_dirty: bool,
+    /// The writes since the last snapshot, while tracked.
+    tracker: Arc<TrackerSlot>,
+    /// The last snapshot, for an incremental one to build on: set once it
+    /// is committed with tracking running since its instant, cleared
+    /// whenever tracking stops.
+    last: Arc<Mutex<Option<Base>>>,
+}
+
+impl Default for Snapshotter {
+    fn default() -> Snapshotter {
+        Snapshotter {
+            busy: Arc::default(),
+            pool: Mutex::default(),
+            track_dirty: true,
+            tracker: Arc::new(TrackerSlot::new()),
+            last: Arc::default(),
+        }
+    }
+}
+
+/// A committed snapshot an incremental one can be taken against.
+#[derive(Debug, Clone)]
+pub(crate) struct Base {
+    pub dir: PathBuf,
+    pub entries: Arc<Vec<ChunkEntry>>,
+    /// Its state file's crc32c and length.
+    pub content: (u32, u64),
 }
 
 /// Releases the slot when dropped (even if the snapshot thread panics).
@@ -68,6 +103,31 @@ pub fn copier_count(mode: Strategy, requested: usize) -> usize {
 impl Snapshotter {
     pub fn new() -> Snapshotter {
         Snapshotter::default()
+    }
+
+    /// Tracking writes between snapshots on or off (on by default).
+    pub fn set_track_dirty(&mut self, on: bool) {
+        self.track_dirty = on;
+    }
+
+    /// Chunks written since the last snapshot, while writes are tracked.
+    pub fn dirty_chunks(&self) -> Option<usize> {
+        self.tracker.dirty_chunks()
+    }
+
+    /// The snapshot an incremental one would build on now.
+    pub fn incremental_parent(&self) -> Option<PathBuf> {
+        if !self.tracker.is_tracking() {
+            return None;
+        }
+        lock(&self.last).as_ref().map(|b| b.dir.clone())
+    }
+
+    /// Stops tracking (guest RAM unregistered) and forgets the last
+    /// snapshot: the next incremental one is refused until a full one.
+    pub fn stop_tracking(&self) {
+        self.tracker.clear();
+        *lock(&self.last) = None;
     }
 
     /// Whether a snapshot is in flight.
@@ -133,8 +193,24 @@ impl Snapshotter {
         }
         let guard = SlotGuard(self.busy.clone());
         let regions = vm.snapshot_regions();
+        // Writes stay tracked after an async-fork snapshot of ordinary
+        // guest RAM; anything else needs guest RAM unregistered first.
+        let track = self.track_dirty && req.mode == Strategy::AsyncFork && loading.is_none();
+        if !track {
+            self.stop_tracking();
+        }
+        let base = if req.incremental {
+            Some(self.diff_base(&req)?)
+        } else {
+            None
+        };
         let opts = WriteOptions {
             overwrite: req.overwrite,
+            parent: base.as_ref().map(|b| ParentRef {
+                path: relative_to_child(&req.dir, &b.dir),
+                state_crc: b.content.0,
+                state_len: b.content.1,
+            }),
             ..WriteOptions::default()
         };
         let writer =
@@ -155,22 +231,22 @@ impl Snapshotter {
                 staging,
                 background_cpus: vm.background_cpus().cloned(),
                 lazy: loading,
+                track: track.then(|| self.tracker.clone()),
+                diff_base: base.as_ref().map(|b| b.entries.clone()),
                 hugetlb: vm.memory().backing() == crate::memory::PageBacking::HugeTlb,
                 ..Config::default()
             })?)),
         };
-        let handle = SnapshotHandle::new(
-            req.dir.clone(),
-            writer.image().clone(),
-            SnapshotMetrics::new(
-                req.mode,
-                workers,
-                req.priority,
-                req.memory_budget,
-                vm.memory().backing().label(),
-            ),
-            t_request,
+        let mut metrics = SnapshotMetrics::new(
+            req.mode,
+            workers,
+            req.priority,
+            req.memory_budget,
+            vm.memory().backing().label(),
         );
+        metrics.parent = base.as_ref().map(|b| b.dir.display().to_string());
+        let handle =
+            SnapshotHandle::new(req.dir.clone(), writer.image().clone(), metrics, t_request);
 
         // The thread that finishes the snapshot exists before the writers
         // start: creating a thread maps its stack (mmap_lock taken for
@@ -210,8 +286,13 @@ impl Snapshotter {
         lock(&handle.t.inner).metrics.sync = sync;
         let bg = handle.clone();
         let resumed = Instant::now();
+        let follow = Follow {
+            track,
+            tracker: self.tracker.clone(),
+            last: self.last.clone(),
+        };
         let job: Job = Box::new(move || {
-            finish(&bg, begun, writer, resumed, guard);
+            finish(&bg, begun, writer, resumed, guard, follow);
             drop(ram);
         });
         match job_tx.send(job) {
@@ -232,6 +313,54 @@ impl Snapshotter {
             }
         }
     }
+}
+
+impl Snapshotter {
+    /// The parent of an incremental snapshot: this VM's last snapshot,
+    /// with writes tracked since, still in place and unchanged.
+    fn diff_base(&self, req: &SnapshotRequest) -> Result<Base, SnapshotError> {
+        let refuse = |why: String| {
+            SnapshotError::Conflict(format!(
+                "cannot take an incremental snapshot: {why}; take a full one first"
+            ))
+        };
+        if req.mode != Strategy::AsyncFork {
+            return Err(SnapshotError::Invalid(format!(
+                "incremental snapshots are taken with async-fork, not {}",
+                req.mode
+            )));
+        }
+        if !self.track_dirty {
+            return Err(refuse(
+                "writes are not tracked (--snapshot-track-dirty off)".into(),
+            ));
+        }
+        let base = lock(&self.last).clone();
+        let (Some(base), true) = (base, self.tracker.is_tracking()) else {
+            return Err(refuse(
+                "this VM has no snapshot with its writes tracked since".into(),
+            ));
+        };
+        match SnapshotDir::open(&base.dir) {
+            Ok(d) if d.content_id() == base.content => Ok(base),
+            Ok(_) => Err(refuse(format!(
+                "its parent {} was replaced by another snapshot",
+                base.dir.display()
+            ))),
+            Err(e) => Err(refuse(format!(
+                "its parent {} cannot be used ({e})",
+                base.dir.display()
+            ))),
+        }
+    }
+}
+
+/// What a snapshot's end means for the next one.
+struct Follow {
+    /// Writes are tracked from this snapshot's instant on.
+    track: bool,
+    tracker: Arc<TrackerSlot>,
+    last: Arc<Mutex<Option<Base>>>,
 }
 
 /// The snapshot thread, placed and prioritised as `req` says; it runs the
@@ -267,9 +396,11 @@ fn finish(
     writer: SnapshotWriter,
     resumed: Instant,
     guard: SlotGuard,
+    follow: Follow,
 ) {
     let dir = h.t.dir.clone();
     let Begun { work, blob, .. } = begun;
+    let mut entries_out: Option<Vec<ChunkEntry>> = None;
     let outcome = (|| -> Result<(), String> {
         let chunks = writer.image().len() / CHUNK_SIZE;
         let summary = match work {
@@ -296,10 +427,20 @@ fn finish(
                     dir.display(),
                     snap.metrics().copy_total
                 );
+                entries_out = Some(snap.chunks().to_vec());
                 writer.commit(&snap, &blob)
             }
         }
         .map_err(|e| format!("persist failed: {e}"))?;
+        // The base of the next incremental snapshot: this one, whose
+        // instant the tracker's dirty set starts from.
+        if let (true, Some(entries)) = (follow.track, entries_out.take()) {
+            *lock(&follow.last) = Some(Base {
+                dir: dir.clone(),
+                entries: Arc::new(entries),
+                content: (summary.state_crc, summary.state_bytes),
+            });
+        }
         {
             let mut inner = lock(&h.t.inner);
             inner.metrics.persist = Some(summary);
@@ -317,6 +458,11 @@ fn finish(
             h.set_state(SnapshotState::Done);
         }
         Err(why) => {
+            // The tracker (if the engine left one) counts from an instant
+            // no snapshot has: a diff against the older one would miss
+            // writes. Tracking restarts with the next snapshot.
+            follow.tracker.clear();
+            *lock(&follow.last) = None;
             lock(&h.t.inner).metrics.total = h.t.t_request.elapsed();
             tracing::error!(
                 "snapshot {} failed: {why}; the VM keeps running",

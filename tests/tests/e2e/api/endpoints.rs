@@ -93,8 +93,8 @@ fn every_endpoint_answers_with_exact_statuses_and_bodies() {
         400,
         "invalid JSON body: invalid type: string \"lots\", expected u64 at line 1 column 23",
     );
-    create(json!({"snapshot_path": d, "snapshot_type": "Diff"}))
-        .assert_fault(400, "unsupported snapshot_type 'Diff': only Full");
+    create(json!({"snapshot_path": d, "snapshot_type": "Delta"}))
+        .assert_fault(400, "unknown snapshot_type 'Delta': expected Full or Diff");
     create(json!({"snapshot_path": "relative/dir"}))
         .assert_fault(400, "snapshot_path 'relative/dir' must be an absolute path");
     create(json!({"snapshot_path": d, "mem_file_path": "/tmp/mem"})).assert_fault(

@@ -13,25 +13,25 @@ use serde_json::{json, Value};
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, Finished, Proc};
 
-pub(super) const T: Duration = Duration::from_secs(60);
-pub(super) const LISTENING: &str = "kv: listening on vsock port 6379";
-pub(super) const HOLD_ENV: &str = "SNAPVM_TEST_HOLD_SNAPSHOT_COPY";
+pub(crate) const T: Duration = Duration::from_secs(60);
+pub(crate) const LISTENING: &str = "kv: listening on vsock port 6379";
+pub(crate) const HOLD_ENV: &str = "SNAPVM_TEST_HOLD_SNAPSHOT_COPY";
 
 /// One HTTP exchange: status, headers (lower-cased names) and body.
 #[derive(Debug)]
-pub(super) struct Resp {
-    pub(super) status: u16,
-    pub(super) headers: Vec<(String, String)>,
-    pub(super) body: String,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: String,
 }
 
 impl Resp {
-    pub(super) fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 
-    pub(super) fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -39,7 +39,7 @@ impl Resp {
     }
 
     /// Asserts status and the exact fault body.
-    pub(super) fn assert_fault(&self, status: u16, message: &str) {
+    pub(crate) fn assert_fault(&self, status: u16, message: &str) {
         assert_eq!(self.status, status, "{self:?}");
         assert_eq!(self.header("content-type"), Some("application/json"));
         assert_eq!(self.json(), json!({ "fault_message": message }), "{self:?}");
@@ -49,7 +49,7 @@ impl Resp {
 /// Sends `raw` on a fresh connection and reads the reply to EOF (the
 /// request says `Connection: close`). None when the server closed without
 /// a reply.
-pub(super) fn exchange(sock: &Path, raw: &[u8]) -> Option<Resp> {
+pub(crate) fn exchange(sock: &Path, raw: &[u8]) -> Option<Resp> {
     let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));
     s.set_read_timeout(Some(T)).unwrap();
     // The server may close early (e.g. on a huge head): ignore write errors.
@@ -80,7 +80,7 @@ fn parse_response(out: &[u8]) -> Option<Resp> {
 }
 
 /// A request with a JSON body (if any) and `Connection: close`.
-pub(super) fn req(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Resp {
+pub(crate) fn req(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Resp {
     let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if let Some(b) = body {
         raw.push_str(&format!(
@@ -95,12 +95,12 @@ pub(super) fn req(sock: &Path, method: &str, path: &str, body: Option<&str>) -> 
     exchange(sock, raw.as_bytes()).unwrap_or_else(|| panic!("no reply to {method} {path}"))
 }
 
-pub(super) fn get(sock: &Path, path: &str) -> Resp {
+pub(crate) fn get(sock: &Path, path: &str) -> Resp {
     req(sock, "GET", path, None)
 }
 
 /// Waits until the API answers `GET /`.
-pub(super) fn wait_for_api(proc: &Proc, sock: &Path) {
+pub(crate) fn wait_for_api(proc: &Proc, sock: &Path) {
     let start = Instant::now();
     while UnixStream::connect(sock).is_err() {
         assert!(
@@ -115,7 +115,7 @@ pub(super) fn wait_for_api(proc: &Proc, sock: &Path) {
 
 /// A KV guest served by the API (`--cmdline mode=kv` boots it), on a free
 /// port; `env` is extra environment.
-pub(super) fn start_kv(tmp: &Path, env: &[(&str, &str)]) -> (Proc, PathBuf, u16) {
+pub(crate) fn start_kv(tmp: &Path, env: &[(&str, &str)]) -> (Proc, PathBuf, u16) {
     let sock = tmp.join("api.sock");
     let port = free_port();
     let mut cmd = Command::new(snapvm_bin());
@@ -135,7 +135,7 @@ pub(super) fn start_kv(tmp: &Path, env: &[(&str, &str)]) -> (Proc, PathBuf, u16)
 
 /// `snapvm run --no-boot --api-sock`: waits for `PUT /snapshot/load`; a loaded
 /// KV guest listens on the returned port.
-pub(super) fn start_waiting(tmp: &Path, name: &str) -> (Proc, PathBuf, u16) {
+pub(crate) fn start_waiting(tmp: &Path, name: &str) -> (Proc, PathBuf, u16) {
     let sock = tmp.join(format!("{name}.sock"));
     let port = free_port();
     let vm = Proc::spawn_cmd(
@@ -153,7 +153,7 @@ pub(super) fn start_waiting(tmp: &Path, name: &str) -> (Proc, PathBuf, u16) {
 }
 
 /// Shuts snapvm down through the API: 204, exit status 0, socket gone.
-pub(super) fn shutdown(vm: Proc, sock: &Path) -> Finished {
+pub(crate) fn shutdown(vm: Proc, sock: &Path) -> Finished {
     let r = req(
         sock,
         "PUT",
@@ -169,7 +169,7 @@ pub(super) fn shutdown(vm: Proc, sock: &Path) -> Finished {
     out
 }
 
-pub(super) fn redis_con(port: u16) -> redis::Connection {
+pub(crate) fn redis_con(port: u16) -> redis::Connection {
     let start = Instant::now();
     loop {
         match redis::Client::open(format!("redis://127.0.0.1:{port}/"))
@@ -188,16 +188,16 @@ pub(super) fn redis_con(port: u16) -> redis::Connection {
     }
 }
 
-pub(super) fn set(c: &mut redis::Connection, k: &str, v: &str) {
+pub(crate) fn set(c: &mut redis::Connection, k: &str, v: &str) {
     redis::cmd("SET").arg(k).arg(v).query::<()>(c).unwrap();
 }
 
-pub(super) fn get_key(c: &mut redis::Connection, k: &str) -> Option<String> {
+pub(crate) fn get_key(c: &mut redis::Connection, k: &str) -> Option<String> {
     redis::cmd("GET").arg(k).query(c).unwrap()
 }
 
 /// Polls `GET /snapshot/{id}` until it ends; returns the last status.
-pub(super) fn wait_snapshot(vm: &Proc, sock: &Path, id: &str) -> Value {
+pub(crate) fn wait_snapshot(vm: &Proc, sock: &Path, id: &str) -> Value {
     let start = Instant::now();
     loop {
         let s = get(sock, &format!("/snapshot/{id}"));
@@ -215,7 +215,7 @@ pub(super) fn wait_snapshot(vm: &Proc, sock: &Path, id: &str) -> Value {
     }
 }
 
-pub(super) fn metric(text: &str, name: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
@@ -225,7 +225,7 @@ pub(super) fn metric(text: &str, name: &str) -> f64 {
 
 /// Polls `GET /metrics` until `name` reads `want` (at most T); returns the
 /// last value read.
-pub(super) fn wait_metric(sock: &Path, name: &str, want: f64) -> f64 {
+pub(crate) fn wait_metric(sock: &Path, name: &str, want: f64) -> f64 {
     let start = Instant::now();
     loop {
         let v = metric(&get(sock, "/metrics").body, name);
@@ -237,6 +237,6 @@ pub(super) fn wait_metric(sock: &Path, name: &str, want: f64) -> f64 {
 }
 
 /// `PUT path` with a JSON body.
-pub(super) fn put(sock: &Path, path: &str, body: Value) -> Resp {
+pub(crate) fn put(sock: &Path, path: &str, body: Value) -> Resp {
     req(sock, "PUT", path, Some(&body.to_string()))
 }

@@ -14,7 +14,7 @@ mod cancel;
 mod consistency;
 mod docs;
 mod endpoints;
-mod harness;
+pub(crate) mod harness;
 mod load;
 mod placement;
 mod robustness;
