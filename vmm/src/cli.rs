@@ -212,7 +212,7 @@ pub struct RunArgs {
     /// Track guest writes between snapshots (on), so that the next one may
     /// be incremental; off lifts every write-protection once a snapshot is
     /// done.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub snapshot_track_dirty: bool,
     /// async-fork, stop-the-world, sync-wp or fork (the VMM process forks
     /// and the child writes the snapshot).
@@ -612,6 +612,35 @@ mod tests {
             Command::Run(a) => a,
             other => panic!("not run: {other:?}"),
         }
+    }
+
+    #[test]
+    fn schedule_and_tracking_flags() {
+        let a = run_args(&["--snapshot-dir", "/d", "--snapshot-every", "1m30s"]);
+        assert_eq!(a.snapshot_every, Some(std::time::Duration::from_secs(90)));
+        assert_eq!((a.snapshot_keep, a.snapshot_full_every), (3, 8));
+        assert!(a.snapshot_track_dirty);
+        assert!(a.validate_snapshot_flags().is_ok());
+        assert!(!run_args(&["--snapshot-track-dirty", "off"]).snapshot_track_dirty);
+        assert_eq!(
+            run_args(&["--snapshot-every", "30s"]).validate_snapshot_flags(),
+            Err("--snapshot-every needs --snapshot-dir (where the snapshots go)".into())
+        );
+        assert_eq!(
+            run_args(&[
+                "--snapshot-dir",
+                "/d",
+                "--snapshot-every",
+                "30s",
+                "--snapshot-at",
+                "1"
+            ])
+            .validate_snapshot_flags(),
+            Err("--snapshot-every and --snapshot-at exclude each other".into())
+        );
+        let e = Cli::try_parse_from(["snapvm", "run", "--snapshot-every", "soon"]).unwrap_err();
+        assert!(e.to_string().contains("invalid duration 'soon'"), "{e}");
+        assert!(Cli::try_parse_from(["snapvm", "run", "--snapshot-keep", "0"]).is_err());
     }
 
     #[test]
