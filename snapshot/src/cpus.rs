@@ -286,11 +286,15 @@ mod tests {
             .unwrap();
         ready_rx.recv().unwrap();
         set(&first.to_string()).pin_thread(&h).unwrap();
-        // Seen from outside the thread as well.
-        assert_eq!(
-            thread_cpu_lists(std::process::id(), "cpus-by-handle"),
-            vec![first.to_string()]
-        );
+        // Seen from outside the thread as well. /proc may show the new
+        // name a moment after the thread runs (seen once in CI): poll.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut seen = thread_cpu_lists(std::process::id(), "cpus-by-handle");
+        while seen.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            seen = thread_cpu_lists(std::process::id(), "cpus-by-handle");
+        }
+        assert_eq!(seen, vec![first.to_string()]);
         go_tx.send(()).unwrap();
         assert_eq!(h.join().unwrap(), set(&first.to_string()));
     }

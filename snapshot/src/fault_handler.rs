@@ -40,11 +40,10 @@ use std::time::Instant;
 use crate::chunk_table::{ChunkState, Copier};
 use crate::error::{panic_message, Error, Phase};
 use crate::metrics::HandlerStats;
-use crate::region::{CHUNK_SIZE, PAGE_SIZE, ZERO_CHUNK};
+use crate::region::{CHUNK_SIZE, PAGE_SIZE};
 use crate::shared::Shared;
 use crate::uffd::{Event, FaultKind};
-
-static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+use crate::zero_fill::ZeroFill;
 
 struct Parked {
     chunk: usize,
@@ -59,7 +58,9 @@ pub(crate) fn run(shared: Arc<Shared>) -> HandlerStats {
     {
         tracing::debug!("fault handler keeps the VMM's priority: {e}");
     }
+    let zero = ZeroFill::new(&shared.uffd, shared.thp, shared.hugetlb);
     let mut h = Handler {
+        zero,
         shared,
         stats: HandlerStats::new(),
         parked: Vec::new(),
@@ -71,6 +72,7 @@ pub(crate) fn run(shared: Arc<Shared>) -> HandlerStats {
 }
 
 struct Handler {
+    zero: ZeroFill,
     shared: Arc<Shared>,
     stats: HandlerStats,
     parked: Vec<Parked>,
@@ -87,39 +89,19 @@ impl Handler {
                 Some(p) => p.sink.as_raw_fd(),
                 None => self.shared.uffd.as_raw_fd(),
             };
-            let mut fds = [
-                libc::pollfd {
-                    fd: events_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.shared.handler_nudge.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.shared.handler_stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a live array of 3 pollfds.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if rc < 0 {
-                // EINTR: just poll again. Other errors cannot happen with
-                // valid fds; polling again is the only safe reaction anyway
-                // (leaving would strand blocked writers).
-                continue;
-            }
-            if fds[1].revents != 0 {
+            let [events, nudged, stopped] = crate::uffd::wait_readable([
+                events_fd,
+                self.shared.handler_nudge.as_raw_fd(),
+                self.shared.handler_stop.as_raw_fd(),
+            ]);
+            if nudged {
                 self.shared.handler_nudge.drain();
                 self.retry_parked();
             }
-            if fds[0].revents != 0 {
+            if events {
                 self.read_and_handle();
             }
-            if fds[2].revents != 0 {
+            if stopped {
                 // The supervisor has unregistered every region (which wakes
                 // missing-page waiters) and lifted every protection (which
                 // wakes WP waiters). Queued events are stale; answer them
@@ -262,30 +244,15 @@ impl Handler {
         let _ = self.stats.latency_ns.record(ns.max(1));
     }
 
-    /// Wakes the faulting thread, or maps the zero page it first-touched.
-    fn settle(&self, address: u64, kind: FaultKind) {
+    /// Wakes the faulting thread, or maps zeros where it first touched.
+    fn settle(&mut self, address: u64, kind: FaultKind) {
         let uffd = &self.shared.uffd;
         let page = address & !(PAGE_SIZE - 1);
         let done = match kind {
-            // hugetlbfs: a first touch gets a whole zeroed huge page.
-            FaultKind::Missing { .. } if self.shared.hugetlb => {
-                let at = address & !(CHUNK_SIZE - 1);
-                matches!(
-                    uffd.copy(at, ZERO_CHUNK.as_ptr(), CHUNK_SIZE, false),
-                    Ok(true)
-                )
-            }
             FaultKind::WriteProtect => uffd.wake(page, PAGE_SIZE).is_ok(),
-            // EEXIST (a racing fault mapped it) counts as resolved (Ok(false))
-            // but wakes nobody, hence the explicit wake below.
-            FaultKind::Missing { write: false } => {
-                matches!(uffd.zeropage(page, PAGE_SIZE, false), Ok(true))
-            }
-            FaultKind::Missing { write: true } => {
-                matches!(
-                    uffd.copy(page, ZERO_PAGE.as_ptr(), PAGE_SIZE, false),
-                    Ok(true)
-                )
+            FaultKind::Missing { write } => {
+                let chunk = address & !(CHUNK_SIZE - 1);
+                self.zero.resolve(uffd, address, chunk, write)
             }
         };
         if !done {

@@ -44,6 +44,7 @@ pub mod sync;
 pub mod tracking;
 pub mod uffd;
 mod worker;
+mod zero_fill;
 
 pub use chunk_table::Record;
 pub use cpus::{CpuListError, CpuSet};

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub parent: Option<ParentLink>,
     /// Guest RAM is hugetlbfs (`Config::hugetlb`).
     pub hugetlb: bool,
+    /// Guest RAM is THP-advised (`Config::thp`).
+    pub thp: bool,
     /// Writes are tracked after this snapshot (`Config::track`): workers
     /// leave a saved chunk protected, and every chunk written after the
     /// instant is marked in `dirty_after`.

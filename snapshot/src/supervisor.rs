@@ -263,6 +263,7 @@ fn start_tracker(shared: &Shared) -> bool {
         shared.layout.clone(),
         dirty,
         shared.hugetlb,
+        shared.thp,
     ) {
         Ok(t) => {
             slot.put(t);

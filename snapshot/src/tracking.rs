@@ -29,11 +29,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::eventfd::EventFd;
-use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE, ZERO_CHUNK};
+use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE};
 use crate::sync::lock;
 use crate::uffd::{Event, FaultKind, Uffd};
-
-static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+use crate::zero_fill::ZeroFill;
 
 /// Guest RAM being watched for writes between snapshots.
 #[derive(Debug)]
@@ -47,6 +46,7 @@ struct Inner {
     uffd: Arc<Uffd>,
     layout: Layout,
     hugetlb: bool,
+    thp: bool,
     dirty: Vec<AtomicBool>,
     stop: EventFd,
 }
@@ -68,11 +68,13 @@ impl DirtyTracker {
         layout: Layout,
         dirty: Vec<bool>,
         hugetlb: bool,
+        thp: bool,
     ) -> std::io::Result<DirtyTracker> {
         let inner = Arc::new(Inner {
             uffd,
             layout,
             hugetlb,
+            thp,
             dirty: dirty.into_iter().map(AtomicBool::new).collect(),
             stop: EventFd::new()?,
         });
@@ -149,25 +151,11 @@ impl Drop for DirtyTracker {
 impl Inner {
     fn serve(&self) {
         let mut events = Vec::with_capacity(64);
+        let mut zero = ZeroFill::new(&self.uffd, self.thp, self.hugetlb);
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a live array of 2 pollfds.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if rc < 0 {
-                continue;
-            }
-            if fds[1].revents != 0 {
+            let [_, stopped] =
+                crate::uffd::wait_readable([self.uffd.as_raw_fd(), self.stop.as_raw_fd()]);
+            if stopped {
                 return;
             }
             events.clear();
@@ -177,7 +165,7 @@ impl Inner {
             }
             for ev in &events {
                 if let Event::PageFault { address, kind } = *ev {
-                    self.fault(address, kind);
+                    self.fault(address, kind, &mut zero);
                 }
             }
         }
@@ -185,7 +173,7 @@ impl Inner {
 
     /// Marks the chunk dirty first, then lets the write through: a chunk
     /// is never writable without being marked.
-    fn fault(&self, address: u64, kind: FaultKind) {
+    fn fault(&self, address: u64, kind: FaultKind, zero: &mut ZeroFill) {
         let page = address & !(PAGE_SIZE - 1);
         let Some(i) = self.layout.chunk_of_host(address) else {
             let _ = self.uffd.wake(page, PAGE_SIZE);
@@ -198,18 +186,7 @@ impl Inner {
                 .uffd
                 .write_protect(chunk, CHUNK_SIZE, false, false)
                 .is_ok(),
-            FaultKind::Missing { .. } if self.hugetlb => matches!(
-                self.uffd
-                    .copy(chunk, ZERO_CHUNK.as_ptr(), CHUNK_SIZE, false),
-                Ok(true)
-            ),
-            FaultKind::Missing { write: false } => {
-                matches!(self.uffd.zeropage(page, PAGE_SIZE, false), Ok(true))
-            }
-            FaultKind::Missing { write: true } => matches!(
-                self.uffd.copy(page, ZERO_PAGE.as_ptr(), PAGE_SIZE, false),
-                Ok(true)
-            ),
+            FaultKind::Missing { write } => zero.resolve(&self.uffd, address, chunk, write),
         };
         if !done {
             let _ = self.uffd.wake(page, PAGE_SIZE);

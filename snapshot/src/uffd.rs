@@ -540,3 +540,22 @@ pub fn feature_names(bits: u64) -> Vec<&'static str> {
         .map(|(_, n)| *n)
         .collect()
 }
+
+/// Blocks until at least one of `fds` is readable and says which are.
+/// EINTR (and any other poll error, impossible with valid fds) polls again:
+/// the serving threads that wait here must not leave while faulting
+/// threads may still be blocked on them.
+pub(crate) fn wait_readable<const N: usize>(fds: [RawFd; N]) -> [bool; N] {
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `polled` is a live array of N pollfds.
+        let rc = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, -1) };
+        if rc > 0 {
+            return polled.map(|p| p.revents != 0);
+        }
+    }
+}

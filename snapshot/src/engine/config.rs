@@ -94,6 +94,9 @@ pub struct Config {
     /// Guest RAM is hugetlbfs: a first touch is resolved a whole huge page
     /// at a time, and sync-wp (which protects 4 KiB pages) is refused.
     pub hugetlb: bool,
+    /// Guest RAM is THP-advised: a first touch of an empty chunk gets a
+    /// whole zeroed huge page, as the kernel would give it (zero_fill.rs).
+    pub thp: bool,
     /// Track writes after this snapshot (async-fork): at its end guest RAM
     /// stays registered and protected and a `DirtyTracker` goes into the
     /// slot; a tracker already there (from the last snapshot) is taken
@@ -116,6 +119,7 @@ impl Default for Config {
             background_cpus: None,
             lazy: None,
             hugetlb: false,
+            thp: false,
             track: None,
             diff_base: None,
         }

@@ -55,7 +55,7 @@ use crate::persist::ImageFile;
 use crate::region::Region;
 use crate::shared::Shared;
 use crate::sync::lock;
-use crate::uffd::{feature, Uffd};
+use crate::uffd::Uffd;
 
 /// Armed ahead of the pause, guest RAM is write-protected this much at a
 /// time, with [`ARM_STEP_GAP`] between steps: on shadow-paging hosts (nested
@@ -93,8 +93,6 @@ struct Armed {
     standby: Option<Standby>,
 }
 
-const UFFD_FEATURES: u64 = feature::PAGEFAULT_FLAG_WP;
-
 impl Engine {
     /// Creates an engine and checks that this process can use userfaultfd
     /// write-protect (root, kernel support), so a VM learns at start-up, not
@@ -124,7 +122,7 @@ impl Engine {
             }
             Strategy::AsyncFork | Strategy::SyncWp => {}
         }
-        Uffd::new(UFFD_FEATURES).map_err(|source| Error::Uffd {
+        Uffd::new(crate::zero_fill::uffd_features()).map_err(|source| Error::Uffd {
             phase: Phase::Sync,
             source,
         })?;

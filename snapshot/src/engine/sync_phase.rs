@@ -3,7 +3,7 @@
 //! paused), and the set-up both share.
 
 use super::standby::{Launch, Pending, Standby};
-use super::{tear_down, undo_sync, Armed, Engine, Strategy, ARM_STEP_GAP, UFFD_FEATURES};
+use super::{tear_down, undo_sync, Armed, Engine, Strategy, ARM_STEP_GAP};
 use crate::chunk_table::ChunkTable;
 use crate::chunk_table::Record;
 use crate::error::{Error, Phase};
@@ -21,6 +21,7 @@ use crate::supervisor::Plan;
 use crate::sync::lock;
 use crate::tracking::DirtyTracker;
 use crate::uffd::{RegisterMode, Uffd};
+use crate::zero_fill::uffd_features;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -317,7 +318,7 @@ impl Engine {
             (Some((uffd, link)), _) => (uffd, Some(link), None),
             (None, Some(h)) => (h.uffd, None, Some(h.dirty)),
             (None, None) => (
-                Arc::new(Uffd::new(UFFD_FEATURES).map_err(sync_err)?),
+                Arc::new(Uffd::new(uffd_features()).map_err(sync_err)?),
                 None,
                 None,
             ),
@@ -375,6 +376,7 @@ impl Engine {
             uffd,
             parent,
             hugetlb: self.config.hugetlb,
+            thp: self.config.thp,
             tracking: self.config.track.is_some() && unit == CHUNK_SIZE && registered_here,
             track_slot: self.config.track.clone(),
             dirty_after: (0..layout_chunks).map(|_| AtomicBool::new(false)).collect(),

@@ -234,6 +234,7 @@ impl Snapshotter {
                 track: track.then(|| self.tracker.clone()),
                 diff_base: base.as_ref().map(|b| b.entries.clone()),
                 hugetlb: vm.memory().backing() == crate::memory::PageBacking::HugeTlb,
+                thp: vm.memory().backing() == crate::memory::PageBacking::Huge,
                 ..Config::default()
             })?)),
         };
