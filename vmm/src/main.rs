@@ -58,7 +58,7 @@ fn main() -> ExitCode {
 /// `snapvm snapshot|vm|restore`: one API call (or a few), status 1 and one
 /// line on failure.
 fn client_command(f: impl FnOnce() -> Result<(), api::commands::CommandError>) -> ExitCode {
-    if let Err(e) = init_logging("warn") {
+    if let Err(e) = cli::init_logging("warn") {
         return fail(e);
     }
     match f() {
@@ -135,16 +135,6 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-fn init_logging(level: &str) -> Result<(), cli::ConfigError> {
-    let level = cli::validate_log_level(level)?;
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
-    Ok(())
-}
-
 /// Guest RAM in bytes (validated against host RAM) and the vCPU count, as
 /// every command that boots a VM takes them.
 fn machine_size(memory: &str, vcpus: u32) -> Result<(u64, usize), cli::ConfigError> {
@@ -154,7 +144,7 @@ fn machine_size(memory: &str, vcpus: u32) -> Result<(u64, usize), cli::ConfigErr
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    if let Err(e) = init_logging(&args.log_level) {
+    if let Err(e) = cli::init_logging(&args.log_level) {
         return fail(e);
     }
     if let Err(e) = args.validate_snapshot_flags() {

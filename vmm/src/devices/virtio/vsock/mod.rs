@@ -12,6 +12,7 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
+pub use device::process_queues;
 pub use device::{VsockArgs, VsockDevice, VsockError};
 pub use host::{HostListener, ListenAddr};
 pub use state::VsockState;

@@ -7,6 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::layout;
 use crate::memory::PageBacking;
 
+mod client;
+pub use client::*;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "snapvm",
@@ -34,108 +37,6 @@ pub enum Command {
     Vm(VmCommand),
     /// Load a snapshot into a snapvm started with --no-boot.
     Restore(RestoreArgs),
-}
-
-/// The API socket of the snapvm to talk to.
-#[derive(Debug, Args)]
-pub struct ApiSockArg {
-    /// The socket given to `snapvm run --api-sock`.
-    #[arg(long, value_name = "PATH")]
-    pub api_sock: PathBuf,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SnapshotCommand {
-    /// Take a snapshot of the running VM into DIR; prints its status (JSON).
-    Create(SnapshotCreateArgs),
-    /// Every snapshot of this snapvm (JSON).
-    List(ApiSockArg),
-    /// One snapshot's state, progress and metrics (JSON).
-    Status(SnapshotIdArgs),
-    /// Cancel a snapshot still copying (the guest runs on untouched).
-    Cancel(SnapshotIdArgs),
-    /// Write the full snapshot a chain of incremental ones stands for
-    /// (no snapvm needed; prints a summary as JSON).
-    Merge(SnapshotMergeArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct SnapshotMergeArgs {
-    /// The (incremental) snapshot directory, e.g. DIR/latest.
-    pub dir: PathBuf,
-    /// Where the full snapshot goes (must not exist unless --overwrite).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
-    /// Replace an existing directory at --out.
-    #[arg(long)]
-    pub overwrite: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct SnapshotCreateArgs {
-    #[command(flatten)]
-    pub sock: ApiSockArg,
-    /// Snapshot directory to write (must not exist unless --overwrite).
-    #[arg(long, value_name = "DIR")]
-    pub dir: PathBuf,
-    /// async-fork, stop-the-world, sync-wp or fork (default: async-fork).
-    #[arg(long, value_name = "MODE", value_parser = parse_strategy)]
-    pub mode: Option<snapvm_snapshot::Strategy>,
-    /// Copier threads (default: the number of host cores).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub workers: Option<u32>,
-    /// Wait until the snapshot is written (a progress bar on a terminal).
-    #[arg(long)]
-    pub wait: bool,
-    /// Replace an existing directory at DIR.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Staging memory for write faults during the snapshot, e.g. 256M or 0
-    /// (default: the server's --snapshot-memory-budget).
-    #[arg(long, value_name = "SIZE", value_parser = parse_budget)]
-    pub memory_budget: Option<u64>,
-    /// Only what the guest wrote since this VM's last snapshot, which
-    /// becomes its parent (`snapshot_type: "Diff"`).
-    #[arg(long)]
-    pub incremental: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct SnapshotIdArgs {
-    #[command(flatten)]
-    pub sock: ApiSockArg,
-    /// The snapshot id (as `snapshot create` or `snapshot list` print it).
-    pub id: String,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum VmCommand {
-    /// Hold every vCPU.
-    Pause(ApiSockArg),
-    /// Let the vCPUs run again (or start a loaded VM).
-    Resume(ApiSockArg),
-    /// Instance id, VM state and version (JSON).
-    Status(ApiSockArg),
-}
-
-#[derive(Debug, Args)]
-pub struct RestoreArgs {
-    #[command(flatten)]
-    pub sock: ApiSockArg,
-    /// The snapshot directory to load.
-    #[arg(long, value_name = "DIR")]
-    pub dir: PathBuf,
-    /// Leave the loaded VM paused (resume it with `snapvm vm resume`).
-    #[arg(long)]
-    pub no_resume: bool,
-    /// Check every memory chunk's checksum before loading.
-    #[arg(long)]
-    pub verify: bool,
-    /// Follow the memory load until the VM no longer needs the snapshot
-    /// directory (a progress bar when stderr is a terminal); exits 1 if
-    /// the load fails.
-    #[arg(long)]
-    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -508,6 +409,18 @@ pub fn validate_log_level(s: &str) -> Result<tracing::Level, ConfigError> {
     }
 }
 
+/// Logs at `level` (an error/warn/info/debug/trace name) to stderr; a second
+/// call keeps the first subscriber.
+pub fn init_logging(level: &str) -> Result<(), ConfigError> {
+    let level = validate_log_level(level)?;
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    Ok(())
+}
+
 /// Host RAM from /proc/meminfo (`MemTotal`), if readable.
 pub fn host_ram_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -521,199 +434,4 @@ fn parse_meminfo_total(text: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("4G"), Ok(4 << 30));
-        assert_eq!(parse_size("4g"), Ok(4 << 30));
-        assert_eq!(parse_size("1024K"), Ok(1 << 20));
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
-        assert_eq!(parse_size("2MB"), Ok(2 << 20));
-        assert_eq!(parse_size("1T"), Ok(1 << 40));
-    }
-
-    #[test]
-    fn bad_sizes() {
-        for s in [
-            "abc",
-            "",
-            "M",
-            "12X",
-            "-1G",
-            "1.5G",
-            "99999999999999999999",
-            "20000000000T",
-        ] {
-            let e = parse_size(s).unwrap_err();
-            assert!(
-                e.to_string()
-                    .starts_with(&format!("invalid memory size '{s}': ")),
-                "{e}"
-            );
-        }
-    }
-
-    #[test]
-    fn memory_is_rounded_and_checked() {
-        assert_eq!(guest_memory_size("1", None), Ok(2 << 20));
-        assert_eq!(guest_memory_size("3M", None), Ok(4 << 20));
-        assert_eq!(
-            guest_memory_size("8G", Some(4 << 30)),
-            Err(ConfigError::TooMuchMemory {
-                given: "8G".to_string(),
-                requested: 8 << 30,
-                host: 4 << 30
-            })
-        );
-        assert!(guest_memory_size("0", None).is_err());
-    }
-
-    #[test]
-    fn vcpus() {
-        assert_eq!(validate_vcpus(0), Err(ConfigError::NoVcpus));
-        assert_eq!(validate_vcpus(1), Ok(1));
-        assert!(validate_vcpus(max_vcpus() + 1).is_err());
-        assert!(validate_vcpus(256).is_err());
-    }
-
-    #[test]
-    fn meminfo() {
-        let t = "MemTotal:       24590000 kB\nMemFree: 1 kB\n";
-        assert_eq!(parse_meminfo_total(t), Some(24590000 * 1024));
-        assert_eq!(parse_meminfo_total("nothing"), None);
-    }
-
-    #[test]
-    fn hugepages_flag() {
-        assert_eq!(parse_hugepages("on"), Ok(PageBacking::Huge));
-        assert_eq!(parse_hugepages("OFF"), Ok(PageBacking::Small));
-        assert!(parse_hugepages("maybe").is_err());
-        let cli = Cli::try_parse_from(["snapvm", "run"]).unwrap();
-        let Command::Run(a) = cli.command else {
-            panic!("not run")
-        };
-        assert_eq!(a.hugepages(), PageBacking::Huge);
-        let cli = Cli::try_parse_from(["snapvm", "run", "--hugepages", "off"]).unwrap();
-        let Command::Run(a) = cli.command else {
-            panic!("not run")
-        };
-        assert_eq!(a.hugepages(), PageBacking::Small);
-        assert!(Cli::try_parse_from(["snapvm", "run", "--hugepages", "x"]).is_err());
-    }
-
-    fn run_args(args: &[&str]) -> RunArgs {
-        let mut argv = vec!["snapvm", "run"];
-        argv.extend_from_slice(args);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Run(a) => a,
-            other => panic!("not run: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn schedule_and_tracking_flags() {
-        let a = run_args(&["--snapshot-dir", "/d", "--snapshot-every", "1m30s"]);
-        assert_eq!(a.snapshot_every, Some(std::time::Duration::from_secs(90)));
-        assert_eq!((a.snapshot_keep, a.snapshot_full_every), (3, 8));
-        assert!(a.snapshot_track_dirty);
-        assert!(a.validate_snapshot_flags().is_ok());
-        assert!(!run_args(&["--snapshot-track-dirty", "off"]).snapshot_track_dirty);
-        assert_eq!(
-            run_args(&["--snapshot-every", "30s"]).validate_snapshot_flags(),
-            Err("--snapshot-every needs --snapshot-dir (where the snapshots go)".into())
-        );
-        assert_eq!(
-            run_args(&[
-                "--snapshot-dir",
-                "/d",
-                "--snapshot-every",
-                "30s",
-                "--snapshot-at",
-                "1"
-            ])
-            .validate_snapshot_flags(),
-            Err("--snapshot-every and --snapshot-at exclude each other".into())
-        );
-        let e = Cli::try_parse_from(["snapvm", "run", "--snapshot-every", "soon"]).unwrap_err();
-        assert!(e.to_string().contains("invalid duration 'soon'"), "{e}");
-        assert!(Cli::try_parse_from(["snapvm", "run", "--snapshot-keep", "0"]).is_err());
-    }
-
-    #[test]
-    fn only_no_boot_waits_for_load() {
-        assert!(run_args(&["--no-boot", "--api-sock", "/s"]).waits_for_load());
-        // The API socket changes nothing about what boots.
-        assert!(!run_args(&["--api-sock", "/s"]).waits_for_load());
-        assert!(run_args(&["--api-sock", "/s", "--memory", "1G"])
-            .validate_snapshot_flags()
-            .is_ok());
-        assert!(!run_args(&["--api-sock", "/s", "--restore", "/d"]).waits_for_load());
-        assert!(!run_args(&[]).waits_for_load());
-        let e = run_args(&["--no-boot", "--api-sock", "/s", "--memory", "1G"])
-            .validate_snapshot_flags()
-            .unwrap_err();
-        assert_eq!(e, "--memory has no effect with --no-boot: snapvm boots nothing and waits for PUT /snapshot/load, whose snapshot brings its own machine");
-        let e = run_args(&["--no-boot"])
-            .validate_snapshot_flags()
-            .unwrap_err();
-        assert_eq!(
-            e,
-            "--no-boot needs --api-sock: a VM comes only through PUT /snapshot/load"
-        );
-        assert!(run_args(&[
-            "--no-boot",
-            "--api-sock",
-            "/s",
-            "--kv-listen",
-            "127.0.0.1:1"
-        ])
-        .validate_snapshot_flags()
-        .is_ok());
-        for other in [
-            ["--cmdline", "mode=kv"],
-            ["--restore", "/d"],
-            ["--kernel", "/k"],
-        ] {
-            let mut argv = vec!["snapvm", "run", "--no-boot", "--api-sock", "/s"];
-            argv.extend(other);
-            assert!(Cli::try_parse_from(argv).is_err(), "{other:?}");
-        }
-    }
-
-    #[test]
-    fn client_commands() {
-        let cli = Cli::try_parse_from([
-            "snapvm",
-            "snapshot",
-            "create",
-            "--api-sock",
-            "/s",
-            "--dir",
-            "/d",
-            "--mode",
-            "fork",
-            "--wait",
-        ])
-        .unwrap();
-        let Command::Snapshot(SnapshotCommand::Create(a)) = cli.command else {
-            panic!("not snapshot create")
-        };
-        assert_eq!(a.mode, Some(snapvm_snapshot::Strategy::Fork));
-        assert!(a.wait && !a.overwrite);
-        assert!(Cli::try_parse_from(["snapvm", "snapshot", "status", "--api-sock", "/s"]).is_err());
-        assert!(Cli::try_parse_from(["snapvm", "vm", "pause"]).is_err());
-        assert!(
-            Cli::try_parse_from(["snapvm", "restore", "--api-sock", "/s", "--dir", "/d"]).is_ok()
-        );
-    }
-
-    #[test]
-    fn log_levels() {
-        assert!(validate_log_level("debug").is_ok());
-        assert!(validate_log_level("loud").is_err());
-    }
-}
+mod tests;
