@@ -7,7 +7,6 @@
 use std::process::ExitCode;
 
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use snapvm_vmm::api::{self, ApiServer};
@@ -19,7 +18,6 @@ use snapvm_vmm::devices::virtio::{
 use snapvm_vmm::loader::{BootConfig, KernelImage};
 use snapvm_vmm::owner::{self, Envelope, LoadSettings, Owner, SnapshotDefaults, VmSource};
 use snapvm_vmm::placement::CpuPlacement;
-use snapvm_vmm::schedule::{SchedulePlan, ScheduleStatus, Scheduler};
 use snapvm_vmm::snapshotting::restore_cli;
 use snapvm_vmm::trigger;
 use snapvm_vmm::{Vm, VmConfig, VmExit};
@@ -250,30 +248,9 @@ fn run_to_exit(
     requests: Requests,
     source: VmSource,
 ) -> ExitCode {
-    let schedule_status = Arc::new(Mutex::new(ScheduleStatus::default()));
-    let scheduler = match (&args.snapshot_dir, args.snapshot_every) {
-        (Some(dir), Some(every)) => {
-            let plan = SchedulePlan {
-                dir: dir.clone(),
-                every,
-                keep: args.snapshot_keep as usize,
-                full_every: args.snapshot_full_every as usize,
-                workers: snapshot_workers(args),
-            };
-            match Scheduler::start(plan, requests.tx.clone(), schedule_status.clone()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    return fail(format_args!(
-                        "cannot start the snapshot schedule in {}: {e}",
-                        dir.display()
-                    ))
-                }
-            }
-        }
-        _ => None,
-    };
+    let scheduled = args.snapshot_dir.is_some() && args.snapshot_every.is_some();
     let trigger = match &args.snapshot_dir {
-        Some(_) if scheduler.is_some() => None,
+        Some(_) if scheduled => None,
         Some(dir) => {
             let plan = trigger::TriggerPlan {
                 dir: dir.clone(),
@@ -292,15 +269,22 @@ fn run_to_exit(
     };
     let mut owner = Owner::with_vm(vm, source, instance_id());
     owner.set_snapshot_defaults(snapshot_defaults(args));
-    if scheduler.is_some() {
-        owner.set_schedule(schedule_status);
+    if let (Some(dir), Some(every)) = (&args.snapshot_dir, args.snapshot_every) {
+        let order = owner::ScheduleOrder {
+            dir: dir.clone(),
+            every,
+            keep: args.snapshot_keep as usize,
+            full_every: args.snapshot_full_every as usize,
+        };
+        if let Err(e) = owner.start_schedule(order) {
+            return fail(format_args!("{e}"));
+        }
     }
     let Requests { tx, rx } = requests;
     // Only the API and the trigger send requests from here on: with the
     // API gone, the owner stops.
     drop(tx);
     let exit = owner::run(owner, &rx, api.is_some(), api.is_some());
-    drop(scheduler);
     drop(trigger);
     // Answers in flight go out, then the socket file is removed.
     drop(api);

@@ -1,6 +1,9 @@
 //! Scheduled snapshots (`snapvm run --snapshot-dir DIR --snapshot-every
-//! 30s --snapshot-keep 3`): a request source, like the API and the
-//! trigger, that asks the VM's owner for a snapshot every interval.
+//! 30s --snapshot-keep 3`, or `PUT /snapshot/schedule`): a request source,
+//! like the API and the trigger, that asks the VM's owner for a snapshot
+//! every interval. The owner holds the [`Scheduler`] and reads its requests
+//! from the scheduler's own channel, so a schedule started through the API
+//! lives and stops with the owner, never with an API connection.
 //!
 //! Layout of DIR: `snap-000001`, `snap-000002`, ... (numbered on from what
 //! is there), and `latest`, a symlink to the newest complete one — what
@@ -21,7 +24,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -78,48 +81,111 @@ pub struct LastSnapshot {
     pub done_unix_s: u64,
 }
 
-/// The running scheduler; stopped (and joined) when dropped.
+/// A running schedule. Its thread asks for snapshots through
+/// [`Scheduler::requests`], which the owner reads; stop it with
+/// [`Scheduler::shutdown`] (dropping it only asks it to stop).
 pub struct Scheduler {
     stop: Arc<AtomicBool>,
+    /// A snapshot was asked for and is not answered yet.
+    busy: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    requests: Receiver<Envelope>,
+    status: Arc<Mutex<ScheduleStatus>>,
 }
 
 impl Scheduler {
     /// Starts the schedule (the first snapshot one interval from now;
-    /// SIGUSR1 takes the next one at once). `status` is updated as it goes.
-    pub fn start(
-        plan: SchedulePlan,
-        to: Sender<Envelope>,
-        status: Arc<Mutex<ScheduleStatus>>,
-    ) -> std::io::Result<Scheduler> {
+    /// SIGUSR1 takes the next one at once).
+    pub fn start(plan: SchedulePlan) -> std::io::Result<Scheduler> {
         std::fs::create_dir_all(&plan.dir)?;
         crate::signals::install_snapshot()?;
-        *lock(&status) = ScheduleStatus {
+        let status = Arc::new(Mutex::new(ScheduleStatus {
             snapshot_dir: plan.dir.display().to_string(),
             every_ms: plan.every.as_millis() as u64,
             keep: plan.keep as u64,
             full_every: plan.full_every as u64,
             ..ScheduleStatus::default()
-        };
+        }));
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("snapshot-schedule".into())
-            .spawn(move || run(&plan, &to, &s, &status))?;
+        let busy = Arc::new(AtomicBool::new(false));
+        let (to, requests) = mpsc::channel();
+        let thread = {
+            let (stop, busy, status) = (stop.clone(), busy.clone(), status.clone());
+            std::thread::Builder::new()
+                .name("snapshot-schedule".into())
+                .spawn(move || {
+                    let source = Source {
+                        to: &to,
+                        busy: &busy,
+                    };
+                    run(&plan, &source, &stop, &status)
+                })?
+        };
         Ok(Scheduler {
             stop,
+            busy,
             thread: Some(thread),
+            requests,
+            status,
         })
+    }
+
+    /// The snapshot orders the schedule has sent and the owner has not
+    /// read yet.
+    pub fn requests(&self) -> mpsc::TryIter<'_, Envelope> {
+        self.requests.try_iter()
+    }
+
+    /// The schedule and how it goes.
+    pub fn status(&self) -> ScheduleStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Whether one of its snapshots is under way (asked for and not yet
+    /// answered).
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Stops the schedule and joins its thread, waiting at most `patience`
+    /// (`None`: as long as it takes). Orders it sends meanwhile are dropped
+    /// unanswered, which it takes as "stop". Gives the scheduler back if
+    /// one of its snapshots is with the owner (only the owner's answer can
+    /// end it) or `patience` ran out.
+    pub fn shutdown(mut self, patience: Option<Duration>) -> Result<(), Scheduler> {
+        self.stop.store(true, Ordering::Release);
+        let start = Instant::now();
+        loop {
+            let pending = self.requests.try_iter().count();
+            let finished = self.thread.as_ref().is_none_or(|t| t.is_finished());
+            if finished {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
+                return Ok(());
+            }
+            let out_of_time = patience.is_some_and(|p| start.elapsed() >= p);
+            if (pending == 0 && self.busy()) || out_of_time {
+                return Err(self);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
+        // Never joins: its thread may be waiting for an answer from the
+        // owner that drops it. It sees the flag (or a closed channel) and
+        // ends by itself.
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
+}
+
+/// The schedule thread's end of the channel to the owner.
+struct Source<'a> {
+    to: &'a Sender<Envelope>,
+    busy: &'a AtomicBool,
 }
 
 /// The numbered snapshot directories in `dir` that are complete, oldest
@@ -156,12 +222,7 @@ fn next_number(dir: &Path) -> u64 {
         .map_or(1, |n| n + 1)
 }
 
-fn run(
-    plan: &SchedulePlan,
-    to: &Sender<Envelope>,
-    stop: &AtomicBool,
-    status: &Mutex<ScheduleStatus>,
-) {
+fn run(plan: &SchedulePlan, to: &Source<'_>, stop: &AtomicBool, status: &Mutex<ScheduleStatus>) {
     let mut n = next_number(&plan.dir);
     // Layers since the last full snapshot of this run (0: next is full).
     let mut chain = 0usize;
@@ -229,7 +290,14 @@ enum Failure {
 }
 
 /// One snapshot, waited for; returns the bytes it wrote.
-fn take(
+fn take(plan: &SchedulePlan, to: &Source<'_>, target: &Path, diff: bool) -> Result<u64, Failure> {
+    to.busy.store(true, Ordering::Release);
+    let outcome = ask(plan, to.to, target, diff);
+    to.busy.store(false, Ordering::Release);
+    outcome
+}
+
+fn ask(
     plan: &SchedulePlan,
     to: &Sender<Envelope>,
     target: &Path,

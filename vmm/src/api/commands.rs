@@ -59,6 +59,35 @@ fn merge(args: &crate::cli::SnapshotMergeArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// `snapvm snapshot schedule`: PUT, DELETE or GET /snapshot/schedule.
+fn schedule(args: &crate::cli::SnapshotScheduleArgs) -> Result<(), CommandError> {
+    let client = ApiClient::new(&args.sock.api_sock)?;
+    if args.stop {
+        client
+            .call(Method::DELETE, "/snapshot/schedule", None)?
+            .check()?;
+        return Ok(());
+    }
+    let status: crate::schedule::ScheduleStatus = match (&args.dir, args.every) {
+        (Some(dir), Some(every)) => {
+            let body = json!({
+                "snapshot_dir": absolute(dir)?.display().to_string(),
+                "every": humantime::format_duration(every).to_string(),
+                "keep": args.keep,
+                "full_every": args.full_every,
+            });
+            client
+                .call(Method::PUT, "/snapshot/schedule", Some(&body))?
+                .ok_json()?
+        }
+        _ => client
+            .call(Method::GET, "/snapshot/schedule", None)?
+            .ok_json()?,
+    };
+    print_json(&status);
+    Ok(())
+}
+
 fn print_json<T: serde::Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
         Ok(s) => println!("{s}"),
@@ -90,6 +119,7 @@ pub fn snapshot(cmd: SnapshotCommand) -> Result<(), CommandError> {
             Ok(())
         }
         SnapshotCommand::Merge(a) => merge(&a),
+        SnapshotCommand::Schedule(a) => schedule(&a),
         SnapshotCommand::Cancel(a) => {
             let s: SnapshotStatus = ApiClient::new(&a.sock.api_sock)?
                 .call(

@@ -45,6 +45,31 @@ pub struct SnapshotCreate {
     pub memory_budget: Option<u64>,
 }
 
+/// `PUT /snapshot/schedule`: what `--snapshot-dir/--snapshot-every/
+/// --snapshot-keep/--snapshot-full-every` give on the command line.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSet {
+    /// Directory of the numbered snapshots and `latest` (absolute).
+    pub snapshot_dir: String,
+    /// Interval between snapshots: `30s`, `5m`, `1h`, `500ms`.
+    pub every: String,
+    /// Complete snapshots kept restorable, with their parents (1..=10000).
+    #[serde(default = "default_keep")]
+    pub keep: u64,
+    /// Every n-th snapshot is full, the others incremental (1..=256).
+    #[serde(default = "default_full_every")]
+    pub full_every: u64,
+}
+
+fn default_keep() -> u64 {
+    3
+}
+
+fn default_full_every() -> u64 {
+    8
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

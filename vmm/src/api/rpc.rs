@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use snapvm_snapshot::Strategy;
 
 use super::metrics;
-use super::model::{Action, SnapshotCreate, SnapshotLoad};
+use super::model::{Action, ScheduleSet, SnapshotCreate, SnapshotLoad};
 use super::server::{ApiRequest, Reply, ReplyBody};
-use crate::owner::{LoadOrder, OwnerError, Request, Response, SnapshotOrder};
+use crate::owner::{LoadOrder, OwnerError, Request, Response, ScheduleOrder, SnapshotOrder};
 
 /// File name of the memory image inside a snapshot directory.
 pub const MEMORY_FILE: &str = "memory.img";
@@ -40,6 +40,11 @@ pub fn to_request(api: ApiRequest) -> Result<(Request, Answer), Reply> {
         ApiRequest::ListSnapshots => (Request::ListSnapshots, Answer::Ok),
         ApiRequest::CancelSnapshot(id) => (Request::CancelSnapshot(id), Answer::Ok),
         ApiRequest::LoadSnapshot(body) => (Request::LoadSnapshot(load_order(&body)?), Answer::Ok),
+        ApiRequest::SetSchedule(body) => {
+            (Request::StartSchedule(schedule_order(&body)?), Answer::Ok)
+        }
+        ApiRequest::GetSchedule => (Request::GetSchedule, Answer::Ok),
+        ApiRequest::StopSchedule => (Request::StopSchedule, Answer::Ok),
         ApiRequest::Action(a) => (action(&a)?, Answer::Ok),
         ApiRequest::Metrics => (Request::Metrics, Answer::Ok),
     })
@@ -57,6 +62,7 @@ pub fn to_reply(answer: Answer, result: Result<Response, OwnerError>) -> Reply {
         Ok(Response::VmConfig(v)) => Reply::json(200, &v),
         Ok(Response::Snapshot(s)) => Reply::json(status, &s),
         Ok(Response::Snapshots(l)) => Reply::json(200, &l),
+        Ok(Response::Schedule(s)) => Reply::json(200, &s),
         Ok(Response::Metrics(m)) => match metrics::render(&m) {
             Ok(text) => Reply {
                 status: 200,
@@ -122,6 +128,35 @@ fn load_order(body: &SnapshotLoad) -> Result<LoadOrder, Reply> {
     })
 }
 
+fn schedule_order(body: &ScheduleSet) -> Result<ScheduleOrder, Reply> {
+    let dir = Path::new(&body.snapshot_dir);
+    if !dir.is_absolute() {
+        return Err(bad(format!(
+            "snapshot_dir '{}' must be an absolute path",
+            body.snapshot_dir
+        )));
+    }
+    let every = crate::cli::parse_duration(&body.every).map_err(|e| bad(format!("every: {e}")))?;
+    if every.is_zero() {
+        return Err(bad("every must be longer than 0".into()));
+    }
+    if !(1..=10_000).contains(&body.keep) {
+        return Err(bad(format!("keep {}: expected 1..=10000", body.keep)));
+    }
+    if !(1..=256).contains(&body.full_every) {
+        return Err(bad(format!(
+            "full_every {}: expected 1..=256",
+            body.full_every
+        )));
+    }
+    Ok(ScheduleOrder {
+        dir: dir.to_path_buf(),
+        every,
+        keep: body.keep as usize,
+        full_every: body.full_every as usize,
+    })
+}
+
 fn action(a: &Action) -> Result<Request, Reply> {
     match a.action_type.as_str() {
         "Shutdown" => Ok(Request::Shutdown),
@@ -168,6 +203,42 @@ mod tests {
         );
         assert_eq!(snapshot_dir("rel", None).unwrap_err().status, 400);
         assert_eq!(snapshot_dir("", None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn schedule_bodies_are_checked() {
+        let set = |json: &str| {
+            let body: ScheduleSet = serde_json::from_str(json).unwrap();
+            schedule_order(&body)
+        };
+        let ok = set(r#"{"snapshot_dir":"/s","every":"1m30s"}"#).unwrap();
+        assert_eq!(
+            ok,
+            ScheduleOrder {
+                dir: "/s".into(),
+                every: std::time::Duration::from_secs(90),
+                keep: 3,
+                full_every: 8,
+            }
+        );
+        let msg = |json: &str| match set(json).unwrap_err().body {
+            ReplyBody::Json(s) => s,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            msg(r#"{"snapshot_dir":"s","every":"1s"}"#).contains("'s' must be an absolute path")
+        );
+        assert!(msg(r#"{"snapshot_dir":"/s","every":"soon"}"#)
+            .contains("every: invalid duration 'soon'"));
+        assert!(
+            msg(r#"{"snapshot_dir":"/s","every":"0s"}"#).contains("every must be longer than 0")
+        );
+        assert!(msg(r#"{"snapshot_dir":"/s","every":"1s","keep":0}"#)
+            .contains("keep 0: expected 1..=10000"));
+        assert!(
+            msg(r#"{"snapshot_dir":"/s","every":"1s","full_every":300}"#)
+                .contains("full_every 300: expected 1..=256")
+        );
     }
 
     #[test]

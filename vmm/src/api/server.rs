@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
-use super::model::{Action, Fault, SnapshotCreate, SnapshotLoad, VmPatch};
+use super::model::{Action, Fault, ScheduleSet, SnapshotCreate, SnapshotLoad, VmPatch};
 use super::rpc;
 use super::socket::{self, SocketError};
 use crate::owner::Envelope;
@@ -45,6 +45,9 @@ pub enum ApiRequest {
     ListSnapshots,
     CancelSnapshot(String),
     LoadSnapshot(SnapshotLoad),
+    SetSchedule(ScheduleSet),
+    GetSchedule,
+    StopSchedule,
     Action(Action),
     Metrics,
 }
@@ -291,7 +294,10 @@ async fn parse(req: HttpRequest<Incoming>) -> Result<ApiRequest, Reply> {
         (&Method::PATCH, ["vm"]) => Route::Body(BodyRoute::PatchVm),
         (&Method::PUT, ["snapshot", "create"]) => Route::Body(BodyRoute::Create),
         (&Method::PUT, ["snapshot", "load"]) => Route::Body(BodyRoute::Load),
-        (_, ["snapshot", "create" | "load"]) => return Err(no_route()),
+        (&Method::PUT, ["snapshot", "schedule"]) => Route::Body(BodyRoute::Schedule),
+        (&Method::GET, ["snapshot", "schedule"]) => Route::Plain(ApiRequest::GetSchedule),
+        (&Method::DELETE, ["snapshot", "schedule"]) => Route::Plain(ApiRequest::StopSchedule),
+        (_, ["snapshot", "create" | "load" | "schedule"]) => return Err(no_route()),
         (&Method::GET, ["snapshot", id]) if !id.is_empty() => {
             Route::Plain(ApiRequest::GetSnapshot((*id).to_string()))
         }
@@ -320,6 +326,7 @@ async fn parse(req: HttpRequest<Incoming>) -> Result<ApiRequest, Reply> {
             wait,
         },
         BodyRoute::Load => ApiRequest::LoadSnapshot(decode(&body)?),
+        BodyRoute::Schedule => ApiRequest::SetSchedule(decode(&body)?),
         BodyRoute::Action => ApiRequest::Action(decode(&body)?),
     })
 }
@@ -333,6 +340,7 @@ enum BodyRoute {
     PatchVm,
     Create,
     Load,
+    Schedule,
     Action,
 }
 

@@ -29,6 +29,30 @@ pub enum SnapshotCommand {
     /// Write the full snapshot a chain of incremental ones stands for
     /// (no snapvm needed; prints a summary as JSON).
     Merge(SnapshotMergeArgs),
+    /// Start (or replace) the snapshot schedule with --dir and --every,
+    /// stop it with --stop, or show it (JSON).
+    Schedule(SnapshotScheduleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotScheduleArgs {
+    #[command(flatten)]
+    pub sock: ApiSockArg,
+    /// Directory of the numbered snapshots and `latest`.
+    #[arg(long, value_name = "DIR", requires = "every", conflicts_with = "stop")]
+    pub dir: Option<PathBuf>,
+    /// Interval between snapshots (30s, 5m, 1h).
+    #[arg(long, value_name = "DURATION", value_parser = super::parse_duration, requires = "dir")]
+    pub every: Option<std::time::Duration>,
+    /// Complete snapshots kept restorable (with their parents).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub keep: u64,
+    /// Every N-th snapshot is full (1: all full).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub full_every: u64,
+    /// Stop the schedule (a snapshot under way ends as it would have).
+    #[arg(long)]
+    pub stop: bool,
 }
 
 #[derive(Debug, Args)]

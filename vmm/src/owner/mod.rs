@@ -2,20 +2,21 @@
 //! Firecracker's `rpc_interface`). It holds the VM (or waits for one to be
 //! loaded), its [`Snapshotter`] and the registry of snapshots, and acts on
 //! [`Request`]s that arrive over one channel — from the HTTP API thread,
-//! and from the `--snapshot-at` / SIGUSR1 trigger — answering each with a
+//! and from the `--snapshot-at` / SIGUSR1 trigger — and from the snapshot
+//! schedule it holds (`owner/schedules.rs`), answering each with a
 //! domain [`Response`] or [`OwnerError`]. How those become HTTP statuses
 //! and bodies is the API's business (`api::rpc`).
 //!
 //! Answers that must wait for a snapshot to end (`wait`, cancel) are parked
 //! and sent from [`Owner::poll`], so the owner never blocks on a snapshot.
 
+mod schedules;
 mod snapshots;
 mod vm_ops;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,7 @@ use crate::snapshotting::{SnapshotHandle, SnapshotState, Snapshotter};
 use crate::vcpu_control::VmExit;
 use crate::vm::Vm;
 
+pub use schedules::ScheduleOrder;
 pub use snapshots::Counters;
 
 /// How often the owner loop looks at the VM and the snapshots when no
@@ -104,6 +106,9 @@ pub enum Request {
     ListSnapshots,
     CancelSnapshot(String),
     LoadSnapshot(LoadOrder),
+    StartSchedule(ScheduleOrder),
+    GetSchedule,
+    StopSchedule,
     Shutdown,
     Metrics,
 }
@@ -117,6 +122,7 @@ pub enum Response {
     VmConfig(serde_json::Value),
     Snapshot(SnapshotStatus),
     Snapshots(SnapshotList),
+    Schedule(crate::schedule::ScheduleStatus),
     Metrics(MetricsReport),
 }
 
@@ -328,8 +334,10 @@ pub struct Owner {
     counters: Counters,
     shutdown: bool,
     last_progress_log: Instant,
-    /// `--snapshot-every`: what the scheduler reports.
-    schedule: Option<Arc<Mutex<crate::schedule::ScheduleStatus>>>,
+    /// The snapshot schedule (`--snapshot-every`, `PUT /snapshot/schedule`).
+    schedule: Option<crate::schedule::Scheduler>,
+    /// Stopped schedules whose last snapshot is still under way.
+    stopping: Vec<crate::schedule::Scheduler>,
 }
 
 impl Owner {
@@ -363,12 +371,8 @@ impl Owner {
             shutdown: false,
             last_progress_log: Instant::now(),
             schedule: None,
+            stopping: Vec::new(),
         }
-    }
-
-    /// The schedule's status, shown by `GET /snapshots` and `/metrics`.
-    pub fn set_schedule(&mut self, status: Arc<Mutex<crate::schedule::ScheduleStatus>>) {
-        self.schedule = Some(status);
     }
 
     /// The settings of the snapshots this owner takes.
@@ -454,6 +458,12 @@ impl Owner {
                 Err(e) => Err(e),
             },
             Request::LoadSnapshot(order) => self.load(&order).map(|()| Response::Empty),
+            Request::StartSchedule(order) => self.start_schedule(order).map(Response::Schedule),
+            Request::GetSchedule => self
+                .schedule_status()
+                .map(Response::Schedule)
+                .ok_or_else(|| OwnerError::NotFound("no snapshot schedule is running".into())),
+            Request::StopSchedule => self.stop_schedule().map(|()| Response::Empty),
             Request::Shutdown => {
                 tracing::info!("shutdown requested");
                 self.shutdown = true;
@@ -470,6 +480,7 @@ impl Owner {
     /// Counts finished snapshots, answers the replies parked on them, and
     /// logs the progress of those in flight once a second.
     pub fn poll(&mut self) {
+        self.poll_schedule();
         for entry in self.snapshots.values_mut() {
             if entry.counted {
                 continue;
@@ -544,6 +555,7 @@ impl Owner {
             }
         }
         self.poll();
+        self.end_schedules();
         exit
     }
 }

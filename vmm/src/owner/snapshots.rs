@@ -245,12 +245,6 @@ impl Owner {
         }
     }
 
-    pub(super) fn schedule_status(&self) -> Option<crate::schedule::ScheduleStatus> {
-        self.schedule
-            .as_ref()
-            .map(|s| snapvm_snapshot::sync::lock(s).clone())
-    }
-
     pub(super) fn tracking(&self) -> Option<super::Tracking> {
         self.snapshotter.dirty_chunks().map(|n| super::Tracking {
             dirty_chunks: n as u64,

@@ -18,5 +18,6 @@ pub(crate) mod harness;
 mod load;
 mod placement;
 mod robustness;
+mod schedule;
 mod socket;
 mod staging;
