@@ -11,13 +11,16 @@
 //! the dirty chunks again (its `arm` costs O(dirty), not O(memory)), and
 //! an incremental snapshot writes just those; the others are the parent's.
 //!
-//! Why not KVM's dirty log: it tracks 4 KiB pages by splitting the guest's
-//! 2 MiB EPT mappings for as long as logging is on (every guest access then
-//! pays 4 KiB translations), needs a bitmap sweep per interval, and does
-//! not see the VMM's own writes into guest memory (the vsock device's);
-//! write-protection at the PMD keeps the huge mappings, sees every writer,
-//! and reuses the engine's own machinery. Its cost is measured in
-//! docs/BENCHMARKS.md ("Dirty tracking").
+//! Why not KVM's dirty log: it costs one write-protect exit per 4 KiB page
+//! written per interval (512 per chunk) and maps guest RAM with 4 KiB
+//! pages while on, and it does not see the VMM's own writes into guest
+//! memory (the vsock device's); write protection at the PMD costs one fault
+//! per chunk, keeps the huge mappings, sees every writer, and reuses the
+//! engine's own machinery. Measured side by side on a guest writing
+//! steadily (`bench/examples/dirty_log_probe.rs`,
+//! docs/journal/2026-12-05-dirty-tracking.md); the tracker's cost on the KV
+//! guest is in docs/BENCHMARKS.md ("Incremental snapshots and dirty
+//! tracking").
 //!
 //! Invariant: a chunk not marked dirty has the bytes it had at the last
 //! snapshot's instant — it has been write-protected (or, for a hole,
