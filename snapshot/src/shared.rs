@@ -248,22 +248,50 @@ impl Shared {
 
     /// Protects `chunks` (ascending), adjacent ones in one call.
     pub fn protect_chunks(&self, chunks: &[usize]) -> Result<(), Error> {
-        let mut run: Option<(u64, u64)> = None;
-        for &i in chunks {
-            let at = self.layout.unit(i, self.unit).host_addr;
-            run = match run {
-                Some((start, len)) if start + len == at => Some((start, len + self.unit)),
-                Some((start, len)) => {
-                    self.protect(start, len)?;
-                    Some((at, self.unit))
-                }
-                None => Some((at, self.unit)),
-            };
-        }
-        if let Some((start, len)) = run {
+        for (start, len) in self.runs(chunks) {
             self.protect(start, len)?;
         }
         Ok(())
+    }
+
+    /// As [`Shared::protect_chunks`], at most `step` bytes per call with
+    /// `gap` between calls: armed ahead of the pause, the guest runs
+    /// between the steps instead of stalling for the whole range (the
+    /// engine's `ARM_STEP`).
+    pub fn protect_chunks_stepped(
+        &self,
+        chunks: &[usize],
+        step: u64,
+        gap: std::time::Duration,
+    ) -> Result<(), Error> {
+        let step = step.max(self.unit);
+        let mut first = true;
+        for (start, len) in self.runs(chunks) {
+            let mut at = start;
+            while at < start + len {
+                if !first {
+                    std::thread::sleep(gap);
+                }
+                first = false;
+                let n = step.min(start + len - at);
+                self.protect(at, n)?;
+                at += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs of adjacent units as (host address, length), ascending.
+    fn runs(&self, units: &[usize]) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &i in units {
+            let at = self.layout.unit(i, self.unit).host_addr;
+            match out.last_mut() {
+                Some((start, len)) if *start + *len == at => *len += self.unit,
+                _ => out.push((at, self.unit)),
+            }
+        }
+        out
     }
 
     /// Tracking: chunk `i` was (or is about to be) written after the

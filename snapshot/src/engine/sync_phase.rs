@@ -424,7 +424,15 @@ impl Engine {
             // Taken over from a tracker: only what was written since the
             // last snapshot lacks protection.
             let list: Vec<usize> = (0..dirty.len()).filter(|&i| dirty[i]).collect();
-            if let Err(e) = shared.protect_chunks(&list) {
+            // Armed, in steps as below: one call over all of them stalled
+            // an 8 GiB guest writing everywhere for the whole call (3 ms).
+            let protected = if armed {
+                let step = (self.config.arm_step.max(1)).div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
+                shared.protect_chunks_stepped(&list, step, ARM_STEP_GAP)
+            } else {
+                shared.protect_chunks(&list)
+            };
+            if let Err(e) = protected {
                 tear_down(&shared, handler);
                 return Err(e);
             }
