@@ -16,6 +16,8 @@ pub const PAGES_PER_CHUNK: usize = (CHUNK_SIZE / PAGE_SIZE) as usize;
 /// resolved with (hugetlbfs takes UFFDIO_COPY only of whole huge pages,
 /// and no UFFDIO_ZEROPAGE).
 pub static ZERO_CHUNK: [u8; CHUNK_SIZE as usize] = [0; CHUNK_SIZE as usize];
+/// A page of zeros.
+pub static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
 /// One region of guest RAM: `len` bytes at guest-physical `guest_addr`, backed
 /// by host memory at `host_addr`. All three 2 MiB aligned.

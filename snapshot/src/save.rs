@@ -10,9 +10,7 @@ pub(crate) use crate::chunk_table::Record;
 use crate::memory::{copy_populated, Pagemap};
 use crate::persist::format::{checksum, checksum_append};
 use crate::persist::{ImageFile, PersistError};
-use crate::region::{CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
-
-static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+use crate::region::{CHUNK_SIZE, PAGES_PER_CHUNK, PAGE_SIZE, ZERO_PAGE};
 
 /// crc32c of `len` zero bytes (`len` a whole number of pages; a page and a
 /// chunk are computed once).

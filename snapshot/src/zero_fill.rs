@@ -13,10 +13,8 @@
 //! hugetlbfs takes only whole huge pages (UFFDIO_COPY of zeros).
 
 use crate::lazy::ChunkBuf;
-use crate::region::{CHUNK_SIZE, PAGE_SIZE, ZERO_CHUNK};
+use crate::region::{CHUNK_SIZE, PAGE_SIZE, ZERO_CHUNK, ZERO_PAGE};
 use crate::uffd::{feature, Uffd};
-
-static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
 /// One resolving thread's state.
 #[derive(Debug)]
@@ -40,26 +38,10 @@ impl ZeroFill {
     /// wakes the thread; false if it could not (the caller wakes it: after
     /// unregister these fail and the kernel has woken it already).
     pub fn resolve(&mut self, uffd: &Uffd, address: u64, chunk: u64, write: bool) -> bool {
-        let page = address & !(PAGE_SIZE - 1);
-        if self.hugetlb {
-            return matches!(
-                uffd.copy(chunk, ZERO_CHUNK.as_ptr(), CHUNK_SIZE, false),
-                Ok(true)
-            );
-        }
         if self.thp && self.fill_chunk(uffd, chunk) {
             return true;
         }
-        if write {
-            // A zeroed page rather than the zero page: saves the
-            // copy-on-write fault the write would take next.
-            matches!(
-                uffd.copy(page, ZERO_PAGE.as_ptr(), PAGE_SIZE, false),
-                Ok(true)
-            )
-        } else {
-            matches!(uffd.zeropage(page, PAGE_SIZE, false), Ok(true))
-        }
+        fill_page(uffd, address, chunk, write, self.hugetlb)
     }
 
     /// Moves a zeroed huge page into the empty chunk at `chunk`.
@@ -88,6 +70,23 @@ impl ZeroFill {
             }
         }
     }
+}
+
+/// Resolves a missing fault at `address` (in the chunk at `chunk`) with
+/// zeros the way a partly populated chunk takes them: the whole huge page
+/// on hugetlbfs, else the one page (the zero page for a read; a zeroed
+/// page for a write, which saves the copy-on-write fault it would take
+/// next). Wakes the thread; false if it could not.
+pub(crate) fn fill_page(uffd: &Uffd, address: u64, chunk: u64, write: bool, hugetlb: bool) -> bool {
+    let page = address & !(PAGE_SIZE - 1);
+    let filled = if hugetlb {
+        uffd.copy(chunk, ZERO_CHUNK.as_ptr(), CHUNK_SIZE, false)
+    } else if write {
+        uffd.copy(page, ZERO_PAGE.as_ptr(), PAGE_SIZE, false)
+    } else {
+        uffd.zeropage(page, PAGE_SIZE, false)
+    };
+    matches!(filled, Ok(true))
 }
 
 /// The features a snapshot's userfaultfd asks for: write-protect faults,

@@ -5,3 +5,4 @@ pub mod paths;
 pub mod process;
 pub mod qemu;
 pub mod redis_cli;
+pub mod snapvm;

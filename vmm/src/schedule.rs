@@ -143,7 +143,7 @@ impl Scheduler {
 
     /// Whether one of its snapshots is under way (asked for and not yet
     /// answered).
-    pub fn busy(&self) -> bool {
+    fn busy(&self) -> bool {
         self.busy.load(Ordering::Acquire)
     }
 

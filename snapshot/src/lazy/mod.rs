@@ -52,7 +52,7 @@ use crate::cpus::CpuSet;
 use crate::error::UffdError;
 use crate::eventfd::EventFd;
 use crate::persist::{SnapshotChain, SnapshotDir};
-use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE, ZERO_CHUNK};
+use crate::region::{Layout, Region, CHUNK_SIZE, PAGE_SIZE};
 use crate::sync::lock;
 use crate::uffd::{feature, Event, FaultKind, RegisterMode, Uffd};
 
@@ -67,8 +67,6 @@ const PREFETCH_NICE_DELTA: i32 = 10;
 const NOT_LOADED: u8 = 0;
 const LOADING: u8 = 1;
 const LOADED: u8 = 2;
-
-static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
 /// Why a lazy restore failed. Each names the snapshot and, for memory, the
 /// chunk.

@@ -225,28 +225,17 @@ impl Inner {
     /// Answers a fault on loaded chunk `i` when no snapshot takes it.
     pub(super) fn settle_loaded(&self, i: usize, address: u64, kind: FaultKind) {
         let page = address & !(PAGE_SIZE - 1);
+        let at = self.layout.chunk(i).host_addr;
         let done = match kind {
-            FaultKind::Missing { .. } if self.hugetlb => {
-                let at = self.layout.chunk(i).host_addr;
-                matches!(
-                    self.uffd.copy(at, ZERO_CHUNK.as_ptr(), CHUNK_SIZE, false),
-                    Ok(true)
-                )
-            }
             // Left protected by a snapshot that is gone: lift it.
-            FaultKind::WriteProtect => {
-                let at = self.layout.chunk(i).host_addr;
-                self.uffd
-                    .write_protect(at, CHUNK_SIZE, false, false)
-                    .is_ok()
+            FaultKind::WriteProtect => self
+                .uffd
+                .write_protect(at, CHUNK_SIZE, false, false)
+                .is_ok(),
+            // A page discarded since the chunk loaded.
+            FaultKind::Missing { write } => {
+                crate::zero_fill::fill_page(&self.uffd, address, at, write, self.hugetlb)
             }
-            FaultKind::Missing { write: false } => {
-                matches!(self.uffd.zeropage(page, PAGE_SIZE, false), Ok(true))
-            }
-            FaultKind::Missing { write: true } => matches!(
-                self.uffd.copy(page, ZERO_PAGE.as_ptr(), PAGE_SIZE, false),
-                Ok(true)
-            ),
         };
         if !done {
             let _ = self.uffd.wake(page, PAGE_SIZE);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, Proc};
 use snapvm_tests::redis_cli::redis;
+use snapvm_tests::snapvm::restore_kv;
 
 const T: Duration = Duration::from_secs(60);
 const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
@@ -106,18 +107,8 @@ fn restored_and_loaded_vms_answer_a_ping_sent_the_moment_the_port_opens() {
     let dir = kv_snapshot(&tmp.path().join("kv"));
     let d = dir.to_str().expect("utf-8 path");
     for round in 0..5 {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
         let serial = tmp.path().join(format!("serial-{round}.txt"));
-        let vm = spawn(&[
-            "run",
-            "--restore",
-            d,
-            "--kv-listen",
-            &listen,
-            "--serial",
-            serial.to_str().expect("utf-8 path"),
-        ]);
+        let (vm, port) = restore_kv(&dir, &serial, &[]);
         let mut s = connect_the_moment_it_opens(&vm, port);
         let reply = ping(&mut s);
         assert_eq!(

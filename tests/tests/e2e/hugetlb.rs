@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, run, Proc};
 use snapvm_tests::redis_cli::{first_reply, redis};
+use snapvm_tests::snapvm::restore_kv;
 
 const T: Duration = Duration::from_secs(60);
 const NR: &str = "/proc/sys/vm/nr_hugepages";
@@ -116,20 +117,10 @@ fn hugetlbfs_guest_ram_is_refused_without_pages_and_snapshots_and_restores_with_
     assert_eq!(metrics["page_backing"], "hugetlbfs", "{metrics}");
     assert_eq!(redis(port, &["SET", "k", "after"]).as_deref(), Some("OK"));
 
-    let port2 = free_port();
-    let restored = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--restore",
-            dir.to_str().unwrap(),
-            "--hugepages",
-            "hugetlbfs",
-            "--kv-listen",
-            &format!("127.0.0.1:{port2}"),
-            "--serial",
-            tmp.path().join("serial.txt").to_str().unwrap(),
-        ],
+    let (restored, port2) = restore_kv(
+        &dir,
+        &tmp.path().join("serial.txt"),
+        &["--hugepages", "hugetlbfs"],
     );
     assert_eq!(
         first_reply(&restored, port2, &["GET", "k"], T),

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, run, Proc};
 use snapvm_tests::redis_cli::{first_reply, redis};
+use snapvm_tests::snapvm::restore_kv;
 
 use crate::api::harness::{req, shutdown, start_kv, T};
 
@@ -20,19 +21,7 @@ fn exists(port: u16, k: &str) -> bool {
 
 /// `snapvm run --restore dir` on a free port.
 fn restore(dir: &Path, tmp: &Path, name: &str) -> (Proc, u16) {
-    let port = free_port();
-    let vm = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--restore",
-            dir.to_str().unwrap(),
-            "--kv-listen",
-            &format!("127.0.0.1:{port}"),
-            "--serial",
-            tmp.join(format!("{name}.txt")).to_str().unwrap(),
-        ],
-    );
+    let (vm, port) = restore_kv(dir, &tmp.join(format!("{name}.txt")), &[]);
     assert_eq!(first_reply(&vm, port, &["PING"], T), "PONG");
     (vm, port)
 }

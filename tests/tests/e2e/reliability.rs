@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, run, Proc};
 use snapvm_tests::redis_cli::{first_reply, redis};
+use snapvm_tests::snapvm::restore_kv;
 
 const T: Duration = Duration::from_secs(120);
 const LISTENING: &str = "kv: listening on vsock port 6379";
@@ -184,19 +185,7 @@ fn wp_pages(pid: i32) -> usize {
 /// Restores `dir` in a second snapvm and checks the fixed keys; returns
 /// the restored DBSIZE.
 fn restore_and_check(dir: &Path) -> u64 {
-    let port = free_port();
-    let restored = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--restore",
-            dir.to_str().unwrap(),
-            "--kv-listen",
-            &format!("127.0.0.1:{port}"),
-            "--serial",
-            "/dev/null",
-        ],
-    );
+    let (restored, port) = restore_kv(dir, Path::new("/dev/null"), &[]);
     let n = first_reply(&restored, port, &["DBSIZE"], T);
     assert_fixed(port, "restored guest");
     n.parse().expect("DBSIZE")

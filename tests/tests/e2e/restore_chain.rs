@@ -11,6 +11,7 @@ use serde_json::Value;
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, Proc};
 use snapvm_tests::redis_cli::{first_reply, redis};
+use snapvm_tests::snapvm::restore_kv;
 
 const T: Duration = Duration::from_secs(120);
 const LISTENING: &str = "kv: listening on vsock port 6379";
@@ -55,17 +56,10 @@ impl Kv {
 
     /// `snapvm run --restore dir` with the same snapshot flags.
     fn restore(dir: &Path, base: PathBuf, serial: &Path) -> Kv {
-        let port = free_port();
-        let vm = Proc::spawn(
-            &snapvm_bin(),
+        let (vm, port) = restore_kv(
+            dir,
+            serial,
             &[
-                "run",
-                "--restore",
-                dir.to_str().expect("utf-8"),
-                "--kv-listen",
-                &format!("127.0.0.1:{port}"),
-                "--serial",
-                serial.to_str().expect("utf-8"),
                 "--snapshot-dir",
                 base.to_str().expect("utf-8"),
                 "--log-level",
@@ -234,20 +228,9 @@ fn a_corrupt_chunk_stops_the_restored_vm_naming_snapshot_chunk_and_checksums() {
     let mut bad = bytes;
     bad[last * chunk + 4096] ^= 0x5a;
     std::fs::write(&img, &bad).expect("write image");
-    let port = free_port();
-    let out = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--restore",
-            dir.to_str().unwrap(),
-            "--kv-listen",
-            &format!("127.0.0.1:{port}"),
-            "--serial",
-            tmp.path().join("serial.txt").to_str().unwrap(),
-        ],
-    )
-    .wait(T);
+    let out = restore_kv(&dir, &tmp.path().join("serial.txt"), &[])
+        .0
+        .wait(T);
     assert_eq!(out.code(), Some(1), "{out:?}");
     let lines: Vec<&str> = out
         .stderr

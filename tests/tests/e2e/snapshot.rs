@@ -9,6 +9,7 @@ use snapvm_snapshot::cpus::thread_cpu_lists;
 use snapvm_tests::paths::snapvm_bin;
 use snapvm_tests::process::{free_port, run, Finished, Proc};
 use snapvm_tests::redis_cli::{first_reply, redis};
+use snapvm_tests::snapvm::restore_kv;
 
 const T: Duration = Duration::from_secs(60);
 const LISTENING: &str = "kv: listening on vsock port 6379";
@@ -35,22 +36,6 @@ fn start_kv_with_snapshot_dir(base: &Path, memory: &str, extra: &[&str]) -> (Pro
     let mut vm = Proc::spawn(&snapvm_bin(), &args);
     vm.wait_for_stdout(LISTENING, T);
     (vm, port)
-}
-
-/// `snapvm run --restore dir` on a free port, its console in `serial`;
-/// `extra` flags are added.
-fn restore_kv(dir: &Path, serial: &Path, extra: &[&str]) -> (Proc, u16) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut args = vec!["run", "--restore", dir.to_str().expect("utf-8 path")];
-    args.extend_from_slice(extra);
-    args.extend([
-        "--kv-listen",
-        &listen,
-        "--serial",
-        serial.to_str().expect("utf-8 path"),
-    ]);
-    (Proc::spawn(&snapvm_bin(), &args), port)
 }
 
 /// Waits until `dir/metrics.json` exists: the snapshot is persisted.

@@ -43,15 +43,8 @@ impl Owner {
             )));
         }
         if let Some(current) = self.schedule.take() {
-            if current.busy() {
-                let dir = current.status().snapshot_dir;
-                self.schedule = Some(current);
-                return Err(OwnerError::Conflict(format!(
-                    "the schedule is taking a snapshot in {dir}; try again once it is done"
-                )));
-            }
+            // One of its snapshots is with us: it goes on as it was.
             if let Err(current) = current.shutdown(Some(IDLE_STOP)) {
-                // It began a snapshot meanwhile: it goes on as it was.
                 let dir = current.status().snapshot_dir;
                 self.schedule = Some(current);
                 return Err(OwnerError::Conflict(format!(

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use snapvm_tests::paths::snapvm_bin;
-use snapvm_tests::process::{free_port, run, Proc};
+use snapvm_tests::process::run;
 use snapvm_tests::redis_cli::{first_reply, redis};
+use snapvm_tests::snapvm::restore_kv;
 
 use super::harness::*;
 
@@ -187,19 +188,7 @@ fn a_schedule_set_over_the_api_snapshots_until_stopped_and_its_latest_restores()
     assert!((2..=3).contains(&n), "{n} kept with keep 2 (and parents)");
     shutdown(vm, &sock);
 
-    let port = free_port();
-    let restored = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--restore",
-            dir.join("latest").to_str().unwrap(),
-            "--kv-listen",
-            &format!("127.0.0.1:{port}"),
-            "--serial",
-            "/dev/null",
-        ],
-    );
+    let (restored, port) = restore_kv(&dir.join("latest"), Path::new("/dev/null"), &[]);
     assert_eq!(first_reply(&restored, port, &["PING"], T), "PONG");
     assert_eq!(redis(port, &["DBSIZE"]).as_deref(), Some("1000"));
     assert_eq!(redis(port, &["EXISTS", "later499"]).as_deref(), Some("1"));
