@@ -72,6 +72,12 @@ pub struct Windows {
     pub snapshot: Window,
     pub baseline_latency: Summary,
     pub snapshot_latency: Summary,
+    /// The worst latency (µs) of each window as long as the snapshot
+    /// window, cut from the no-snapshot window: what "the worst in an
+    /// equally long window without a snapshot" is compared with (issue
+    /// #17). Empty in runs recorded before it existed.
+    #[serde(default)]
+    pub baseline_equal_maxima_us: Vec<f64>,
     /// The part of the snapshot window until the memory copy ended (before
     /// the commit), from metrics.json's `total_us - persist.commit_us`.
     pub copy_window: Option<Window>,
@@ -356,6 +362,7 @@ fn drive(
         populate_s,
         windows: Windows {
             baseline_latency: stats::summarize(&r.samples, baseline),
+            baseline_equal_maxima_us: stats::window_maxima(&r.samples, baseline, snapshot),
             snapshot_latency: stats::summarize(&r.samples, snapshot),
             copy_latency: copy_window.map(|w| stats::summarize(&r.samples, w)),
             copy_window,

@@ -143,6 +143,7 @@ fn drive(c: &Common, mut server: Proc, addr: SocketAddr, memory_mib: u64) -> Res
         populate_s,
         windows: Windows {
             baseline_latency: stats::summarize(&r.samples, baseline),
+            baseline_equal_maxima_us: stats::window_maxima(&r.samples, baseline, snapshot),
             snapshot_latency: stats::summarize(&r.samples, snapshot),
             copy_window: None,
             copy_latency: None,

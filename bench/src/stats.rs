@@ -48,6 +48,28 @@ pub fn summarize(samples: &[Sample], w: Window) -> Summary {
     from_hist(&h)
 }
 
+/// The worst latency of each consecutive window of `len` within `w`
+/// (whole windows only), sent at times in that window.
+pub fn window_maxima(samples: &[Sample], w: Window, len: Window) -> Vec<f64> {
+    let step = len.end_ns.saturating_sub(len.start_ns);
+    if step == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut start = w.start_ns;
+    while start + step <= w.end_ns {
+        let end = start + step;
+        let max = samples
+            .iter()
+            .filter(|s| s.sched_ns >= start && s.sched_ns < end)
+            .map(|s| (s.latency_ns / 1000).max(1) as f64)
+            .fold(0.0, f64::max);
+        out.push(max);
+        start = end;
+    }
+    out
+}
+
 fn from_hist(h: &Histogram<u64>) -> Summary {
     if h.is_empty() {
         return Summary::default();
@@ -114,6 +136,19 @@ mod tests {
         assert_eq!(sum.count, 1);
         assert!((sum.max_us - 1000.0).abs() < 2.0);
         assert_eq!(summarize(&[], w), Summary::default());
+    }
+
+    #[test]
+    fn equal_windows_cut_whole_windows_and_take_each_worst() {
+        let ms = |a: u64, b: u64| Window {
+            start_ns: a * 1_000_000,
+            end_ns: b * 1_000_000,
+        };
+        let v = [s(0, 5), s(3, 40), s(4, 7), s(9, 90), s(10, 1), s(12, 500)];
+        // 0-4, 4-8, 8-12 (12 itself is past the last whole window).
+        assert_eq!(window_maxima(&v, ms(0, 13), ms(20, 24)), vec![40.0, 7.0, 90.0]);
+        assert!(window_maxima(&v, ms(0, 3), ms(20, 24)).is_empty(), "no whole window");
+        assert!(window_maxima(&v, ms(0, 13), ms(5, 5)).is_empty(), "zero length");
     }
 
     #[test]

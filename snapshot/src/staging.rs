@@ -6,16 +6,24 @@
 //! disk write of up to 2 MiB on the faulting vCPU's time; copied into a warm
 //! slot it is one memcpy, and a worker writes the slot out later. So each
 //! VM keeps a pool of `budget` bytes (`--snapshot-memory-budget`, default
-//! [`DEFAULT_BUDGET`]), allocated at its first snapshot and kept: nothing is
-//! allocated on the fault path, and the pool is the only memory a snapshot
-//! adds (DESIGN.md §2, "bounded extra memory"). With every slot taken the
+//! [`DEFAULT_BUDGET`]), allocated once and kept — by default as soon as the
+//! VM runs ([`StagingPool::prepare`], `--snapshot-pool at-start`), else at its
+//! first snapshot: nothing is allocated on the fault path, and the pool is
+//! the only memory snapshots add (DESIGN.md §2, "bounded extra memory").
+//!
+//! Why at start: a pool first populated during a snapshot has few slots
+//! ready while the guest faults (fresh memory is slow on some hosts), so
+//! most faults of that snapshot wait for a disk write, and the population
+//! takes a core meanwhile. Measured on a KV guest under open-loop load:
+//! worst latency 7 ms warm vs 60 ms cold
+//! (docs/journal/2026-12-05-cold-staging-pool.md). With every slot taken the
 //! fault path writes the unit from guest RAM itself
 //! (`Shared::save_for_fault`), so a guest writing faster than the disk
 //! slows down instead of growing the snapvm process.
 //!
-//! The pool is mapped by the first `arm` and populated by a thread of its
-//! own, one chunk at a time; each chunk becomes usable as soon as it is
-//! populated. So the first snapshot's pause does not wait for the pool
+//! Without `prepare`, the pool is mapped by the first `arm` and populated by
+//! a thread of its own, one chunk at a time; each chunk becomes usable as
+//! soon as it is populated. So the first snapshot's pause does not wait for the pool
 //! (populating fresh memory is slow on some hosts: docs/journal/), and its
 //! faults write directly until slots are ready — but for the first
 //! [`PRIMED_CHUNKS`], populated by `arm` itself (the guest runs meanwhile),
@@ -146,6 +154,11 @@ impl StagingPool {
     /// was mapped now. An error (no address space) leaves the pool empty,
     /// to be tried again by the next snapshot.
     pub(crate) fn reserve(&self, cap: u64, fail: bool) -> Result<bool, Error> {
+        self.map(cap, fail, PRIMED_CHUNKS)
+    }
+
+    /// `reserve` with `prime` chunks populated on the calling thread.
+    fn map(&self, cap: u64, fail: bool, prime: usize) -> Result<bool, Error> {
         let mut st = lock(&self.state);
         if !matches!(*st, PoolState::Empty) {
             return Ok(false);
@@ -163,11 +176,23 @@ impl StagingPool {
             stop: AtomicBool::new(false),
             fail,
         });
-        if !populate(&area, PRIMED_CHUNKS.min(area.chunks)) {
+        if !populate(&area, prime.min(area.chunks)) {
             area.done.store(true, Ordering::Release);
         }
         *st = PoolState::Ready(area);
         Ok(true)
+    }
+
+    /// Maps the pool (at most `cap` bytes) if it is not yet, and starts
+    /// populating all of it now on its own thread, before any snapshot
+    /// needs it (`--snapshot-pool at-start`). An error (no address space)
+    /// leaves the pool to the first snapshot.
+    pub fn prepare(&self, cap: u64) -> Result<(), Error> {
+        // No priming here: the caller (the VM's owner) should not wait for
+        // fresh memory; the filler populates every chunk.
+        self.map(cap, false, 0)?;
+        self.fill_now();
+        Ok(())
     }
 
     /// Starts populating a reserved pool now (tests, and a VM that wants
@@ -459,6 +484,23 @@ mod tests {
         st.start_filling();
         drop(st);
         assert_eq!(pool.wait_filled(LONG), 12 * CHUNK_SIZE);
+    }
+
+    #[test]
+    fn a_prepared_pool_is_populated_before_any_snapshot_and_lent_whole() {
+        let pool = Arc::new(StagingPool::new(6 * CHUNK_SIZE));
+        pool.prepare(4 * CHUNK_SIZE).unwrap();
+        assert_eq!(
+            pool.wait_filled(LONG),
+            4 * CHUNK_SIZE,
+            "capped at the guest"
+        );
+        assert_eq!(pool.resident_bytes(), 4 * CHUNK_SIZE);
+        // The first snapshot's reserve finds it mapped and primes nothing.
+        assert!(!pool.reserve(u64::MAX, false).unwrap());
+        let st = pool.lend(CHUNK_SIZE).unwrap();
+        let slots: Vec<_> = std::iter::from_fn(|| st.take_free()).collect();
+        assert_eq!(slots, vec![0, 1, 2, 3]);
     }
 
     #[test]

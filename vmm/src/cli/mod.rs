@@ -125,11 +125,19 @@ pub struct RunArgs {
     /// Staging memory for write faults during a snapshot: a guest write to
     /// memory not yet on disk copies the chunk here and goes on; with it
     /// full, the write waits for the chunk's disk write. The most a
-    /// snapshot adds to snapvm's memory; allocated at the first snapshot
-    /// and kept. Rounded down to 2 MiB; 0 for none. Per API request:
+    /// snapshot adds to snapvm's memory; allocated when --snapshot-pool
+    /// says and kept. Rounded down to 2 MiB; 0 for none. Per API request:
     /// `"memory_budget"`.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_budget)]
     pub snapshot_memory_budget: u64,
+    /// When the staging pool is allocated: at-start (populated in the
+    /// background once the VM runs, or once a restored VM's memory is all
+    /// in, so the first snapshot finds it warm) or first-snapshot (a VM
+    /// that never snapshots never holds it; that first snapshot's write
+    /// faults wait for the disk until the pool is populated). Only the
+    /// modes that stage (async-fork, sync-wp) allocate it at start.
+    #[arg(long, value_name = "at-start|first-snapshot", default_value = "at-start", value_parser = parse_pool_timing)]
+    pub snapshot_pool: PoolTiming,
     /// Scheduling of the thread that commits the snapshot: normal, or idle
     /// (only spare CPU time: the guest wins every contended core, but a
     /// guest that keeps every core busy delays the commit without bound).
@@ -349,6 +357,26 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let n: u64 = digits.parse().map_err(|_| err("number too large"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| err("number too large"))
+}
+
+/// When a VM's staging pool is allocated (`--snapshot-pool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolTiming {
+    /// Once the VM runs (a restored one: once its memory is all in).
+    AtStart,
+    /// At the VM's first snapshot that stages.
+    FirstSnapshot,
+}
+
+/// Parses `--snapshot-pool`.
+pub fn parse_pool_timing(s: &str) -> Result<PoolTiming, String> {
+    match s {
+        "at-start" => Ok(PoolTiming::AtStart),
+        "first-snapshot" => Ok(PoolTiming::FirstSnapshot),
+        other => Err(format!(
+            "'{other}' is not a pool timing (expected at-start or first-snapshot)"
+        )),
+    }
 }
 
 /// Parses a staging budget (`--snapshot-memory-budget`): a size, 0 allowed.

@@ -93,6 +93,19 @@ fn run_args(args: &[&str]) -> RunArgs {
 }
 
 #[test]
+fn snapshot_pool_flag() {
+    assert_eq!(run_args(&[]).snapshot_pool, PoolTiming::AtStart);
+    assert_eq!(
+        run_args(&["--snapshot-pool", "first-snapshot"]).snapshot_pool,
+        PoolTiming::FirstSnapshot
+    );
+    assert_eq!(
+        parse_pool_timing("later"),
+        Err("'later' is not a pool timing (expected at-start or first-snapshot)".into())
+    );
+}
+
+#[test]
 fn schedule_and_tracking_flags() {
     let a = run_args(&["--snapshot-dir", "/d", "--snapshot-every", "1m30s"]);
     assert_eq!(a.snapshot_every, Some(std::time::Duration::from_secs(90)));

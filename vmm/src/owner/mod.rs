@@ -288,6 +288,9 @@ pub struct SnapshotDefaults {
     /// `--snapshot-track-dirty`: track writes between snapshots, so the
     /// next may be incremental.
     pub track_dirty: bool,
+    /// `--snapshot-pool at-start` (with a mode that stages): allocate the
+    /// staging pool once the VM runs, not at its first snapshot.
+    pub pool_at_start: bool,
 }
 
 impl Default for SnapshotDefaults {
@@ -297,6 +300,7 @@ impl Default for SnapshotDefaults {
             priority: BackgroundPriority::default(),
             memory_budget: snapvm_snapshot::DEFAULT_BUDGET,
             track_dirty: true,
+            pool_at_start: false,
         }
     }
 }
@@ -338,6 +342,8 @@ pub struct Owner {
     schedule: Option<crate::schedule::Scheduler>,
     /// Stopped schedules whose last snapshot is still under way.
     stopping: Vec<crate::schedule::Scheduler>,
+    /// The staging pool is to be allocated at start and has not been yet.
+    pool_pending: bool,
 }
 
 impl Owner {
@@ -372,12 +378,14 @@ impl Owner {
             last_progress_log: Instant::now(),
             schedule: None,
             stopping: Vec::new(),
+            pool_pending: false,
         }
     }
 
     /// The settings of the snapshots this owner takes.
     pub fn set_snapshot_defaults(&mut self, defaults: SnapshotDefaults) {
         self.snapshotter.set_track_dirty(defaults.track_dirty);
+        self.pool_pending = defaults.pool_at_start && defaults.memory_budget > 0;
         self.defaults = defaults;
     }
 
@@ -477,10 +485,32 @@ impl Owner {
         }
     }
 
+    /// `--snapshot-pool at-start`: allocates the staging pool once there is
+    /// a VM whose memory is all in. Populating fresh memory competes with
+    /// a restore's loader for the same slow resource (docs/journal/
+    /// 2026-12-05-cold-staging-pool.md), so a restored VM gets its pool
+    /// after the load. The population runs on the pool's own thread.
+    fn poll_pool(&mut self) {
+        if !self.pool_pending {
+            return;
+        }
+        let Some(vm) = self.vm() else {
+            return;
+        };
+        if vm.memory().loader().is_some_and(|l| !l.is_released()) {
+            return;
+        }
+        let guest_bytes = vm.memory().size();
+        self.pool_pending = false;
+        self.snapshotter
+            .prepare_pool(self.defaults.memory_budget, guest_bytes);
+    }
+
     /// Counts finished snapshots, answers the replies parked on them, and
     /// logs the progress of those in flight once a second.
     pub fn poll(&mut self) {
         self.poll_schedule();
+        self.poll_pool();
         for entry in self.snapshots.values_mut() {
             if entry.counted {
                 continue;

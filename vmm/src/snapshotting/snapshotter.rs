@@ -140,6 +140,20 @@ impl Snapshotter {
         lock(&self.pool).as_ref().map_or(0, |p| p.resident_bytes())
     }
 
+    /// Allocates the VM's staging pool of `budget` bytes (at most
+    /// `guest_bytes`) now and populates it in the background, so that the
+    /// first snapshot finds it warm.
+    pub fn prepare_pool(&self, budget: u64, guest_bytes: u64) {
+        if budget < CHUNK_SIZE {
+            return;
+        }
+        if let Err(e) = self.pool(budget).prepare(guest_bytes) {
+            tracing::warn!(
+                "snapshot staging pool not prepared ({e}); the first snapshot will allocate it"
+            );
+        }
+    }
+
     fn pool(&self, budget: u64) -> Arc<StagingPool> {
         let mut pool = lock(&self.pool);
         match pool.as_ref() {

@@ -116,6 +116,15 @@ pub(crate) fn wait_for_api(proc: &Proc, sock: &Path) {
 /// A KV guest served by the API (`--cmdline mode=kv` boots it), on a free
 /// port; `env` is extra environment.
 pub(crate) fn start_kv(tmp: &Path, env: &[(&str, &str)]) -> (Proc, PathBuf, u16) {
+    start_kv_args(tmp, env, &[])
+}
+
+/// `start_kv` with extra `snapvm run` arguments.
+pub(crate) fn start_kv_args(
+    tmp: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Proc, PathBuf, u16) {
     let sock = tmp.join("api.sock");
     let port = free_port();
     let mut cmd = Command::new(snapvm_bin());
@@ -123,7 +132,8 @@ pub(crate) fn start_kv(tmp: &Path, env: &[(&str, &str)]) -> (Proc, PathBuf, u16)
         .arg(&sock)
         .args(["--cmdline", "mode=kv", "--memory", "512M", "--kv-listen"])
         .arg(format!("127.0.0.1:{port}"))
-        .args(["--log-level", "info"]);
+        .args(["--log-level", "info"])
+        .args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }

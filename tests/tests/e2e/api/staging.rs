@@ -1,17 +1,22 @@
-//! A snapshot whose staging pool cannot be allocated still completes and
-//! restores; the next snapshot gets its pool.
+//! When the staging pool is allocated (at start by default, else at the
+//! first snapshot), and a snapshot whose pool cannot be allocated still
+//! completes and restores; the next snapshot gets its pool.
 
 use serde_json::json;
 
 use super::harness::*;
 
-/// The staging pool cannot be allocated (ENOMEM injected): the snapshot is
-/// taken all the same, write faults writing their chunk themselves, and it
-/// restores; the next snapshot gets its pool.
+/// The staging pool cannot be allocated at the first snapshot (ENOMEM
+/// injected): the snapshot is taken all the same, write faults writing
+/// their chunk themselves, and it restores; the next snapshot gets its pool.
 #[test]
 fn a_snapshot_without_its_staging_pool_still_completes_and_restores() {
     let tmp = tempfile::tempdir().unwrap();
-    let (vm, sock, port) = start_kv(tmp.path(), &[("SNAPVM_INJECT", "fail_staging")]);
+    let (vm, sock, port) = start_kv_args(
+        tmp.path(),
+        &[("SNAPVM_INJECT", "fail_staging")],
+        &["--snapshot-pool", "first-snapshot"],
+    );
     let mut kv = redis_con(port);
     set(&mut kv, "k", "v");
     let dir = tmp.path().join("no-pool");
@@ -58,4 +63,82 @@ fn a_snapshot_without_its_staging_pool_still_completes_and_restores() {
     let mut kv2 = redis_con(port2);
     assert_eq!(get_key(&mut kv2, "k").as_deref(), Some("v"));
     shutdown(restored, &sock2);
+}
+
+/// `--snapshot-pool at-start` (the default) holds the whole pool before any
+/// snapshot — a restored VM's once its memory is all in — so the first
+/// snapshot finds it warm; `first-snapshot` holds nothing until a snapshot,
+/// and a mode that never stages (fork) holds nothing either.
+#[test]
+fn the_staging_pool_is_held_from_the_start_unless_asked_otherwise() {
+    const POOL: f64 = (32u64 << 20) as f64;
+    let tmp = tempfile::tempdir().unwrap();
+    let (vm, sock, port) = start_kv_args(tmp.path(), &[], &["--snapshot-memory-budget", "32M"]);
+    assert_eq!(
+        wait_metric(&sock, "snapvm_snapshot_staging_bytes", POOL),
+        POOL,
+        "populated at start"
+    );
+    let m = get(&sock, "/metrics").body;
+    assert_eq!(
+        metric(&m, "snapvm_snapshots_total{outcome=\"done\"}"),
+        0.0,
+        "{m}"
+    );
+    let mut kv = redis_con(port);
+    set(&mut kv, "k", "v");
+    let dir = tmp.path().join("snap");
+    let r = put(
+        &sock,
+        "/snapshot/create?wait=true",
+        json!({"snapshot_path": dir, "memory_budget": 32u64 << 20}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let s = r.json();
+    assert_eq!(s["metrics"]["engine"]["staging_bytes"], 32u64 << 20, "{s}");
+    shutdown(vm, &sock);
+
+    // A restored VM: the pool once the load is over (default budget).
+    let (restored, sock2, port2) = start_waiting(tmp.path(), "restored");
+    let m = get(&sock2, "/metrics").body;
+    assert_eq!(
+        metric(&m, "snapvm_snapshot_staging_bytes"),
+        0.0,
+        "no VM yet: {m}"
+    );
+    let r = put(
+        &sock2,
+        "/snapshot/load",
+        json!({"snapshot_path": dir, "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(get_key(&mut redis_con(port2), "k").as_deref(), Some("v"));
+    // The restored guest is 512 MiB: the default 256 MiB pool fits.
+    let want = (256u64 << 20) as f64;
+    assert_eq!(
+        wait_metric(&sock2, "snapvm_snapshot_staging_bytes", want),
+        want,
+        "populated after the load"
+    );
+    shutdown(restored, &sock2);
+
+    for args in [
+        &["--snapshot-pool", "first-snapshot"][..],
+        &["--snapshot-mode", "fork"][..],
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let (vm, sock, port) = start_kv_args(t.path(), &[], args);
+        let mut kv = redis_con(port);
+        set(&mut kv, "k", "v");
+        // Long enough for a pool to fill had one been started (32 MiB
+        // above took well under this).
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let m = get(&sock, "/metrics").body;
+        assert_eq!(
+            metric(&m, "snapvm_snapshot_staging_bytes"),
+            0.0,
+            "{args:?}: {m}"
+        );
+        shutdown(vm, &sock);
+    }
 }
