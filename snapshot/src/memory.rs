@@ -217,7 +217,7 @@ pub(crate) unsafe fn copy_populated(
 /// next by the disk, not the CPU, and the guest (or the fault handler)
 /// waits for the copy. Streaming stores skip the read-for-ownership of each
 /// destination line: one 2 MiB chunk took 160 µs instead of `memcpy`'s
-/// 220-290 µs on this host (docs/journal/2026-12-05-fault-copy.md).
+/// 220-290 µs on this host (docs/journal/2026-12-05-cold-staging-pool.md).
 /// Callers must `store_fence()` before another thread reads `dst`.
 ///
 /// # Safety
