@@ -32,6 +32,8 @@ pub struct GuestBenchConfig {
     pub baseline: Duration,
     pub tail: Duration,
     pub snapshot_timeout: Duration,
+    /// snapvm's --snapshot-memory-budget (as for the KV runs).
+    pub memory_budget: String,
 }
 
 /// One JSON line of the guest's `mode=bench` output.
@@ -94,25 +96,36 @@ fn cmdline(c: &GuestBenchConfig) -> String {
 /// host time its line arrived (its end): the guest prints it the moment the
 /// window closes, and host time stays right across a pause, which the
 /// guest's TSC-based `t_ms` does not under every hypervisor.
+///
+/// Throughput weighs each window by the part of it inside `w`: a snapshot
+/// window is a few guest windows long, and counting the edge windows whole
+/// would mix up to two windows of undisturbed speed into it.
 fn fold(windows: &[(u64, GuestWindow)], window_ms: u64, w: Window) -> GuestSummary {
     let mut s = GuestSummary::default();
-    let mut ops = 0u64;
-    let mut span_ms = 0u64;
+    let mut ops = 0.0;
+    let mut span_ms = 0.0;
+    let len = window_ms * 1_000_000;
     for (end, g) in windows {
-        let start = end.saturating_sub(window_ms * 1_000_000);
+        let start = end.saturating_sub(len);
         if *end < w.start_ns || start > w.end_ns {
             continue;
         }
+        let inside = (*end).min(w.end_ns).saturating_sub(start.max(w.start_ns));
+        let f = if len == 0 {
+            1.0
+        } else {
+            inside as f64 / len as f64
+        };
         s.windows += 1;
-        ops += g.ops;
-        span_ms += window_ms;
+        ops += g.ops as f64 * f;
+        span_ms += window_ms as f64 * f;
         s.p99_us = s.p99_us.max(g.p99_us);
         s.p999_us = s.p999_us.max(g.p999_us);
         s.max_us = s.max_us.max(g.max_us);
         s.max_stall_us = s.max_stall_us.max(g.max_stall_us);
     }
-    if span_ms > 0 {
-        s.ops_per_s = ops as f64 * 1000.0 / span_ms as f64;
+    if span_ms > 0.0 {
+        s.ops_per_s = ops * 1000.0 / span_ms;
     }
     s
 }
@@ -177,20 +190,25 @@ pub fn snapvm(c: &GuestBenchConfig, mode: &str, workers: usize) -> Result<GuestB
     let base = c.work_dir.join(format!("gsnap-{mode}-{workers}"));
     let target = kv_run::signal_target(&base, 1);
     kv_run::remove_snapshot(&target);
+    let mut cmd = Command::new(&c.snapvm);
+    cmd.args([
+        "run",
+        "--memory",
+        &format!("{}M", c.memory_mib),
+        "--cmdline",
+        &cmdline(c),
+        "--snapshot-dir",
+        &base.to_string_lossy(),
+        "--snapshot-mode",
+        mode,
+        "--snapshot-workers",
+        &workers.to_string(),
+    ]);
+    if mode != "fork" {
+        cmd.args(["--snapshot-memory-budget", &c.memory_budget]);
+    }
     let mut vm = Proc::spawn(
-        Command::new(&c.snapvm).args([
-            "run",
-            "--memory",
-            &format!("{}M", c.memory_mib),
-            "--cmdline",
-            &cmdline(c),
-            "--snapshot-dir",
-            &base.to_string_lossy(),
-            "--snapshot-mode",
-            mode,
-            "--snapshot-workers",
-            &workers.to_string(),
-        ]),
+        &mut cmd,
         "build it with `cargo build --release -p snapvm-vmm` or pass --snapvm",
     )?;
     let timeout = c.snapshot_timeout;
@@ -329,4 +347,61 @@ pub fn write_guest_elf(snapvm: &Path, path: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn win(ops: u64) -> GuestWindow {
+        GuestWindow {
+            t_ms: 0,
+            ops,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            p999_us: 3.0,
+            max_us: ops as f64,
+            max_stall_us: 4.0,
+        }
+    }
+
+    #[test]
+    fn edge_windows_count_by_the_part_inside() {
+        const MS: u64 = 1_000_000;
+        // 100 ms windows ending at 100, 200, 300, 400 ms: 1000, 100, 100, 1000 ops.
+        let w: Vec<(u64, GuestWindow)> = [1000, 100, 100, 1000]
+            .iter()
+            .enumerate()
+            .map(|(i, &ops)| ((i as u64 + 1) * 100 * MS, win(ops)))
+            .collect();
+        // 150..250 ms: half of window 2 (100 ops/100 ms) and half of 3.
+        let s = fold(
+            &w,
+            100,
+            Window {
+                start_ns: 150 * MS,
+                end_ns: 250 * MS,
+            },
+        );
+        assert_eq!(s.windows, 2);
+        assert!((s.ops_per_s - 1000.0).abs() < 1e-6, "{}", s.ops_per_s);
+        // 190..310 ms: 10 ms of the 100-op window, the 100-op window, and
+        // 10 ms of the last (1000 ops): 210 ops in 120 ms, not 1200 in 300.
+        let s = fold(
+            &w,
+            100,
+            Window {
+                start_ns: 190 * MS,
+                end_ns: 310 * MS,
+            },
+        );
+        assert_eq!(s.windows, 3, "the edges still count for the worst latency");
+        let want = 210.0 * 1000.0 / 120.0;
+        assert!(
+            (s.ops_per_s - want).abs() < 1e-6,
+            "{} vs {want}",
+            s.ops_per_s
+        );
+        assert_eq!(s.max_us, 1000.0);
+    }
 }

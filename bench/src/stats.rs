@@ -146,9 +146,18 @@ mod tests {
         };
         let v = [s(0, 5), s(3, 40), s(4, 7), s(9, 90), s(10, 1), s(12, 500)];
         // 0-4, 4-8, 8-12 (12 itself is past the last whole window).
-        assert_eq!(window_maxima(&v, ms(0, 13), ms(20, 24)), vec![40.0, 7.0, 90.0]);
-        assert!(window_maxima(&v, ms(0, 3), ms(20, 24)).is_empty(), "no whole window");
-        assert!(window_maxima(&v, ms(0, 13), ms(5, 5)).is_empty(), "zero length");
+        assert_eq!(
+            window_maxima(&v, ms(0, 13), ms(20, 24)),
+            vec![40.0, 7.0, 90.0]
+        );
+        assert!(
+            window_maxima(&v, ms(0, 3), ms(20, 24)).is_empty(),
+            "no whole window"
+        );
+        assert!(
+            window_maxima(&v, ms(0, 13), ms(5, 5)).is_empty(),
+            "zero length"
+        );
     }
 
     #[test]

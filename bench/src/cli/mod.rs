@@ -328,6 +328,7 @@ impl Args {
                     baseline: common.baseline,
                     tail: common.tail,
                     snapshot_timeout: common.snapshot_timeout,
+                    memory_budget: common.memory_budget.clone(),
                 })
             }
         };
