@@ -250,10 +250,10 @@ impl StagingPool {
 fn fill(area: &Area) {
     let t = Instant::now();
     populate(area, area.chunks);
-    tracing::debug!(
-        bytes = area.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE,
-        took = ?t.elapsed(),
-        "snapshot staging pool populated"
+    tracing::info!(
+        "snapshot staging pool ready: {} MiB in {:.2} s",
+        (area.ready.load(Ordering::Acquire) as u64 * CHUNK_SIZE) >> 20,
+        t.elapsed().as_secs_f64()
     );
     area.done.store(true, Ordering::Release);
 }

@@ -145,16 +145,50 @@ fn smoke_run_writes_json_markdown_and_plots() {
             assert!(num(&g[w], "max_stall_us") > 0.0, "{w}: {g}");
         }
         assert!(num(g, "snapshot_total_us") > 0.0, "{g}");
+        if g["vmm"] == "snapvm" {
+            assert_eq!(
+                g["details"]["memory_budget"],
+                16 << 20,
+                "the budget reaches it: {g}"
+            );
+        }
     }
 
     let targets = r["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 4);
-    // Measured here: the p99 ratio and the QEMU comparison; the 8 GiB
-    // max-latency ratios need fork on 4 KiB pages, not in the smoke set.
+    assert_eq!(targets.len(), 6);
+    // Measured here: the p99 ratio, stop-the-world, #17's two load targets
+    // and the QEMU comparison; the max-latency ratio against fork needs
+    // fork on 4 KiB pages, not in the smoke set.
     assert!(targets[0]["met"].is_boolean(), "{}", targets[0]);
     assert!(targets[1]["met"].is_null(), "{}", targets[1]);
     assert!(targets[2]["met"].is_boolean(), "{}", targets[2]);
+    assert!(
+        targets[3]["name"]
+            .as_str()
+            .unwrap()
+            .contains("equally long window"),
+        "{}",
+        targets[3]
+    );
     assert!(targets[3]["met"].is_boolean(), "{}", targets[3]);
+    assert!(
+        targets[3]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the median of "),
+        "{}",
+        targets[3]
+    );
+    assert!(
+        targets[4]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("mode=bench keeps"),
+        "{}",
+        targets[4]
+    );
+    assert!(targets[4]["met"].is_boolean(), "{}", targets[4]);
+    assert!(targets[5]["met"].is_boolean(), "{}", targets[5]);
 
     let md_text = std::fs::read_to_string(&md).unwrap();
     assert!(

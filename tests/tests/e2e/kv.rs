@@ -434,10 +434,27 @@ fn every_command_has_its_exact_reply() {
 }
 
 /// The default guest idles through the paravirtual wait between requests:
-/// with no client, the whole snapvm process must use a small part of a core.
+/// with no client, the whole snapvm process must use a small part of a core
+/// (once the staging pool, populated once at start, is ready).
 #[test]
 fn idle_kv_guest_does_not_burn_a_core() {
-    let s = start("256M");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut proc = Proc::spawn(
+        &snapvm_bin(),
+        &[
+            "run",
+            "--memory",
+            "256M",
+            "--kv-listen",
+            &listen,
+            "--log-level",
+            "info",
+        ],
+    );
+    proc.wait_for_stdout(LISTENING, BOOT_TIMEOUT);
+    proc.wait_for_stderr("snapshot staging pool ready: 256 MiB", BOOT_TIMEOUT);
+    let s = Server { _proc: proc, port };
     assert_eq!(cli(s.port, &["PING"]), "PONG");
     let before = s._proc.cpu_time();
     std::thread::sleep(Duration::from_secs(2));

@@ -62,13 +62,19 @@ struct Vm {
 
 impl Vm {
     fn start(base: &Path, memory: &str, env: &[(&str, &str)]) -> Vm {
+        Vm::start_args(base, memory, env, &[])
+    }
+
+    /// `start` with extra `snapvm run` arguments.
+    fn start_args(base: &Path, memory: &str, env: &[(&str, &str)], args: &[&str]) -> Vm {
         let port = free_port();
         let mut cmd = Command::new(snapvm_bin());
         cmd.args(["run", "--memory", memory, "--kv-listen"])
             .arg(format!("127.0.0.1:{port}"))
             .arg("--snapshot-dir")
             .arg(base)
-            .args(["--log-level", "info"]);
+            .args(["--log-level", "info"])
+            .args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -204,8 +210,20 @@ fn entries_with(dir: &Path, part: &str) -> Vec<String> {
 /// (while the guest keeps serving), everything is rolled back, and
 /// snapshot 2 succeeds and restores.
 fn first_snapshot_fails_then_next_restores(inject: &str, expected: &[&str]) {
+    // The injected pool failure hits the pool's allocation at the first
+    // snapshot; by default the pool would exist before it.
+    let args: &[&str] = if inject.contains("fail_staging") {
+        &["--snapshot-pool", "first-snapshot"]
+    } else {
+        &[]
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let vm = Vm::start(&tmp.path().join("kv"), "256M", &[("SNAPVM_INJECT", inject)]);
+    let vm = Vm::start_args(
+        &tmp.path().join("kv"),
+        "256M",
+        &[("SNAPVM_INJECT", inject)],
+        args,
+    );
     assert_eq!(
         redis(vm.port, &["DEBUG", "POPULATE", "20000", "pop", "100"]).as_deref(),
         Some("OK")
