@@ -23,6 +23,18 @@ impl Inner {
         (self.on_error)(msg);
     }
 
+    /// Copies `buf` into chunk `dst` page by page, after a failed move
+    /// that may have moved some pages already (those answer EEXIST).
+    fn copy_pages(&self, dst: u64, buf: &mut ChunkBuf) -> Result<bool, UffdError> {
+        for p in 0..CHUNK_SIZE / PAGE_SIZE {
+            let off = p * PAGE_SIZE;
+            // SAFETY: `off` < CHUNK_SIZE, inside the buffer (a chunk).
+            let src = unsafe { buf.as_mut_ptr().add(off as usize) };
+            self.uffd.copy(dst + off, src, PAGE_SIZE, true)?;
+        }
+        Ok(true)
+    }
+
     /// Loads chunk `i` through `buf` unless someone else does.
     pub(super) fn load(&self, i: usize, buf: &mut ChunkBuf) -> Outcome {
         let Some(st) = self.state.get(i) else {
@@ -56,7 +68,18 @@ impl Inner {
         {
             let tracking = self.tracking.read().unwrap_or_else(|p| p.into_inner());
             let handed = match self.hand {
-                Hand::Move => self.uffd.move_pages(dst, buf.addr(), CHUNK_SIZE, true),
+                Hand::Move => match self.uffd.move_pages(dst, buf.addr(), CHUNK_SIZE, true) {
+                    // Seen intermittently (EINVAL) in CI with other tests
+                    // running: the kernel would not move this huge page.
+                    // The bytes are verified and still ours, so copy them
+                    // instead (this chunk then maps 4 KiB pages) rather
+                    // than stop the VM.
+                    Err(e) => {
+                        tracing::warn!("restore: {e}; copying chunk {i} instead");
+                        self.copy_pages(dst, buf)
+                    }
+                    moved => moved,
+                },
                 Hand::Copy => self.uffd.copy(dst, buf.as_mut_ptr(), CHUNK_SIZE, true),
             };
             match handed {
