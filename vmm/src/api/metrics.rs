@@ -75,6 +75,23 @@ pub fn render(m: &MetricsReport) -> Result<String, prometheus::Error> {
     )?;
     reg.register(Box::new(staging.clone()))?;
     staging.set(c.staging_bytes as i64);
+    // Sizing the budget: a snapshot whose faults found the pool full made
+    // the guest wait for the disk; the peak says how much it needed.
+    let disk = IntCounterVec::new(
+        Opts::new(
+            "snapvm_snapshot_fault_disk_writes_total",
+            "Guest write faults of ended snapshots that found the staging pool full and waited for their chunk's disk write (a larger --snapshot-memory-budget avoids them)",
+        ),
+        &[],
+    )?;
+    reg.register(Box::new(disk.clone()))?;
+    disk.with_label_values(&[]).inc_by(c.fault_disk_writes);
+    let peak = IntGauge::new(
+        "snapvm_last_snapshot_staging_peak_bytes",
+        "The most staging memory the latest ended snapshot held at once",
+    )?;
+    reg.register(Box::new(peak.clone()))?;
+    peak.set(c.last_staging_peak as i64);
     if let Some(l) = &m.memory_load {
         // A restored VM: its memory coming in from the snapshot.
         let loaded = IntGauge::new(
@@ -174,6 +191,8 @@ mod tests {
             missing_faults: 3,
             bytes_written: 4096,
             staging_bytes: 256 << 20,
+            fault_disk_writes: 5,
+            last_staging_peak: 40 << 20,
         };
         let m = MetricsReport {
             vm_state: "Running",
@@ -215,6 +234,8 @@ mod tests {
             "snapvm_snapshot_faults_total{kind=\"missing\"} 3",
             "snapvm_snapshot_bytes_written_total 4096",
             "snapvm_snapshot_staging_bytes 268435456",
+            "snapvm_snapshot_fault_disk_writes_total 5",
+            "snapvm_last_snapshot_staging_peak_bytes 41943040",
             "snapvm_restore_chunks_loaded 3",
             "snapvm_restore_chunks_total 10",
             "snapvm_restore_bytes_read_total 6291456",

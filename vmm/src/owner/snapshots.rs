@@ -17,8 +17,13 @@ pub struct Counters {
     pub wp_faults: u64,
     pub missing_faults: u64,
     pub bytes_written: u64,
-    /// Staging memory the VM holds for snapshots (allocated at the first).
+    /// Staging memory the VM holds for snapshots (`--snapshot-pool`).
     pub staging_bytes: u64,
+    /// Write faults that found the staging pool full and wrote their
+    /// chunk to disk themselves (the guest waited for the disk).
+    pub fault_disk_writes: u64,
+    /// The most staging memory the latest snapshot held at once.
+    pub last_staging_peak: u64,
 }
 
 impl Counters {
@@ -33,6 +38,8 @@ impl Counters {
             self.wp_faults += m.wp_faults;
             self.missing_faults += m.missing_faults;
             self.bytes_written += m.bytes_written;
+            self.fault_disk_writes += m.direct_fault_writes;
+            self.last_staging_peak = m.staging_peak_bytes;
         }
     }
 }

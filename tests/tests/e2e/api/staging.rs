@@ -142,3 +142,70 @@ fn the_staging_pool_is_held_from_the_start_unless_asked_otherwise() {
         shutdown(vm, &sock);
     }
 }
+
+/// A budget too small for the writes a snapshot meets: the faults past the
+/// pool write their chunk to disk themselves, the snapshot is complete, and
+/// `GET /metrics` says so (how an operator sizes `--snapshot-memory-budget`).
+/// The workers are held until four write faults were saved, so the one
+/// staging slot (2 MiB) fills and is not drained meanwhile.
+#[test]
+fn faults_past_a_full_pool_write_to_disk_and_the_metrics_say_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (vm, sock, port) = start_kv_args(
+        tmp.path(),
+        &[("SNAPVM_INJECT", "hold_workers_until_fault_copies=4")],
+        &["--snapshot-memory-budget", "2M"],
+    );
+    let two_mib = (2u64 << 20) as f64;
+    assert_eq!(
+        wait_metric(&sock, "snapvm_snapshot_staging_bytes", two_mib),
+        two_mib
+    );
+    let mut kv = redis_con(port);
+    let ok: String = redis::cmd("DEBUG")
+        .arg(&["POPULATE", "200000", "pop", "100"])
+        .query(&mut kv)
+        .unwrap();
+    assert_eq!(ok, "OK");
+    let dir = tmp.path().join("snap");
+    let r = put(&sock, "/snapshot/create", json!({"snapshot_path": dir}));
+    assert_eq!(r.status, 201, "{r:?}");
+    // Overwrite keys spread over the populated memory: each lands in a
+    // chunk not saved yet (the workers wait).
+    for i in 0..40u64 {
+        set(&mut kv, &format!("pop:{}", i * 4999), "rewritten");
+    }
+    let s = wait_snapshot(&vm, &sock, "1");
+    assert_eq!(s["state"], "done", "{s}");
+    let e = &s["metrics"]["engine"];
+    assert!(e["direct_fault_writes"].as_u64().unwrap() >= 3, "{s}");
+    assert_eq!(e["staging_peak_bytes"], 2u64 << 20, "{s}");
+    let m = get(&sock, "/metrics").body;
+    assert_eq!(
+        metric(&m, "snapvm_snapshot_fault_disk_writes_total"),
+        e["direct_fault_writes"].as_u64().unwrap() as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "snapvm_last_snapshot_staging_peak_bytes"),
+        two_mib,
+        "{m}"
+    );
+    shutdown(vm, &sock);
+
+    // Restored, it holds the keys as they were at the request.
+    let (restored, sock2, port2) = start_waiting(tmp.path(), "restored");
+    let r = put(
+        &sock2,
+        "/snapshot/load",
+        json!({"snapshot_path": dir, "resume_vm": true, "verify": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let mut kv2 = redis_con(port2);
+    for i in [0u64, 1, 39] {
+        let v = get_key(&mut kv2, &format!("pop:{}", i * 4999)).unwrap();
+        assert_ne!(v, "rewritten", "pop:{} is from after the request", i * 4999);
+        assert!(v.starts_with("value:"), "{v}");
+    }
+    shutdown(restored, &sock2);
+}
