@@ -193,13 +193,7 @@ fn point_in_time_every_write_acked_before_the_request_is_in_and_none_after_the_a
     shutdown(vm, &sock);
 
     let (restored, sock2, port2) = start_waiting(tmp.path(), "restored");
-    let r = put(
-        &sock2,
-        "/snapshot/load",
-        json!({"snapshot_path": dir, "resume_vm": true}),
-    );
-    assert_eq!(r.status, 204, "{r:?}");
-    let mut kv2 = redis_con(port2);
+    let mut kv2 = load_resumed(&sock2, port2, &dir, false);
     assert_eq!(get_key(&mut kv2, "after-answer"), None);
     for w in 0..WRITERS {
         // Every key acknowledged before the request.

@@ -162,6 +162,18 @@ pub(crate) fn start_waiting(tmp: &Path, name: &str) -> (Proc, PathBuf, u16) {
     (vm, sock, port)
 }
 
+/// `PUT /snapshot/load` of `dir` into a waiting snapvm, resumed (checking
+/// every chunk with `verify`): 204, and a client of the restored KV guest.
+pub(crate) fn load_resumed(sock: &Path, port: u16, dir: &Path, verify: bool) -> redis::Connection {
+    let r = put(
+        sock,
+        "/snapshot/load",
+        json!({"snapshot_path": dir, "resume_vm": true, "verify": verify}),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    redis_con(port)
+}
+
 /// Shuts snapvm down through the API: 204, exit status 0, socket gone.
 pub(crate) fn shutdown(vm: Proc, sock: &Path) -> Finished {
     let r = req(

@@ -54,13 +54,7 @@ fn a_snapshot_without_its_staging_pool_still_completes_and_restores() {
     );
 
     let (restored, sock2, port2) = start_waiting(tmp.path(), "restored");
-    let r = put(
-        &sock2,
-        "/snapshot/load",
-        json!({"snapshot_path": dir, "resume_vm": true, "verify": true}),
-    );
-    assert_eq!(r.status, 204, "{r:?}");
-    let mut kv2 = redis_con(port2);
+    let mut kv2 = load_resumed(&sock2, port2, &dir, true);
     assert_eq!(get_key(&mut kv2, "k").as_deref(), Some("v"));
     shutdown(restored, &sock2);
 }
@@ -106,13 +100,8 @@ fn the_staging_pool_is_held_from_the_start_unless_asked_otherwise() {
         0.0,
         "no VM yet: {m}"
     );
-    let r = put(
-        &sock2,
-        "/snapshot/load",
-        json!({"snapshot_path": dir, "resume_vm": true}),
-    );
-    assert_eq!(r.status, 204, "{r:?}");
-    assert_eq!(get_key(&mut redis_con(port2), "k").as_deref(), Some("v"));
+    let mut kv2 = load_resumed(&sock2, port2, &dir, false);
+    assert_eq!(get_key(&mut kv2, "k").as_deref(), Some("v"));
     // The restored guest is 512 MiB: the default 256 MiB pool fits.
     let want = (256u64 << 20) as f64;
     assert_eq!(
@@ -195,13 +184,7 @@ fn faults_past_a_full_pool_write_to_disk_and_the_metrics_say_so() {
 
     // Restored, it holds the keys as they were at the request.
     let (restored, sock2, port2) = start_waiting(tmp.path(), "restored");
-    let r = put(
-        &sock2,
-        "/snapshot/load",
-        json!({"snapshot_path": dir, "resume_vm": true, "verify": true}),
-    );
-    assert_eq!(r.status, 204, "{r:?}");
-    let mut kv2 = redis_con(port2);
+    let mut kv2 = load_resumed(&sock2, port2, &dir, true);
     for i in [0u64, 1, 39] {
         let v = get_key(&mut kv2, &format!("pop:{}", i * 4999)).unwrap();
         assert_ne!(v, "rewritten", "pop:{} is from after the request", i * 4999);
