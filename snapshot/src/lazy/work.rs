@@ -23,18 +23,6 @@ impl Inner {
         (self.on_error)(msg);
     }
 
-    /// Copies `buf` into chunk `dst` page by page, after a failed move
-    /// that may have moved some pages already (those answer EEXIST).
-    fn copy_pages(&self, dst: u64, buf: &mut ChunkBuf) -> Result<bool, UffdError> {
-        for p in 0..CHUNK_SIZE / PAGE_SIZE {
-            let off = p * PAGE_SIZE;
-            // SAFETY: `off` < CHUNK_SIZE, inside the buffer (a chunk).
-            let src = unsafe { buf.as_mut_ptr().add(off as usize) };
-            self.uffd.copy(dst + off, src, PAGE_SIZE, true)?;
-        }
-        Ok(true)
-    }
-
     /// Loads chunk `i` through `buf` unless someone else does.
     pub(super) fn load(&self, i: usize, buf: &mut ChunkBuf) -> Outcome {
         let Some(st) = self.state.get(i) else {
@@ -68,20 +56,20 @@ impl Inner {
         {
             let tracking = self.tracking.read().unwrap_or_else(|p| p.into_inner());
             let handed = match self.hand {
-                Hand::Move => match self.uffd.move_pages(dst, buf.addr(), CHUNK_SIZE, true) {
-                    // Seen intermittently (EINVAL) in CI with other tests
-                    // running: the kernel would not move this huge page.
-                    // The bytes are verified and still ours, so copy them
-                    // instead (this chunk then maps 4 KiB pages) rather
-                    // than stop the VM.
-                    Err(e) => {
-                        tracing::warn!("restore: {e}; copying chunk {i} instead");
-                        self.copy_pages(dst, buf)
-                    }
-                    moved => moved,
-                },
+                Hand::Move => self.uffd.move_pages(dst, buf.addr(), CHUNK_SIZE, true),
                 Hand::Copy => self.uffd.copy(dst, buf.as_mut_ptr(), CHUNK_SIZE, true),
             };
+            // Guest RAM is let go once every *data* chunk is in
+            // (`check_done`): a hole still on its way then meets an
+            // unregistered range. Nothing is lost: the range is ordinary
+            // memory that reads as zero (or holds what the guest wrote
+            // since). Before this, such a race failed a finished load and
+            // stopped the VM (seen in CI).
+            let late_hole = || matches!(data, ChunkData::Zero) && self.released();
+            if !matches!(handed, Ok(true)) && late_hole() {
+                st.store(LOADED, Ordering::Release);
+                return Outcome::AlreadyLoaded;
+            }
             match handed {
                 Ok(true) => {}
                 Ok(false) => {
@@ -96,6 +84,10 @@ impl Inner {
             if *tracking {
                 // (The kernel takes no DONTWAKE when protecting.)
                 if let Err(e) = self.uffd.write_protect(dst, CHUNK_SIZE, true, false) {
+                    if late_hole() {
+                        st.store(LOADED, Ordering::Release);
+                        return Outcome::AlreadyLoaded;
+                    }
                     self.fail(e.into());
                     return Outcome::Failed;
                 }
@@ -108,6 +100,11 @@ impl Inner {
             self.check_done();
         }
         Outcome::Loaded
+    }
+
+    /// Whether guest RAM has been let go (every data chunk in).
+    fn released(&self) -> bool {
+        lock(&self.attach).released
     }
 
     /// Once every data chunk is in and no snapshot needs the registration,
