@@ -35,6 +35,12 @@ impl UffdError {
             UffdError::Read(e) => e.raw_os_error(),
         }
     }
+
+    /// EBUSY or EAGAIN: the kernel declined this time (a page it would
+    /// not move now), not a wrong request.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN))
+    }
 }
 
 /// Which phase of the snapshot failed (DESIGN.md §2's three rollback cases).

@@ -136,6 +136,9 @@ pub struct LoadOptions {
     /// stacks, code, page tables, device rings: the VMM can tell from the
     /// saved state): their chunks are prefetched before the rest.
     pub hot: Vec<u64>,
+    /// Test hook: the first `n` huge-page moves answer EBUSY, as the
+    /// kernel sometimes does (see `work.rs`).
+    pub busy_moves: usize,
 }
 
 impl Default for LoadOptions {
@@ -146,6 +149,7 @@ impl Default for LoadOptions {
             prefetch_threads: 2,
             cpus: None,
             hot: Vec::new(),
+            busy_moves: 0,
         }
     }
 }
@@ -180,6 +184,9 @@ pub struct LoadProgress {
     pub chunks_total: u64,
     /// Chunks loaded because a thread touched them first.
     pub chunks_on_demand: u64,
+    /// Chunks copied in 4 KiB pages because the kernel would not move
+    /// their huge page (they lose it; the data is the same).
+    pub chunks_copied_in: u64,
     pub bytes_read: u64,
     /// Since the start, or until done.
     pub elapsed: Duration,
@@ -221,6 +228,10 @@ struct Inner {
     layout: Layout,
     uffd: Arc<Uffd>,
     hand: Hand,
+    /// `LoadOptions::busy_moves` left to inject.
+    busy_moves: AtomicUsize,
+    /// Chunks copied in because the kernel would not move them.
+    copied_in: AtomicU64,
     hugetlb: bool,
     state: Vec<AtomicU8>,
     data_total: u64,
@@ -321,6 +332,8 @@ impl Loader {
             layout,
             uffd,
             hand,
+            busy_moves: AtomicUsize::new(opts.busy_moves),
+            copied_in: AtomicU64::new(0),
             hugetlb: opts.hugetlb,
             state: (0..n).map(|_| AtomicU8::new(NOT_LOADED)).collect(),
             data_loaded: AtomicU64::new(0),
@@ -418,6 +431,7 @@ impl Loader {
             chunks_loaded: i.data_loaded.load(Ordering::Acquire),
             chunks_total: i.data_total,
             chunks_on_demand: i.on_demand.load(Ordering::Relaxed),
+            chunks_copied_in: i.copied_in.load(Ordering::Relaxed),
             bytes_read: i.bytes_read.load(Ordering::Relaxed),
             elapsed: finished.unwrap_or_else(|| i.started.elapsed()),
             error,
