@@ -123,7 +123,8 @@ pub enum Response {
     Snapshot(SnapshotStatus),
     Snapshots(SnapshotList),
     Schedule(crate::schedule::ScheduleStatus),
-    Metrics(MetricsReport),
+    // Boxed: the report is several times the size of the other answers.
+    Metrics(Box<MetricsReport>),
 }
 
 /// Why a request was not carried out; the VM is as it was.
@@ -175,6 +176,10 @@ pub struct MemoryLoad {
     pub chunks_total: u64,
     /// Of those, loaded because the guest (or a device) touched them first.
     pub chunks_on_demand: u64,
+    /// Chunks copied in 4 KiB pages because the kernel would not move
+    /// their huge page (same data, no huge page for that chunk).
+    #[serde(default)]
+    pub chunks_copied_in: u64,
     pub bytes_read: u64,
     /// Since the restore (until done).
     pub elapsed_ms: u64,
@@ -191,6 +196,7 @@ impl MemoryLoad {
             chunks_loaded: p.chunks_loaded,
             chunks_total: p.chunks_total,
             chunks_on_demand: p.chunks_on_demand,
+            chunks_copied_in: p.chunks_copied_in,
             bytes_read: p.bytes_read,
             elapsed_ms: p.elapsed.as_millis() as u64,
             error: p.error,
@@ -477,7 +483,7 @@ impl Owner {
                 self.shutdown = true;
                 Ok(Response::Empty)
             }
-            Request::Metrics => Ok(Response::Metrics(self.metrics())),
+            Request::Metrics => Ok(Response::Metrics(Box::new(self.metrics()))),
         };
         if let Some(reply) = reply {
             // The client may have gone away; nothing to do then.

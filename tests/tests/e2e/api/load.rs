@@ -167,5 +167,10 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
     assert!(again.join("state.bin").exists());
     let info = get(&sock2, "/").json();
     assert_eq!(info["memory_load"]["snapshot_path"], d, "{info}");
+    let l = &info["memory_load"];
+    assert!(
+        l["chunks_copied_in"].as_u64().unwrap() <= l["chunks_loaded"].as_u64().unwrap(),
+        "{info}"
+    );
     shutdown(waiting, &sock2);
 }
