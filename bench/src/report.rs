@@ -306,8 +306,9 @@ pub fn targets(kv: &[KvRun], guest: &[GuestBenchRun]) -> Vec<Target> {
 /// worst is mostly the host's noise).
 fn worst_vs_equal_window(afs: &[&KvRun]) -> Target {
     let name = "async-fork worst latency during the snapshot ≤ 2× the worst in an equally long window without one";
-    let runs: Vec<&&KvRun> = afs
+    let runs: Vec<&KvRun> = afs
         .iter()
+        .copied()
         .filter(|r| r.hugepages && !r.windows.baseline_equal_maxima_us.is_empty())
         .collect();
     let mut met = 0;

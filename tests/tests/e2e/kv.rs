@@ -20,12 +20,16 @@ struct Server {
 }
 
 fn start(memory: &str) -> Server {
+    start_with(memory, &[])
+}
+
+/// `start` with extra `snapvm run` arguments.
+fn start_with(memory: &str, extra: &[&str]) -> Server {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut proc = Proc::spawn(
-        &snapvm_bin(),
-        &["run", "--memory", memory, "--kv-listen", &listen],
-    );
+    let mut args = vec!["run", "--memory", memory, "--kv-listen", &listen];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::spawn(&snapvm_bin(), &args);
     proc.wait_for_stdout(LISTENING, BOOT_TIMEOUT);
     Server { _proc: proc, port }
 }
@@ -438,23 +442,9 @@ fn every_command_has_its_exact_reply() {
 /// (once the staging pool, populated once at start, is ready).
 #[test]
 fn idle_kv_guest_does_not_burn_a_core() {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut proc = Proc::spawn(
-        &snapvm_bin(),
-        &[
-            "run",
-            "--memory",
-            "256M",
-            "--kv-listen",
-            &listen,
-            "--log-level",
-            "info",
-        ],
-    );
-    proc.wait_for_stdout(LISTENING, BOOT_TIMEOUT);
-    proc.wait_for_stderr("snapshot staging pool ready: 256 MiB", BOOT_TIMEOUT);
-    let s = Server { _proc: proc, port };
+    let mut s = start_with("256M", &["--log-level", "info"]);
+    s._proc
+        .wait_for_stderr("snapshot staging pool ready: 256 MiB", BOOT_TIMEOUT);
     assert_eq!(cli(s.port, &["PING"]), "PONG");
     let before = s._proc.cpu_time();
     std::thread::sleep(Duration::from_secs(2));

@@ -135,18 +135,17 @@ impl Snapshotter {
         self.busy.load(Ordering::Acquire)
     }
 
-    /// Bytes of staging memory held now (allocated at the first snapshot).
+    /// Bytes of staging memory held now (`--snapshot-pool`: from the start,
+    /// or from the first snapshot).
     pub fn staging_bytes(&self) -> u64 {
         lock(&self.pool).as_ref().map_or(0, |p| p.resident_bytes())
     }
 
     /// Allocates the VM's staging pool of `budget` bytes (at most
     /// `guest_bytes`) now and populates it in the background, so that the
-    /// first snapshot finds it warm.
+    /// first snapshot finds it warm. (A budget under one chunk maps
+    /// nothing: `StagingPool::prepare`.)
     pub fn prepare_pool(&self, budget: u64, guest_bytes: u64) {
-        if budget < CHUNK_SIZE {
-            return;
-        }
         if let Err(e) = self.pool(budget).prepare(guest_bytes) {
             tracing::warn!(
                 "snapshot staging pool not prepared ({e}); the first snapshot will allocate it"
