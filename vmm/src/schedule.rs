@@ -40,6 +40,8 @@ use crate::owner::{Envelope, OwnerError, Request, Response, SnapshotOrder};
 /// Name of the symlink to the newest complete snapshot.
 pub const LATEST: &str = "latest";
 const PREFIX: &str = "snap-";
+/// How often the schedule looks at its clock and stop flag (a SIGUSR1
+/// wakes it at once).
 const TICK: Duration = Duration::from_millis(20);
 
 /// What `--snapshot-every` asked for.
@@ -228,9 +230,9 @@ fn run(plan: &SchedulePlan, to: &Source<'_>, stop: &AtomicBool, status: &Mutex<S
     let mut chain = 0usize;
     let mut next = Instant::now() + plan.every;
     while !stop.load(Ordering::Acquire) {
-        let now_asked = crate::signals::take_snapshot();
+        let wait = next.saturating_duration_since(Instant::now()).min(TICK);
+        let now_asked = crate::signals::wait_snapshot(wait);
         if !now_asked && Instant::now() < next {
-            std::thread::sleep(TICK);
             continue;
         }
         next = Instant::now() + plan.every;

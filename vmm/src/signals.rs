@@ -1,20 +1,46 @@
 //! Process signals snapvm turns into flags its owner loop reads: SIGINT
 //! and SIGTERM ask for a clean stop (with the API: the socket is removed),
-//! SIGUSR1 for a snapshot (`--snapshot-dir`). The handlers only store to an
-//! atomic (async-signal-safe); nothing runs in signal context.
+//! SIGUSR1 for a snapshot (`--snapshot-dir`, `--snapshot-every`). The
+//! handlers only store to an atomic or write to an eventfd (both
+//! async-signal-safe); nothing else runs in signal context.
+//!
+//! SIGUSR1 wakes its waiter through an eventfd rather than a flag polled on
+//! a tick: the snapshot's instant is the pause that the request starts, so
+//! a signal must start it at once, not up to a tick later (the 10 ms tick
+//! this replaced put writes made after the signal into the snapshot).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 static STOP: AtomicBool = AtomicBool::new(false);
-static SNAPSHOT: AtomicBool = AtomicBool::new(false);
+/// The eventfd SIGUSR1 writes to (-1 until `install_snapshot`).
+static SNAPSHOT_FD: AtomicI32 = AtomicI32::new(-1);
+/// Owns that eventfd for the life of the process (a handler may run at any
+/// time, so it is never closed).
+static SNAPSHOT_EVENT: OnceLock<OwnedFd> = OnceLock::new();
 
 extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
 extern "C" fn on_snapshot(_: libc::c_int) {
-    SNAPSHOT.store(true, Ordering::SeqCst);
+    let fd = SNAPSHOT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `fd` is the eventfd that
+        // SNAPSHOT_EVENT keeps open for the life of the process; `one`
+        // outlives the call. A full counter (EAGAIN) still reads as "asked",
+        // so the result is ignored. errno is saved and restored: the
+        // interrupted code may be about to read its own.
+        unsafe {
+            let errno = *libc::__errno_location();
+            libc::write(fd, (&one as *const u64).cast(), 8);
+            *libc::__errno_location() = errno;
+        }
+    }
 }
 
 fn install(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) -> io::Result<()> {
@@ -39,8 +65,22 @@ pub fn install_stop() -> io::Result<()> {
     install(libc::SIGTERM, on_stop)
 }
 
-/// SIGUSR1 sets the snapshot flag.
+/// SIGUSR1 asks for a snapshot (see [`wait_snapshot`]).
 pub fn install_snapshot() -> io::Result<()> {
+    if SNAPSHOT_EVENT.get().is_none() {
+        // SAFETY: eventfd(2) takes no pointers; a non-negative result is a
+        // new descriptor this process owns alone.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created above and is owned by nothing else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Two racing installers: the loser's descriptor is dropped (closed)
+        // and the handler keeps using the winner's.
+        let kept = SNAPSHOT_EVENT.get_or_init(|| owned).as_raw_fd();
+        SNAPSHOT_FD.store(kept, Ordering::SeqCst);
+    }
     install(libc::SIGUSR1, on_snapshot)
 }
 
@@ -49,7 +89,71 @@ pub fn take_stop() -> bool {
     STOP.swap(false, Ordering::SeqCst)
 }
 
-/// Whether SIGUSR1 arrived since the last call (several count as one).
-pub fn take_snapshot() -> bool {
-    SNAPSHOT.swap(false, Ordering::SeqCst)
+/// Waits at most `timeout` for SIGUSR1; returns whether one arrived since
+/// the last call (several count as one). Returns at once if one is
+/// pending, false at once before [`install_snapshot`].
+pub fn wait_snapshot(timeout: Duration) -> bool {
+    let Some(event) = SNAPSHOT_EVENT.get() else {
+        return false;
+    };
+    let fd = event.as_raw_fd();
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd that outlives the call. EINTR (a
+    // signal, maybe this one) just ends the wait early; the read below
+    // decides.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+    let mut count: u64 = 0;
+    // SAFETY: reads 8 bytes into `count` from a non-blocking eventfd; no
+    // pending signal reads as EAGAIN.
+    let n = unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
+    n == 8 && count > 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// The only test in this binary that raises SIGUSR1: it installs the
+    /// handler first (the default action would end the test process).
+    #[test]
+    fn sigusr1_wakes_its_waiter_at_once_and_several_count_as_one() {
+        install_snapshot().expect("install the SIGUSR1 handler");
+        // Nothing pending: the wait runs out.
+        assert!(!wait_snapshot(Duration::ZERO));
+
+        // A signal raised while nobody waits is kept for the next wait.
+        // SAFETY: raise(3) takes no pointers; the handler is installed.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
+        assert!(wait_snapshot(Duration::ZERO));
+        assert!(!wait_snapshot(Duration::ZERO), "one signal, one snapshot");
+
+        // Two before a wait count as one.
+        for _ in 0..2 {
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
+        }
+        assert!(wait_snapshot(Duration::ZERO));
+        assert!(!wait_snapshot(Duration::ZERO));
+
+        // A waiter blocked on a long timeout is woken by a signal from
+        // another thread, not by the timeout.
+        let sender = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: kill(2) with this process's own pid; no pointers.
+            unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+        });
+        let started = Instant::now();
+        assert!(wait_snapshot(Duration::from_secs(600)));
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "woken by the signal, not by the 600 s timeout"
+        );
+        sender.join().expect("sender thread");
+    }
 }

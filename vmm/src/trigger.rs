@@ -18,7 +18,8 @@ use snapvm_snapshot::Strategy;
 
 use crate::owner::{notify, Envelope, Request, SnapshotOrder};
 
-/// How often the trigger looks at the clock and the signal flag.
+/// How often the trigger looks at the clock and its stop flag (a SIGUSR1
+/// wakes it at once).
 const TICK: Duration = Duration::from_millis(10);
 
 /// What `snapvm run` was asked to snapshot.
@@ -92,7 +93,8 @@ fn run(plan: &TriggerPlan, to: &Sender<Envelope>, stop: &AtomicBool) {
                 return;
             }
         }
-        if crate::signals::take_snapshot() {
+        let wait = at.map_or(TICK, |d| d.saturating_sub(start.elapsed()).min(TICK));
+        if crate::signals::wait_snapshot(wait) {
             signals += 1;
             let mut name = plan.dir.clone().into_os_string();
             name.push(format!("-{signals}"));
@@ -100,6 +102,5 @@ fn run(plan: &TriggerPlan, to: &Sender<Envelope>, stop: &AtomicBool) {
                 return;
             }
         }
-        std::thread::sleep(TICK);
     }
 }
