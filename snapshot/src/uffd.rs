@@ -423,6 +423,19 @@ impl Uffd {
         len: u64,
         dont_wake: bool,
     ) -> Result<bool, UffdError> {
+        self.move_pages_counted(dst, src, len, dont_wake).1
+    }
+
+    /// As [`Uffd::move_pages`], also returning how many bytes from the
+    /// start of the range the kernel moved before it failed (0 on success
+    /// or when it moved nothing): a retry goes on from there.
+    pub fn move_pages_counted(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        dont_wake: bool,
+    ) -> (u64, Result<bool, UffdError>) {
         let mut m = UffdioMove {
             dst,
             src,
@@ -435,11 +448,20 @@ impl Uffd {
             moved: 0,
         };
         match self.range_ioctl("move", UFFDIO_MOVE, &mut m, dst, len) {
-            Ok(()) => Ok(true),
-            Err(UffdError::Range { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
-                Ok(false)
+            Ok(()) => (0, Ok(true)),
+            Err(e) => {
+                // On failure the kernel leaves the bytes it moved in `moved`
+                // (or the negative error when it moved none).
+                let moved = u64::try_from(m.moved).unwrap_or(0).min(len);
+                match e {
+                    UffdError::Range { ref source, .. }
+                        if source.raw_os_error() == Some(libc::EEXIST) =>
+                    {
+                        (moved, Ok(false))
+                    }
+                    e => (moved, Err(e)),
+                }
             }
-            Err(e) => Err(e),
         }
     }
 

@@ -14,8 +14,9 @@
 //! freshly allocated huge pages; `bench/examples/restore_probe.rs` measures
 //! the three (docs/journal/2026-12-05-lazy-restore.md). Kernels without
 //! UFFDIO_MOVE (< 6.8) get UFFDIO_COPY, with a warning. A move the kernel
-//! declines (EBUSY/EAGAIN: seen in 3 of 5 restores of an 8 GiB guest) is
-//! finished with UFFDIO_COPY per 4 KiB page (`chunks_copied_in`).
+//! declines for a moment (EBUSY/EAGAIN: seen in 3 of 5 restores of an
+//! 8 GiB guest) is tried again ([`MOVE_ATTEMPTS`]); one still declined
+//! is finished with UFFDIO_COPY per 4 KiB page (`chunks_copied_in`).
 //!
 //! # Invariants
 //! - **Nobody sees a chunk before it is checked**: a chunk is read, its
@@ -122,6 +123,13 @@ impl LoadError {
     }
 }
 
+/// Tries of a huge-page move the kernel refuses for a moment (EBUSY or
+/// EAGAIN; see `Inner::move_chunk`), with pauses from
+/// [`MOVE_FIRST_PAUSE`] doubling between them (1.55 ms in all), before the
+/// chunk is copied in 4 KiB pages instead.
+pub const MOVE_ATTEMPTS: u32 = 6;
+const MOVE_FIRST_PAUSE: Duration = Duration::from_micros(50);
+
 /// How a lazy restore runs.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -138,9 +146,13 @@ pub struct LoadOptions {
     /// stacks, code, page tables, device rings: the VMM can tell from the
     /// saved state): their chunks are prefetched before the rest.
     pub hot: Vec<u64>,
-    /// Test hook: the first `n` huge-page moves answer EBUSY, as the
-    /// kernel sometimes does (see `work.rs`).
+    /// Test hook: the moves of the first `n` chunks answer EBUSY every
+    /// time, as the kernel sometimes does for longer than the loader
+    /// retries (see `work.rs`).
     pub busy_moves: usize,
+    /// Test hook: the first move of the next `n` chunks answers EBUSY
+    /// once (the kernel's usual case: a retry moves it).
+    pub busy_once_moves: usize,
 }
 
 impl Default for LoadOptions {
@@ -152,6 +164,7 @@ impl Default for LoadOptions {
             cpus: None,
             hot: Vec::new(),
             busy_moves: 0,
+            busy_once_moves: 0,
         }
     }
 }
@@ -189,6 +202,9 @@ pub struct LoadProgress {
     /// Chunks copied in 4 KiB pages because the kernel would not move
     /// their huge page (they lose it; the data is the same).
     pub chunks_copied_in: u64,
+    /// Moves the kernel refused for a moment (EBUSY/EAGAIN) and the
+    /// loader tried again.
+    pub moves_retried: u64,
     pub bytes_read: u64,
     /// Since the start, or until done.
     pub elapsed: Duration,
@@ -230,8 +246,10 @@ struct Inner {
     layout: Layout,
     uffd: Arc<Uffd>,
     hand: Hand,
-    /// `LoadOptions::busy_moves` left to inject.
+    /// `LoadOptions::busy_moves` and `busy_once_moves` left to inject.
     busy_moves: AtomicUsize,
+    busy_once_moves: AtomicUsize,
+    moves_retried: AtomicU64,
     /// Chunks copied in because the kernel would not move them.
     copied_in: AtomicU64,
     hugetlb: bool,
@@ -335,6 +353,8 @@ impl Loader {
             uffd,
             hand,
             busy_moves: AtomicUsize::new(opts.busy_moves),
+            busy_once_moves: AtomicUsize::new(opts.busy_once_moves),
+            moves_retried: AtomicU64::new(0),
             copied_in: AtomicU64::new(0),
             hugetlb: opts.hugetlb,
             state: (0..n).map(|_| AtomicU8::new(NOT_LOADED)).collect(),
@@ -434,6 +454,7 @@ impl Loader {
             chunks_total: i.data_total,
             chunks_on_demand: i.on_demand.load(Ordering::Relaxed),
             chunks_copied_in: i.copied_in.load(Ordering::Relaxed),
+            moves_retried: i.moves_retried.load(Ordering::Relaxed),
             bytes_read: i.bytes_read.load(Ordering::Relaxed),
             elapsed: finished.unwrap_or_else(|| i.started.elapsed()),
             error,

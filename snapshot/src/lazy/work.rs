@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// The EBUSY the `busy_moves` test hooks inject.
+fn injected_busy(dst: u64) -> UffdError {
+    UffdError::Range {
+        op: "move (injected)",
+        start: dst,
+        len: CHUNK_SIZE,
+        source: std::io::Error::from_raw_os_error(libc::EBUSY),
+    }
+}
+
 impl Inner {
     pub(super) fn failed(&self) -> bool {
         lock(&self.error).is_some()
@@ -23,21 +33,43 @@ impl Inner {
         (self.on_error)(msg);
     }
 
-    /// UFFDIO_MOVE of `buf` to chunk `dst` (or an injected EBUSY).
+    /// UFFDIO_MOVE of `buf` to chunk `dst`. A move the kernel refuses for
+    /// a moment (EBUSY/EAGAIN) is tried again after a short pause, from
+    /// where a partial move stopped, up to [`MOVE_ATTEMPTS`] times: the
+    /// usual EBUSY is the chunk's huge page still pinned by the O_DIRECT
+    /// read that just filled it: the I/O completion wakes the reader first
+    /// and unpins the pages after (`iomap_dio_bio_end_io`), so a move right
+    /// after the read can find the page pinned. A retry keeps the chunk's
+    /// huge page where a copy would lose it.
     fn move_chunk(&self, dst: u64, buf: &ChunkBuf) -> Result<bool, UffdError> {
-        let injected = self
-            .busy_moves
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
-        if injected {
-            return Err(UffdError::Range {
-                op: "move (injected)",
-                start: dst,
-                len: CHUNK_SIZE,
-                source: std::io::Error::from_raw_os_error(libc::EBUSY),
-            });
+        let take = |n: &AtomicUsize| {
+            n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        let refuse_all = take(&self.busy_moves);
+        let refuse_once = !refuse_all && take(&self.busy_once_moves);
+        let mut done = 0;
+        let mut pause = MOVE_FIRST_PAUSE;
+        let mut attempt = 1;
+        loop {
+            let (moved, res) = if refuse_all || (refuse_once && attempt == 1) {
+                (0, Err(injected_busy(dst)))
+            } else {
+                self.uffd
+                    .move_pages_counted(dst + done, buf.addr() + done, CHUNK_SIZE - done, true)
+            };
+            done += moved;
+            match res {
+                Err(e) if e.is_transient() && attempt < MOVE_ATTEMPTS => {
+                    tracing::debug!("restore: {e}; trying again in {pause:?}");
+                    self.moves_retried.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                    attempt += 1;
+                }
+                res => return res,
+            }
         }
-        self.uffd.move_pages(dst, buf.addr(), CHUNK_SIZE, true)
     }
 
     /// Copies `buf` into chunk `dst` page by page after a failed move,
@@ -87,12 +119,11 @@ impl Inner {
             let tracking = self.tracking.read().unwrap_or_else(|p| p.into_inner());
             let handed = match self.hand {
                 Hand::Move => match self.move_chunk(dst, buf) {
-                    // The kernel will not move this huge page now (EBUSY:
-                    // seen in 3 of 5 restores of an 8 GiB guest here; or
-                    // EAGAIN). The bytes are verified and still in `buf`
-                    // (but for pages a partial move took): copy them in,
-                    // this chunk then maps 4 KiB pages, instead of stopping
-                    // the VM.
+                    // The kernel still will not move this huge page after
+                    // the retries (EBUSY or EAGAIN). The bytes are verified
+                    // and still in `buf` (but for pages a partial move
+                    // took): copy them in, this chunk then maps 4 KiB pages,
+                    // instead of stopping the VM.
                     Err(e) if e.is_transient() => {
                         tracing::debug!("restore: {e}; copying chunk {i} in instead");
                         self.copied_in.fetch_add(1, Ordering::Relaxed);
@@ -163,12 +194,13 @@ impl Inner {
                 let took = self.started.elapsed();
                 *f = Some(took);
                 tracing::info!(
-                    "{}: memory loaded ({} MiB in {:.2} s, {} chunks on first touch, {} copied in 4 KiB pages)",
+                    "{}: memory loaded ({} MiB in {:.2} s, {} chunks on first touch, {} copied in 4 KiB pages, {} moves tried again)",
                     self.source.dir().display(),
                     self.bytes_read.load(Ordering::Relaxed) >> 20,
                     took.as_secs_f64(),
                     self.on_demand.load(Ordering::Relaxed),
-                    self.copied_in.load(Ordering::Relaxed)
+                    self.copied_in.load(Ordering::Relaxed),
+                    self.moves_retried.load(Ordering::Relaxed)
                 );
             }
         }

@@ -205,6 +205,7 @@ mod tests {
                 chunks_total: 10,
                 chunks_on_demand: 1,
                 chunks_copied_in: 0,
+                moves_retried: 0,
                 bytes_read: 6 << 20,
                 elapsed_ms: 500,
                 error: None,

@@ -180,6 +180,10 @@ pub struct MemoryLoad {
     /// their huge page (same data, no huge page for that chunk).
     #[serde(default)]
     pub chunks_copied_in: u64,
+    /// Huge-page moves the kernel refused for a moment and the loader
+    /// tried again (the chunk keeps its huge page).
+    #[serde(default)]
+    pub moves_retried: u64,
     pub bytes_read: u64,
     /// Since the restore (until done).
     pub elapsed_ms: u64,
@@ -197,6 +201,7 @@ impl MemoryLoad {
             chunks_total: p.chunks_total,
             chunks_on_demand: p.chunks_on_demand,
             chunks_copied_in: p.chunks_copied_in,
+            moves_retried: p.moves_retried,
             bytes_read: p.bytes_read,
             elapsed_ms: p.elapsed.as_millis() as u64,
             error: p.error,

@@ -145,7 +145,7 @@ pub fn restore_from_dir(dir: &Path, opts: RestoreOptions) -> Result<Vm, RestoreE
         prefetch_threads: PREFETCH_THREADS,
         cpus: opts.cpus.as_ref().and_then(|p| p.background.clone()),
         hot: hot_addresses(&state),
-        busy_moves: 0,
+        ..LoadOptions::default()
     };
     let loader =
         Loader::start(&opened, &regions, load, on_error).map_err(|source| RestoreError::Load {

@@ -172,5 +172,6 @@ fn waiting_instance_refuses_until_loaded_then_loads_paused_and_resumes() {
         l["chunks_copied_in"].as_u64().unwrap() <= l["chunks_loaded"].as_u64().unwrap(),
         "{info}"
     );
+    assert!(l["moves_retried"].is_u64(), "{info}");
     shutdown(waiting, &sock2);
 }
