@@ -92,40 +92,51 @@ fn cmdline(c: &GuestBenchConfig) -> String {
     )
 }
 
-/// Folds the guest windows that overlap `w`. Each window is placed at the
-/// host time its line arrived (its end): the guest prints it the moment the
-/// window closes, and host time stays right across a pause, which the
-/// guest's TSC-based `t_ms` does not under every hypervisor.
+/// Folds the guest windows that overlap `w`. Windows are placed in host
+/// time: each ends when its line arrived (the guest prints it the moment
+/// the window closes) and began when the previous one ended (they are back
+/// to back in guest time), so a window that held a pause spans the pause
+/// in host time too, whatever the guest's TSC-based `t_ms` saw.
 ///
-/// Throughput weighs each window by the part of it inside `w`: a snapshot
-/// window is a few guest windows long, and counting the edge windows whole
-/// would mix up to two windows of undisturbed speed into it.
+/// Throughput is the ops done inside `w` over the time of `w` the windows
+/// cover. A window's ops are spread over the part of its span the guest
+/// ran, that is without its longest stall, and that stall is taken to lie
+/// inside `w` as far as it fits (a snapshot's pause does): otherwise a
+/// window holding a 450 ms pause would spread the ops it did outside the
+/// pause over it, and a stop-the-world snapshot would read as half speed.
+/// Edge windows count by the part inside: counting them whole would mix up
+/// to two windows of undisturbed speed into a snapshot window a few
+/// windows long.
 fn fold(windows: &[(u64, GuestWindow)], window_ms: u64, w: Window) -> GuestSummary {
     let mut s = GuestSummary::default();
     let mut ops = 0.0;
-    let mut span_ms = 0.0;
+    let mut covered_ns = 0u64;
     let len = window_ms * 1_000_000;
+    let mut prev_end: Option<u64> = None;
     for (end, g) in windows {
-        let start = end.saturating_sub(len);
-        if *end < w.start_ns || start > w.end_ns {
+        let start = prev_end
+            .filter(|&p| p < *end)
+            .unwrap_or_else(|| end.saturating_sub(len));
+        prev_end = Some(*end);
+        if *end <= w.start_ns || start >= w.end_ns {
             continue;
         }
-        let inside = (*end).min(w.end_ns).saturating_sub(start.max(w.start_ns));
-        let f = if len == 0 {
-            1.0
-        } else {
-            inside as f64 / len as f64
-        };
+        let span = end - start;
+        let inside = (*end).min(w.end_ns) - start.max(w.start_ns);
+        let stall = ((g.max_stall_us * 1000.0) as u64).min(span);
+        let ran = span - stall;
+        if ran > 0 {
+            ops += g.ops as f64 * inside.saturating_sub(stall) as f64 / ran as f64;
+        }
+        covered_ns += inside;
         s.windows += 1;
-        ops += g.ops as f64 * f;
-        span_ms += window_ms as f64 * f;
         s.p99_us = s.p99_us.max(g.p99_us);
         s.p999_us = s.p999_us.max(g.p999_us);
         s.max_us = s.max_us.max(g.max_us);
         s.max_stall_us = s.max_stall_us.max(g.max_stall_us);
     }
-    if span_ms > 0.0 {
-        s.ops_per_s = ops * 1000.0 / span_ms;
+    if covered_ns > 0 {
+        s.ops_per_s = ops * 1e9 / covered_ns as f64;
     }
     s
 }
@@ -361,7 +372,7 @@ mod tests {
             p99_us: 2.0,
             p999_us: 3.0,
             max_us: ops as f64,
-            max_stall_us: 4.0,
+            max_stall_us: 0.0,
         }
     }
 
@@ -403,5 +414,62 @@ mod tests {
             s.ops_per_s
         );
         assert_eq!(s.max_us, 1000.0);
+    }
+
+    /// A stop-the-world snapshot pauses the guest for 450 ms: no line
+    /// arrives meanwhile, and the window that held the pause arrives just
+    /// after it with the ops it did before and after. Its ops are not
+    /// spread over the pause: the snapshot window reads near zero, not as
+    /// the speed of the windows around it.
+    #[test]
+    fn a_pause_inside_the_window_counts_as_no_work() {
+        const MS: u64 = 1_000_000;
+        // 100 ms windows of 1000 ops ending at 100 and 200 ms; the third
+        // began at 200, the guest ran 50 ms, was paused 450 ms, ran 50 ms
+        // more: it arrives at 750 ms with 1000 ops and a 450 ms stall;
+        // then windows again at 850 and 950 ms.
+        let mut w: Vec<(u64, GuestWindow)> = [100, 200, 750, 850, 950]
+            .iter()
+            .map(|&t| (t * MS, win(1000)))
+            .collect();
+        w[2].1.max_stall_us = 450_000.0;
+        // The snapshot window: the pause itself, 250..700 ms.
+        let s = fold(
+            &w,
+            100,
+            Window {
+                start_ns: 250 * MS,
+                end_ns: 700 * MS,
+            },
+        );
+        assert_eq!(s.windows, 1);
+        assert_eq!(s.ops_per_s, 0.0, "paused throughout");
+        assert_eq!(s.max_stall_us, 450_000.0);
+        // 200..800 ms: the whole third window (1000 ops) and half of the
+        // fourth (500 ops) in 600 ms.
+        let s = fold(
+            &w,
+            100,
+            Window {
+                start_ns: 200 * MS,
+                end_ns: 800 * MS,
+            },
+        );
+        let want = 1500.0 * 1000.0 / 600.0;
+        assert!(
+            (s.ops_per_s - want).abs() < 1e-6,
+            "{} vs {want}",
+            s.ops_per_s
+        );
+        // Undisturbed windows fold to their own speed.
+        let s = fold(
+            &w,
+            100,
+            Window {
+                start_ns: 0,
+                end_ns: 200 * MS,
+            },
+        );
+        assert!((s.ops_per_s - 10_000.0).abs() < 1e-6, "{}", s.ops_per_s);
     }
 }

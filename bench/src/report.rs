@@ -524,8 +524,10 @@ pub fn markdown(r: &Report, json_name: &str, plots: &[String]) -> String {
             s,
             "\n### Same guest ELF in `mode=bench`: snapvm vs QEMU 7.2 microvm\n\n\
              Guest-observed (rdtsc) per-window numbers folded over the windows that overlap the snapshot \
-             (largest per-window quantile; ops/s averaged). *pause*: snapvm's sync phase; QEMU stop-and-save: \
-             stop → cont; QEMU background-snapshot: its reported downtime.\n\n\
+             (largest per-window quantile). *ops/s during*: the ops done inside the snapshot window over its \
+             length, each window placed in host time (from the previous line's arrival to its own) and its ops \
+             spread over the part it ran (its longest stall, a pause, counts as no work). *pause*: snapvm's \
+             sync phase; QEMU stop-and-save: stop → cont; QEMU background-snapshot: its reported downtime.\n\n\
              | VMM | mode | RAM | ops/s without / during | p99 without / during | p99.9 without / during | max without / during | stall without / during | pause | total (s) |\n\
              | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         );
