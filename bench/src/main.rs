@@ -89,6 +89,33 @@ fn compare(args: cli::Args) -> ExitCode {
     }
 }
 
+/// The checkout being measured and whether its code has uncommitted
+/// changes (see `Report::commit`). The benchmark's own outputs under docs/
+/// do not count.
+fn commit() -> (Option<String>, bool) {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return (None, false);
+    };
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":(exclude)docs",
+    ])
+    .is_some_and(|s| !s.is_empty());
+    (Some(head), dirty)
+}
+
 fn machine() -> Machine {
     let mem_total_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
         t.lines()
@@ -184,6 +211,7 @@ fn run(args: cli::Args) -> Result<bool> {
     let started = Instant::now();
     let started_utc = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let mut machine = machine();
+    let (commit, uncommitted) = commit();
     std::fs::create_dir_all(&plan.out_dir)
         .map_err(|e| BenchError::io("create", &plan.out_dir, e))?;
     std::fs::create_dir_all(&plan.work_root)
@@ -311,6 +339,8 @@ fn run(args: cli::Args) -> Result<bool> {
         started_utc,
         elapsed_s: started.elapsed().as_secs_f64(),
         command: plan.command.clone(),
+        commit,
+        uncommitted,
         machine,
         config: plan.config_json(),
         kv,

@@ -40,6 +40,13 @@ pub struct Report {
     pub started_utc: String,
     pub elapsed_s: f64,
     pub command: String,
+    /// The checkout measured (`git rev-parse --short HEAD`); None outside
+    /// a git checkout.
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// Code outside docs/ differed from `commit`.
+    #[serde(default)]
+    pub uncommitted: bool,
     pub machine: Machine,
     pub config: serde_json::Value,
     pub kv: Vec<KvRun>,
@@ -409,10 +416,21 @@ pub fn markdown(r: &Report, json_name: &str, plots: &[String]) -> String {
     let m = &r.machine;
     let _ = writeln!(
         s,
-        "Generated {} by `{}` ({:.0} s). Machine: {} cores, {} GiB RAM, Linux {}, load average {} at the start, {} at the end. All numbers: [`bench/{json_name}`](bench/{json_name}).\n",
+        "Generated {} by `{}` ({:.0} s){}. Machine: {} cores, {} GiB RAM, Linux {}, load average {} at the start, {} at the end. All numbers: [`bench/{json_name}`](bench/{json_name}).\n",
         r.started_utc,
         r.command,
         r.elapsed_s,
+        r.commit
+            .as_deref()
+            .map(|c| format!(
+                " at commit `{c}`{}",
+                if r.uncommitted {
+                    " (with uncommitted changes)"
+                } else {
+                    ""
+                }
+            ))
+            .unwrap_or_default(),
         m.cores,
         m.mem_total_bytes.map(|b| b >> 30).unwrap_or(0),
         m.kernel,
