@@ -157,6 +157,12 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
+    // Until (and unless) a trigger or a schedule takes snapshots on
+    // SIGUSR1, it is logged and ignored: its default action would end the
+    // VM and the data in it.
+    if let Err(e) = snapvm_vmm::signals::install_snapshot_ignored() {
+        return fail(format_args!("cannot install the SIGUSR1 handler: {e}"));
+    }
     let (tx, rx) = mpsc::channel();
     let requests = Requests { tx, rx };
     let api = match start_api(&args, &requests) {

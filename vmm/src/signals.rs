@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// SIGUSR1 arrived while nothing takes snapshots on it.
+static SNAPSHOT_IGNORED: AtomicBool = AtomicBool::new(false);
 /// The eventfd SIGUSR1 writes to (-1 until `install_snapshot`).
 static SNAPSHOT_FD: AtomicI32 = AtomicI32::new(-1);
 /// Owns that eventfd for the life of the process (a handler may run at any
@@ -24,6 +26,10 @@ static SNAPSHOT_EVENT: OnceLock<OwnedFd> = OnceLock::new();
 
 extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_snapshot_ignored(_: libc::c_int) {
+    SNAPSHOT_IGNORED.store(true, Ordering::SeqCst);
 }
 
 extern "C" fn on_snapshot(_: libc::c_int) {
@@ -65,7 +71,20 @@ pub fn install_stop() -> io::Result<()> {
     install(libc::SIGTERM, on_stop)
 }
 
-/// SIGUSR1 asks for a snapshot (see [`wait_snapshot`]).
+/// SIGUSR1 is noted and otherwise ignored (see [`take_ignored_snapshot`]):
+/// for a VM with nothing that takes snapshots on it, where the default
+/// action would end the VM and the data it holds.
+pub fn install_snapshot_ignored() -> io::Result<()> {
+    install(libc::SIGUSR1, on_snapshot_ignored)
+}
+
+/// Whether SIGUSR1 arrived, and was ignored, since the last call.
+pub fn take_ignored_snapshot() -> bool {
+    SNAPSHOT_IGNORED.swap(false, Ordering::SeqCst)
+}
+
+/// SIGUSR1 asks for a snapshot (see [`wait_snapshot`]). A signal that
+/// arrived before (while another handler was installed) does not count.
 pub fn install_snapshot() -> io::Result<()> {
     if SNAPSHOT_EVENT.get().is_none() {
         // SAFETY: eventfd(2) takes no pointers; a non-negative result is a
@@ -81,7 +100,11 @@ pub fn install_snapshot() -> io::Result<()> {
         let kept = SNAPSHOT_EVENT.get_or_init(|| owned).as_raw_fd();
         SNAPSHOT_FD.store(kept, Ordering::SeqCst);
     }
-    install(libc::SIGUSR1, on_snapshot)
+    install(libc::SIGUSR1, on_snapshot)?;
+    // A signal sent while nobody was waiting (a schedule that has since
+    // stopped) must not start the next schedule with a snapshot.
+    wait_snapshot(Duration::ZERO);
+    Ok(())
 }
 
 /// Whether a stop was asked since the last call.

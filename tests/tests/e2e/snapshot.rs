@@ -180,6 +180,28 @@ fn kv_snapshot_by_sigusr1_restores_the_data_as_of_the_fork() {
     assert_eq!(redis(port, &["DBSIZE"]).as_deref(), Some("0"));
 }
 
+/// Without --snapshot-dir nothing takes snapshots on SIGUSR1. Its default
+/// action used to end snapvm, and the data in the guest with it; now the
+/// signal is logged and the VM serves on.
+#[test]
+fn sigusr1_without_a_snapshot_dir_is_logged_and_the_vm_serves_on() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut vm = Proc::spawn(
+        &snapvm_bin(),
+        &["run", "--memory", "256M", "--kv-listen", &listen],
+    );
+    vm.wait_for_stdout(LISTENING, T);
+    assert_eq!(redis(port, &["SET", "a", "1"]).as_deref(), Some("OK"));
+    // SAFETY: kill(2) on our own child's pid has no memory-safety concerns.
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGUSR1) }, 0);
+    vm.wait_for_stderr(
+        "SIGUSR1 ignored: nothing takes snapshots on it (start snapvm with --snapshot-dir DIR",
+        T,
+    );
+    assert_eq!(redis(port, &["GET", "a"]).as_deref(), Some("1"));
+}
+
 #[test]
 fn damaged_snapshots_are_refused_with_one_line() {
     let tmp = tempfile::tempdir().unwrap();

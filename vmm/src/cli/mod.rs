@@ -91,8 +91,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub snapshot_at: Option<f64>,
     /// Snapshot target directory (must not exist yet). With it, SIGUSR1
-    /// takes a snapshot into DIR-N (N = 1, 2, ... per signal). With
-    /// --snapshot-every, the directory that holds the scheduled snapshots.
+    /// takes a snapshot into DIR-N (N = 1, 2, ... per signal); without it,
+    /// SIGUSR1 is logged and ignored. With --snapshot-every, the directory
+    /// that holds the scheduled snapshots.
     #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
     /// Take a snapshot into --snapshot-dir every DURATION (`30s`, `5m`,

@@ -621,6 +621,11 @@ pub fn run(
             owner.request_shutdown();
             break;
         }
+        if crate::signals::take_ignored_snapshot() {
+            tracing::warn!(
+                "SIGUSR1 ignored: nothing takes snapshots on it (start snapvm with --snapshot-dir DIR for that; with --api-sock, PUT /snapshot/create takes one)"
+            );
+        }
         match requests.recv_timeout(TICK) {
             Ok(envelope) => owner.handle(envelope),
             Err(RecvTimeoutError::Timeout) => {}
