@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use snapvm_snapshot::lazy::{LoadOptions, LoadState, Loader, MOVE_ATTEMPTS};
+use snapvm_snapshot::lazy::{LoadOptions, LoadProgress, LoadState, Loader, MOVE_ATTEMPTS};
 use snapvm_snapshot::persist::{SnapshotChain, MEMORY_FILE};
 use snapvm_snapshot::{
     Config, Engine, FaultInjection, SnapshotDir, SnapshotWriter, Strategy, WriteOptions,
@@ -93,19 +93,13 @@ fn bytes_of(mem: &Mem) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(mem.base, mem.len) }.to_vec()
 }
 
-/// The kernel sometimes refuses a huge-page move for a moment (EBUSY,
-/// seen in 3 of 5 restores of an 8 GiB guest): the move is tried again and
-/// the chunk keeps its huge page.
-#[test]
-fn a_move_the_kernel_refuses_once_is_tried_again_and_keeps_its_huge_page() {
-    let (_tmp, dir, reference) = parent();
-    let snap = SnapshotChain::open(&dir).expect("open");
+/// Loads `dir` into fresh memory with `o` (prefetch started, nothing
+/// touched) until done; asserts it finished without errors. Returns the
+/// memory (still holding the loaded chunks) and the final progress.
+fn load_untouched(dir: &std::path::Path, o: LoadOptions) -> (Arc<Mem>, LoadProgress) {
+    let snap = SnapshotChain::open(dir).expect("open");
     let target = Mem::new(0, 0, 16, 1);
     let (seen, on_error) = errors();
-    let o = LoadOptions {
-        busy_once_moves: 3,
-        ..opts(2)
-    };
     let l = Loader::start(&snap, &[target.region()], o, on_error).expect("start");
     l.start_prefetch();
     wait_done(&l);
@@ -116,6 +110,20 @@ fn a_move_the_kernel_refuses_once_is_tried_again_and_keeps_its_huge_page() {
         "{:?}",
         seen.lock().unwrap()
     );
+    (target, p)
+}
+
+/// The kernel sometimes refuses a huge-page move for a moment (EBUSY,
+/// seen in 3 of 5 restores of an 8 GiB guest): the move is tried again and
+/// the chunk keeps its huge page.
+#[test]
+fn a_move_the_kernel_refuses_once_is_tried_again_and_keeps_its_huge_page() {
+    let (_tmp, dir, reference) = parent();
+    let o = LoadOptions {
+        busy_once_moves: 3,
+        ..opts(2)
+    };
+    let (target, p) = load_untouched(&dir, o);
     assert_eq!((p.moves_retried, p.chunks_copied_in), (3, 0), "{p:?}");
     // All 8 data chunks are huge pages, the 3 refused once included
     // (measured before anything touches the holes).
@@ -132,23 +140,11 @@ fn a_move_the_kernel_refuses_once_is_tried_again_and_keeps_its_huge_page() {
 #[test]
 fn chunks_the_kernel_will_not_move_are_copied_in() {
     let (_tmp, dir, reference) = parent();
-    let snap = SnapshotChain::open(&dir).expect("open");
-    let target = Mem::new(0, 0, 16, 1);
-    let (seen, on_error) = errors();
     let o = LoadOptions {
         busy_moves: 3,
         ..opts(2)
     };
-    let l = Loader::start(&snap, &[target.region()], o, on_error).expect("start");
-    l.start_prefetch();
-    wait_done(&l);
-    let p = l.progress();
-    assert_eq!(p.state, LoadState::Done, "{p:?}");
-    assert!(
-        seen.lock().unwrap().is_empty(),
-        "{:?}",
-        seen.lock().unwrap()
-    );
+    let (target, p) = load_untouched(&dir, o);
     assert_eq!(p.chunks_copied_in, 3, "{p:?}");
     assert_eq!(p.moves_retried, 3 * u64::from(MOVE_ATTEMPTS - 1), "{p:?}");
     assert_eq!(bytes_of(&target), reference);
