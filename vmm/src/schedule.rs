@@ -100,7 +100,7 @@ impl Scheduler {
     /// SIGUSR1 takes the next one at once).
     pub fn start(plan: SchedulePlan) -> std::io::Result<Scheduler> {
         std::fs::create_dir_all(&plan.dir)?;
-        crate::signals::install_snapshot()?;
+        let signal = crate::signals::SnapshotSignal::claim()?;
         let status = Arc::new(Mutex::new(ScheduleStatus {
             snapshot_dir: plan.dir.display().to_string(),
             every_ms: plan.every.as_millis() as u64,
@@ -120,7 +120,7 @@ impl Scheduler {
                         to: &to,
                         busy: &busy,
                     };
-                    run(&plan, &source, &stop, &status)
+                    run(&plan, &source, &stop, &status, &signal)
                 })?
         };
         Ok(Scheduler {
@@ -224,14 +224,20 @@ fn next_number(dir: &Path) -> u64 {
         .map_or(1, |n| n + 1)
 }
 
-fn run(plan: &SchedulePlan, to: &Source<'_>, stop: &AtomicBool, status: &Mutex<ScheduleStatus>) {
+fn run(
+    plan: &SchedulePlan,
+    to: &Source<'_>,
+    stop: &AtomicBool,
+    status: &Mutex<ScheduleStatus>,
+    signal: &crate::signals::SnapshotSignal,
+) {
     let mut n = next_number(&plan.dir);
     // Layers since the last full snapshot of this run (0: next is full).
     let mut chain = 0usize;
     let mut next = Instant::now() + plan.every;
     while !stop.load(Ordering::Acquire) {
         let wait = next.saturating_duration_since(Instant::now()).min(TICK);
-        let now_asked = crate::signals::wait_snapshot(wait);
+        let now_asked = signal.wait(wait);
         if !now_asked && Instant::now() < next {
             continue;
         }

@@ -12,7 +12,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -83,9 +83,49 @@ pub fn take_ignored_snapshot() -> bool {
     SNAPSHOT_IGNORED.swap(false, Ordering::SeqCst)
 }
 
+/// Live [`SnapshotSignal`]s: while there is one, SIGUSR1 asks for a
+/// snapshot; with none, it is logged and ignored.
+static CLAIMS: Mutex<usize> = Mutex::new(0);
+
+/// A snapshot source's claim on SIGUSR1 (the `--snapshot-dir` trigger, a
+/// schedule). The first claim makes SIGUSR1 ask for snapshots (a signal
+/// sent before does not count); when the last is dropped, SIGUSR1 is
+/// logged and ignored again, so a VM whose schedule stopped neither dies
+/// of the signal nor swallows it without a word.
+#[derive(Debug)]
+pub struct SnapshotSignal(());
+
+impl SnapshotSignal {
+    pub fn claim() -> io::Result<SnapshotSignal> {
+        let mut n = CLAIMS.lock().unwrap_or_else(|p| p.into_inner());
+        if *n == 0 {
+            install_snapshot()?;
+        }
+        *n += 1;
+        Ok(SnapshotSignal(()))
+    }
+
+    /// Waits at most `timeout` for SIGUSR1 (see [`wait_snapshot`]).
+    pub fn wait(&self, timeout: Duration) -> bool {
+        wait_snapshot(timeout)
+    }
+}
+
+impl Drop for SnapshotSignal {
+    fn drop(&mut self) {
+        let mut n = CLAIMS.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            if let Err(e) = install_snapshot_ignored() {
+                tracing::warn!("cannot catch SIGUSR1 any more (it will end the VM): {e}");
+            }
+        }
+    }
+}
+
 /// SIGUSR1 asks for a snapshot (see [`wait_snapshot`]). A signal that
 /// arrived before (while another handler was installed) does not count.
-pub fn install_snapshot() -> io::Result<()> {
+fn install_snapshot() -> io::Result<()> {
     if SNAPSHOT_EVENT.get().is_none() {
         // SAFETY: eventfd(2) takes no pointers; a non-negative result is a
         // new descriptor this process owns alone.
@@ -114,8 +154,8 @@ pub fn take_stop() -> bool {
 
 /// Waits at most `timeout` for SIGUSR1; returns whether one arrived since
 /// the last call (several count as one). Returns at once if one is
-/// pending, false at once before [`install_snapshot`].
-pub fn wait_snapshot(timeout: Duration) -> bool {
+/// pending, false at once before the first [`SnapshotSignal::claim`].
+fn wait_snapshot(timeout: Duration) -> bool {
     let Some(event) = SNAPSHOT_EVENT.get() else {
         return false;
     };
@@ -142,27 +182,36 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    /// The only test in this binary that raises SIGUSR1: it installs the
-    /// handler first (the default action would end the test process).
-    #[test]
-    fn sigusr1_wakes_its_waiter_at_once_and_several_count_as_one() {
-        install_snapshot().expect("install the SIGUSR1 handler");
-        // Nothing pending: the wait runs out.
-        assert!(!wait_snapshot(Duration::ZERO));
-
-        // A signal raised while nobody waits is kept for the next wait.
-        // SAFETY: raise(3) takes no pointers; the handler is installed.
+    fn raise_usr1() {
+        // SAFETY: raise(3) takes no pointers; a handler is installed.
         assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
-        assert!(wait_snapshot(Duration::ZERO));
-        assert!(!wait_snapshot(Duration::ZERO), "one signal, one snapshot");
+    }
 
+    /// The only test in this binary that raises SIGUSR1: a handler is
+    /// installed first (the default action would end the test process).
+    #[test]
+    fn sigusr1_wakes_its_claimant_at_once_and_is_ignored_without_one() {
+        install_snapshot_ignored().expect("install the ignoring handler");
+        raise_usr1();
+        assert!(take_ignored_snapshot(), "noted while nobody claims it");
+        assert!(!take_ignored_snapshot());
+
+        let signal = SnapshotSignal::claim().expect("claim SIGUSR1");
+        // Nothing pending: the wait runs out.
+        assert!(!signal.wait(Duration::ZERO));
+        // A signal raised while nobody waits is kept for the next wait.
+        raise_usr1();
+        assert!(signal.wait(Duration::ZERO));
+        assert!(!signal.wait(Duration::ZERO), "one signal, one snapshot");
         // Two before a wait count as one.
-        for _ in 0..2 {
-            // SAFETY: as above.
-            assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
-        }
-        assert!(wait_snapshot(Duration::ZERO));
-        assert!(!wait_snapshot(Duration::ZERO));
+        raise_usr1();
+        raise_usr1();
+        assert!(signal.wait(Duration::ZERO));
+        assert!(!signal.wait(Duration::ZERO));
+        assert!(
+            !take_ignored_snapshot(),
+            "claimed signals are not 'ignored'"
+        );
 
         // A waiter blocked on a long timeout is woken by a signal from
         // another thread, not by the timeout.
@@ -172,11 +221,24 @@ mod tests {
             unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
         });
         let started = Instant::now();
-        assert!(wait_snapshot(Duration::from_secs(600)));
+        assert!(signal.wait(Duration::from_secs(600)));
         assert!(
             started.elapsed() < Duration::from_secs(300),
             "woken by the signal, not by the 600 s timeout"
         );
         sender.join().expect("sender thread");
+
+        // Two claims: the signal asks for snapshots until the last goes.
+        let second = SnapshotSignal::claim().expect("second claim");
+        drop(signal);
+        raise_usr1();
+        assert!(second.wait(Duration::ZERO));
+        drop(second);
+        // None left: noted and ignored again, and a signal sent meanwhile
+        // does not start the next claimant with a snapshot.
+        raise_usr1();
+        assert!(take_ignored_snapshot());
+        let again = SnapshotSignal::claim().expect("claim again");
+        assert!(!again.wait(Duration::ZERO));
     }
 }

@@ -42,12 +42,12 @@ impl Trigger {
     /// Installs the SIGUSR1 handler and starts the trigger thread; the
     /// `--snapshot-at` clock starts now.
     pub fn start(plan: TriggerPlan, to: Sender<Envelope>) -> std::io::Result<Trigger> {
-        crate::signals::install_snapshot()?;
+        let signal = crate::signals::SnapshotSignal::claim()?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("snapshot-trigger".into())
-            .spawn(move || run(&plan, &to, &s))?;
+            .spawn(move || run(&plan, &to, &s, &signal))?;
         Ok(Trigger {
             stop,
             thread: Some(thread),
@@ -82,7 +82,12 @@ fn order(plan: &TriggerPlan, dir: PathBuf, why: &str) -> Request {
     })
 }
 
-fn run(plan: &TriggerPlan, to: &Sender<Envelope>, stop: &AtomicBool) {
+fn run(
+    plan: &TriggerPlan,
+    to: &Sender<Envelope>,
+    stop: &AtomicBool,
+    signal: &crate::signals::SnapshotSignal,
+) {
     let start = Instant::now();
     let mut at = plan.at;
     let mut signals = 0u32;
@@ -94,7 +99,7 @@ fn run(plan: &TriggerPlan, to: &Sender<Envelope>, stop: &AtomicBool) {
             }
         }
         let wait = at.map_or(TICK, |d| d.saturating_sub(start.elapsed()).min(TICK));
-        if crate::signals::wait_snapshot(wait) {
+        if signal.wait(wait) {
             signals += 1;
             let mut name = plan.dir.clone().into_os_string();
             name.push(format!("-{signals}"));

@@ -44,7 +44,7 @@ fn wait_done(sock: &Path, n: u64) -> Value {
 fn a_schedule_set_over_the_api_snapshots_until_stopped_and_its_latest_restores() {
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let dir = tmp.path().join("sched");
-    let (vm, sock, port) = start_kv(tmp.path(), &[]);
+    let (mut vm, sock, port) = start_kv(tmp.path(), &[]);
 
     get(&sock, "/snapshot/schedule").assert_fault(404, "no snapshot schedule is running");
     req(&sock, "DELETE", "/snapshot/schedule", None)
@@ -186,6 +186,16 @@ fn a_schedule_set_over_the_api_snapshots_until_stopped_and_its_latest_restores()
     assert_eq!(complete(&dir), n, "snapshots after the stop");
     // keep 2, chains of at most 2: the newest two and a parent at most.
     assert!((2..=3).contains(&n), "{n} kept with keep 2 (and parents)");
+    // With the schedule gone, SIGUSR1 takes no snapshot and says so (the
+    // schedule had made it ask for snapshots).
+    // SAFETY: kill(2) on our own child's pid has no memory-safety concerns.
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGUSR1) }, 0);
+    vm.wait_for_stderr("SIGUSR1 ignored: nothing takes snapshots on it", T);
+    assert_eq!(
+        complete(&dir),
+        n,
+        "a snapshot after SIGUSR1 with no schedule"
+    );
     shutdown(vm, &sock);
 
     let (restored, port) = restore_kv(&dir.join("latest"), Path::new("/dev/null"), &[]);
