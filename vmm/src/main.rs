@@ -92,10 +92,7 @@ fn snapshot_defaults(args: &RunArgs) -> SnapshotDefaults {
         memory_budget: args.snapshot_memory_budget,
         track_dirty: args.snapshot_track_dirty,
         pool_at_start: args.snapshot_pool == cli::PoolTiming::AtStart
-            && matches!(
-                args.snapshot_mode,
-                snapvm_snapshot::Strategy::AsyncFork | snapvm_snapshot::Strategy::SyncWp
-            ),
+            && args.snapshot_mode.stages(),
     }
 }
 

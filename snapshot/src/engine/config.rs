@@ -47,6 +47,13 @@ impl Strategy {
         }
     }
 
+    /// Whether its snapshots save write faults through the VM's staging
+    /// pool: the write-protecting modes. The others never use the pool, so
+    /// a VM snapshotting only with them never needs one.
+    pub fn stages(self) -> bool {
+        matches!(self, Strategy::AsyncFork | Strategy::SyncWp)
+    }
+
     /// Parses `name()` back.
     pub fn from_name(s: &str) -> Option<Strategy> {
         [

@@ -24,149 +24,164 @@ pub fn render(m: &MetricsReport) -> Result<String, prometheus::Error> {
             .with_label_values(&[&label(s)])
             .set(i64::from(s == vm_state));
     }
-    let outcomes = IntCounterVec::new(
-        Opts::new("snapvm_snapshots_total", "Snapshots that ended, by outcome"),
-        &["outcome"],
+    counters(
+        &reg,
+        "snapvm_snapshots_total",
+        "Snapshots that ended, by outcome",
+        "outcome",
+        &[
+            ("done", c.done),
+            ("failed", c.failed),
+            ("cancelled", c.cancelled),
+        ],
     )?;
-    reg.register(Box::new(outcomes.clone()))?;
-    outcomes.with_label_values(&["done"]).inc_by(c.done);
-    outcomes.with_label_values(&["failed"]).inc_by(c.failed);
-    outcomes
-        .with_label_values(&["cancelled"])
-        .inc_by(c.cancelled);
-    let inflight = IntGauge::new(
+    gauge(
+        &reg,
         "snapvm_snapshots_in_flight",
         "Snapshots copying or persisting",
+        in_flight as i64,
     )?;
-    reg.register(Box::new(inflight.clone()))?;
-    inflight.set(in_flight as i64);
     let pause = Gauge::new(
         "snapvm_last_snapshot_pause_seconds",
         "The guest's stall in the sync phase of the latest snapshot (0: none yet)",
     )?;
     reg.register(Box::new(pause.clone()))?;
     pause.set(c.last_pause.map_or(0.0, |d| d.as_secs_f64()));
-    let faults = IntCounterVec::new(
-        Opts::new(
-            "snapvm_snapshot_faults_total",
-            "userfaultfd faults handled by ended snapshots, by kind",
-        ),
-        &["kind"],
+    counters(
+        &reg,
+        "snapvm_snapshot_faults_total",
+        "userfaultfd faults handled by ended snapshots, by kind",
+        "kind",
+        &[
+            ("write_protect", c.wp_faults),
+            ("missing", c.missing_faults),
+        ],
     )?;
-    reg.register(Box::new(faults.clone()))?;
-    faults
-        .with_label_values(&["write_protect"])
-        .inc_by(c.wp_faults);
-    faults
-        .with_label_values(&["missing"])
-        .inc_by(c.missing_faults);
-    let bytes = IntCounterVec::new(
-        Opts::new(
-            "snapvm_snapshot_bytes_written_total",
-            "Guest memory bytes written to memory images by ended snapshots",
-        ),
-        &[],
+    counter(
+        &reg,
+        "snapvm_snapshot_bytes_written_total",
+        "Guest memory bytes written to memory images by ended snapshots",
+        c.bytes_written,
     )?;
-    reg.register(Box::new(bytes.clone()))?;
-    bytes.with_label_values(&[]).inc_by(c.bytes_written);
-    let staging = IntGauge::new(
+    gauge(
+        &reg,
         "snapvm_snapshot_staging_bytes",
         "Staging memory held for snapshots' write faults (--snapshot-memory-budget)",
+        c.staging_bytes as i64,
     )?;
-    reg.register(Box::new(staging.clone()))?;
-    staging.set(c.staging_bytes as i64);
     // Sizing the budget: a snapshot whose faults found the pool full made
     // the guest wait for the disk; the peak says how much it needed.
-    let disk = IntCounterVec::new(
-        Opts::new(
-            "snapvm_snapshot_fault_disk_writes_total",
-            "Guest write faults of ended snapshots that found the staging pool full and waited for their chunk's disk write (a larger --snapshot-memory-budget avoids them)",
-        ),
-        &[],
+    counter(
+        &reg,
+        "snapvm_snapshot_fault_disk_writes_total",
+        "Guest write faults of ended snapshots that found the staging pool full and waited for their chunk's disk write (a larger --snapshot-memory-budget avoids them)",
+        c.fault_disk_writes,
     )?;
-    reg.register(Box::new(disk.clone()))?;
-    disk.with_label_values(&[]).inc_by(c.fault_disk_writes);
-    let peak = IntGauge::new(
+    gauge(
+        &reg,
         "snapvm_last_snapshot_staging_peak_bytes",
         "The most staging memory the latest ended snapshot held at once",
+        c.last_staging_peak as i64,
     )?;
-    reg.register(Box::new(peak.clone()))?;
-    peak.set(c.last_staging_peak as i64);
     if let Some(l) = &m.memory_load {
         // A restored VM: its memory coming in from the snapshot.
-        let loaded = IntGauge::new(
+        gauge(
+            &reg,
             "snapvm_restore_chunks_loaded",
             "Data chunks (2 MiB) of a restored VM's memory loaded from its snapshot",
+            l.chunks_loaded as i64,
         )?;
-        reg.register(Box::new(loaded.clone()))?;
-        loaded.set(l.chunks_loaded as i64);
-        let total = IntGauge::new(
+        gauge(
+            &reg,
             "snapvm_restore_chunks_total",
             "Data chunks a restored VM's memory loads from its snapshot",
+            l.chunks_total as i64,
         )?;
-        reg.register(Box::new(total.clone()))?;
-        total.set(l.chunks_total as i64);
-        let read = IntCounterVec::new(
-            Opts::new(
-                "snapvm_restore_bytes_read_total",
-                "Bytes read from the snapshot's memory image by the restore",
-            ),
-            &[],
+        counter(
+            &reg,
+            "snapvm_restore_bytes_read_total",
+            "Bytes read from the snapshot's memory image by the restore",
+            l.bytes_read,
         )?;
-        reg.register(Box::new(read.clone()))?;
-        read.with_label_values(&[]).inc_by(l.bytes_read);
-        let done = IntGauge::new(
+        gauge(
+            &reg,
             "snapvm_restore_done",
             "1 once a restored VM's memory is all loaded (it no longer needs the snapshot)",
+            i64::from(l.state == "done"),
         )?;
-        reg.register(Box::new(done.clone()))?;
-        done.set(i64::from(l.state == "done"));
     }
     if let Some(t) = &m.tracking {
-        let dirty = IntGauge::new(
+        gauge(
+            &reg,
             "snapvm_dirty_chunks",
             "Chunks (2 MiB) the guest wrote since the last snapshot: what an incremental one writes",
+            t.dirty_chunks as i64,
         )?;
-        reg.register(Box::new(dirty.clone()))?;
-        dirty.set(t.dirty_chunks as i64);
     }
     if let Some(s) = &m.schedule {
-        let total = IntCounterVec::new(
-            Opts::new(
-                "snapvm_schedule_snapshots_total",
-                "Scheduled snapshots (--snapshot-every), by outcome",
-            ),
-            &["outcome"],
+        counters(
+            &reg,
+            "snapvm_schedule_snapshots_total",
+            "Scheduled snapshots (--snapshot-every), by outcome",
+            "outcome",
+            &[("done", s.done), ("failed", s.failed)],
         )?;
-        reg.register(Box::new(total.clone()))?;
-        total.with_label_values(&["done"]).inc_by(s.done);
-        total.with_label_values(&["failed"]).inc_by(s.failed);
-        let chain = IntGauge::new(
+        gauge(
+            &reg,
             "snapvm_schedule_chain_length",
             "Layers behind the newest scheduled snapshot (1: a full one)",
+            s.chain_length as i64,
         )?;
-        reg.register(Box::new(chain.clone()))?;
-        chain.set(s.chain_length as i64);
-        let last = IntGauge::new(
+        gauge(
+            &reg,
             "snapvm_schedule_last_success_timestamp_seconds",
             "When the newest scheduled snapshot was done (Unix time; 0: none yet)",
+            s.last_success.as_ref().map_or(0, |l| l.done_unix_s as i64),
         )?;
-        reg.register(Box::new(last.clone()))?;
-        last.set(s.last_success.as_ref().map_or(0, |l| l.done_unix_s as i64));
-        let bytes = IntGauge::new(
+        gauge(
+            &reg,
             "snapvm_schedule_last_bytes_written",
             "Guest memory bytes the newest scheduled snapshot wrote",
-        )?;
-        reg.register(Box::new(bytes.clone()))?;
-        bytes.set(
             s.last_success
                 .as_ref()
                 .map_or(0, |l| l.bytes_written as i64),
-        );
+        )?;
     }
     let mut out = Vec::new();
     prometheus::TextEncoder::new().encode(&reg.gather(), &mut out)?;
     String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
+/// Registers an integer gauge without labels, set to `v`.
+fn gauge(reg: &Registry, name: &str, help: &str, v: i64) -> Result<(), prometheus::Error> {
+    let g = IntGauge::new(name, help)?;
+    reg.register(Box::new(g.clone()))?;
+    g.set(v);
+    Ok(())
+}
+
+/// Registers a counter without labels, at `v`.
+fn counter(reg: &Registry, name: &str, help: &str, v: u64) -> Result<(), prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), &[])?;
+    reg.register(Box::new(c.clone()))?;
+    c.with_label_values(&[]).inc_by(v);
+    Ok(())
+}
+
+/// Registers a counter with one label, one series per `(value, count)`.
+fn counters(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) -> Result<(), prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    reg.register(Box::new(c.clone()))?;
+    for &(value, n) in values {
+        c.with_label_values(&[value]).inc_by(n);
+    }
+    Ok(())
 }
 
 /// `Not started` → `not_started`.

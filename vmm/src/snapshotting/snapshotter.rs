@@ -229,11 +229,11 @@ impl Snapshotter {
         let writer =
             SnapshotWriter::create(&req.dir, &regions, &opts).map_err(SnapshotError::Target)?;
         let workers = copier_count(req.mode, req.workers);
-        // Only the write-protecting modes stage; the others leave the
-        // VM's pool as it is.
-        let staging = match req.mode {
-            Strategy::AsyncFork | Strategy::SyncWp => self.pool(req.memory_budget),
-            Strategy::StopTheWorld | Strategy::Fork => Arc::new(StagingPool::new(0)),
+        // The modes that do not stage leave the VM's pool as it is.
+        let staging = if req.mode.stages() {
+            self.pool(req.memory_budget)
+        } else {
+            Arc::new(StagingPool::new(0))
         };
         let engine = match req.mode {
             Strategy::Fork => None,
